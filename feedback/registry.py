@@ -1,0 +1,125 @@
+"""Model versions, what is served, training runs and their metrics: the meeting point of
+the retrain side (writes versions and runs) and the serving side (reads what to serve).
+
+Lives in ``feedback/`` because the store is the only place that writes SQL; the retrain
+process and the app each open their own ``FeedbackStore`` on the same file.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from feedback.store import FeedbackStore, NotFound, StoreError, _json, new_id, now
+
+RUN_STATES = ("queued", "running", "promoted", "rejected", "failed")
+
+
+class Registry:
+    def __init__(self, store: FeedbackStore):
+        self.store = store
+
+    # -- versions ------------------------------------------------------------------------
+    def register_version(self, *, version_id: str | None = None, path: str, kind: str,
+                         parent_id: str | None = None, base_model: str = "", run_id: str | None = None,
+                         metrics: dict | None = None, config: dict | None = None,
+                         feedback: dict | None = None, note: str = "") -> str:
+        version_id = version_id or f"v-{new_id()[:12]}"
+        with self.store.transaction() as db:
+            db["model_versions"].insert({
+                "id": version_id, "parent_id": parent_id, "kind": kind, "path": path,
+                "base_model": base_model, "created_at": now(), "run_id": run_id,
+                "metrics": _json(metrics or {}), "config": _json(config or {}),
+                "feedback": _json(feedback or {}), "note": note}, ignore=True)
+        return version_id
+
+    def version(self, version_id: str) -> dict:
+        rows = self.store.query("SELECT * FROM model_versions WHERE id = ?", (version_id,))
+        if not rows:
+            raise NotFound(f"no model version {version_id!r}")
+        return rows[0]
+
+    def versions(self) -> list[dict]:
+        return self.store.query("SELECT * FROM model_versions ORDER BY created_at")
+
+    def set_served(self, version_id: str, action: str, actor: str = "system", reason: str = "") -> None:
+        """Records which version serves from now on (serve | promote | rollback); the app
+        follows the last row of serving_log."""
+        self.version(version_id)
+        if action not in ("serve", "promote", "rollback"):
+            raise StoreError(f"unknown serving action {action!r}")
+        with self.store.transaction() as db:
+            db["serving_log"].insert({"version_id": version_id, "action": action, "actor": actor,
+                                      "reason": reason, "at": now()})
+
+    def served(self) -> dict | None:
+        rows = self.store.query("SELECT * FROM serving_log ORDER BY id DESC LIMIT 1")
+        return rows[0] if rows else None
+
+    def served_version(self) -> str | None:
+        row = self.served()
+        return row["version_id"] if row else None
+
+    def serving_history(self) -> list[dict]:
+        return self.store.query("SELECT * FROM serving_log ORDER BY id")
+
+    # -- runs -------------------------------------------------------------------------------
+    def create_run(self, trigger: str, config: dict | None = None) -> str:
+        run_id = f"run-{now()[:19].replace(':', '').replace('-', '')}-{new_id()[:6]}"
+        with self.store.transaction() as db:
+            db["training_runs"].insert({"id": run_id, "status": "queued", "trigger": trigger,
+                                        "created_at": now(), "config": _json(config or {})})
+        return run_id
+
+    def update_run(self, run_id: str, **fields: Any) -> None:
+        if "status" in fields and fields["status"] not in RUN_STATES:
+            raise StoreError(f"unknown run status {fields['status']!r}")
+        for key in ("data", "config", "decision"):
+            if key in fields and not isinstance(fields[key], str):
+                fields[key] = _json(fields[key])
+        with self.store.transaction() as db:
+            db["training_runs"].update(run_id, fields)
+
+    def run(self, run_id: str) -> dict:
+        rows = self.store.query("SELECT * FROM training_runs WHERE id = ?", (run_id,))
+        if not rows:
+            raise NotFound(f"no training run {run_id!r}")
+        return rows[0]
+
+    def runs(self, limit: int = 100) -> list[dict]:
+        return self.store.query("SELECT * FROM training_runs ORDER BY created_at DESC LIMIT ?", (limit,))
+
+    def log_metrics(self, run_id: str, phase: str, step: int, metrics: dict[str, float]) -> None:
+        at = now()
+        rows = [{"run_id": run_id, "phase": phase, "step": step, "name": k, "value": float(v), "at": at}
+                for k, v in metrics.items() if v is not None]
+        with self.store.transaction() as db:
+            db["run_metrics"].insert_all(rows)
+
+    def metrics(self, run_id: str, phase: str | None = None) -> list[dict]:
+        sql = "SELECT phase, step, name, value FROM run_metrics WHERE run_id = ?"
+        params: tuple = (run_id,)
+        if phase:
+            sql += " AND phase = ?"
+            params = (run_id, phase)
+        return self.store.query(sql + " ORDER BY phase, step", params)
+
+    def mark_used(self, run_id: str, comparison_ids: list[str]) -> None:
+        with self.store.transaction() as db:
+            for cid in comparison_ids:
+                db.execute("UPDATE comparisons SET used_in_run = ? WHERE id = ?", [run_id, cid])
+
+    # -- reward models ---------------------------------------------------------------------
+    def register_reward_model(self, **fields: Any) -> str:
+        rm_id = fields.pop("id", None) or f"rm-{new_id()[:12]}"
+        with self.store.transaction() as db:
+            db["reward_models"].insert({"id": rm_id, "created_at": now(), **fields})
+        return rm_id
+
+    def latest_reward_model(self) -> dict | None:
+        rows = self.store.query("SELECT * FROM reward_models ORDER BY created_at DESC LIMIT 1")
+        return rows[0] if rows else None
+
+
+def loads(text: str | None) -> Any:
+    return json.loads(text) if text else None
