@@ -25,8 +25,9 @@ import logging
 import queue
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Iterator, Protocol
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -58,7 +59,7 @@ _DONE = object()
 class Request:
     prompt_ids: list[int]
     params: SamplingParams
-    output: "queue.Queue[object]" = field(default_factory=queue.Queue)
+    output: queue.Queue[object] = field(default_factory=queue.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)
     tokens: list[int] = field(default_factory=list)
     finish_reason: str | None = None
@@ -329,7 +330,7 @@ class Engine:
         cls = SlotDecoder if use_fast else LoopDecoder
         self.decoder: Decoder = cls(model, max_batch, self.max_context)
         self.threads = threads
-        self._pending: "queue.Queue[Request | None]" = queue.Queue()
+        self._pending: queue.Queue[Request | None] = queue.Queue()
         self._slots: list[Request] = []
         self._retired = threading.Event()
         self._stopped = threading.Event()

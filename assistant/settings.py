@@ -11,9 +11,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 ENV_PREFIX = "ASSISTANT_"
 
@@ -78,7 +79,7 @@ class Settings:
     def runs_dir(self) -> Path:
         return self.data_path / "runs"
 
-    def replace(self, **changes: Any) -> "Settings":
+    def replace(self, **changes: Any) -> Settings:
         return dataclasses.replace(self, **changes)
 
 
