@@ -30,6 +30,57 @@ EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 EMBEDDED_CACHE_NAME = "smollm2-135m-instruct"
 
 
+MANIFEST = "manifest.json"
+
+
+class CorruptCheckpoint(RuntimeError):
+    """A checkpoint directory whose files do not match its manifest (half-written, truncated)."""
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_manifest(directory: Path | str, extra: dict | None = None) -> dict:
+    """Records size and SHA-256 of every file, written last: a directory with a manifest
+    that verifies was completely written."""
+    directory = Path(directory)
+    files = {p.relative_to(directory).as_posix(): {"bytes": p.stat().st_size, "sha256": _sha256(p)}
+             for p in sorted(directory.rglob("*")) if p.is_file() and p.name != MANIFEST}
+    manifest = {"files": files, **(extra or {})}
+    tmp = directory / (MANIFEST + ".tmp")
+    tmp.write_text(json.dumps(manifest, indent=1))
+    with open(tmp, "rb+") as fh:
+        os.fsync(fh.fileno())
+    os.replace(tmp, directory / MANIFEST)
+    return manifest
+
+
+def verify_manifest(directory: Path | str) -> None:
+    """Raises CorruptCheckpoint unless every file listed is present with its size and hash.
+    Directories without a manifest (an HF model, the SFT cache) are trusted as they are."""
+    directory = Path(directory)
+    path = directory / MANIFEST
+    if not path.exists():
+        return
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise CorruptCheckpoint(f"{directory}: unreadable manifest ({exc})") from exc
+    for name, info in manifest.get("files", {}).items():
+        f = directory / name
+        if not f.exists():
+            raise CorruptCheckpoint(f"{directory}: {name} is missing")
+        if f.stat().st_size != info["bytes"] or _sha256(f) != info["sha256"]:
+            raise CorruptCheckpoint(f"{directory}: {name} does not match its manifest (truncated or altered)")
+
+
 @dataclass
 class Loaded:
     model: torch.nn.Module
@@ -150,6 +201,7 @@ def load(spec: str, models_dir: Path | str, *, device: str = "auto", dtype: str 
     dev = pick_device(device)
     torch_dtype = pick_dtype(dtype, dev)
     path = resolve(spec, models_dir)
+    verify_manifest(path)
     if is_adapter(path):
         from peft import PeftModel
 

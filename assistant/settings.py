@@ -57,6 +57,7 @@ class Settings:
     retrain_cron: str = _opt("", "crontab expression; overrides the interval when set")
     retrain_min_preferences: int = _opt(50, "new usable preferences needed to start a run")
     retrain_threads: int = _opt(1, "torch threads a retrain may use on CPU")
+    retrain_config: str = _opt("", "JSON file overriding data/reward/ppo/gate training configs")
 
     # ----------------------------------------------------------------------------------
     @property
@@ -81,6 +82,12 @@ class Settings:
 
     def replace(self, **changes: Any) -> Settings:
         return dataclasses.replace(self, **changes)
+
+
+def to_env(settings: Settings) -> dict[str, str]:
+    """The settings as ASSISTANT_* variables, to hand to a child process (the retrain)."""
+    return {env_name(f.name): str(int(v) if isinstance(v := getattr(settings, f.name), bool) else v)
+            for f in fields(Settings)}
 
 
 def _parse_bool(text: str) -> bool:

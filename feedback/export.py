@@ -14,8 +14,8 @@ format; they are skipped here (the CSV export keeps every judgement).
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 
 def trl_record(prompt: list[dict], chosen: str, rejected: str) -> dict:

@@ -408,6 +408,13 @@ class FeedbackStore:
             params.append(since)
         return self.query(sql + " ORDER BY c.decided_at, c.id", tuple(params))
 
+    def count_new_preferences(self) -> int:
+        """Usable ordered preferences that no training run has consumed yet."""
+        return self.query(
+            "SELECT count(*) AS n FROM comparisons c JOIN sessions s ON s.id = c.session_id "
+            "WHERE c.verdict IN ('a', 'b', 'edit') AND c.excluded = 0 AND s.opt_out = 0 "
+            "AND c.used_in_run IS NULL")[0]["n"]
+
     def usable_ratings(self) -> list[dict]:
         return self.query("SELECT r.* FROM ratings r JOIN sessions s ON s.id = r.session_id "
                           "WHERE r.excluded = 0 AND s.opt_out = 0 ORDER BY r.created_at, r.id")
