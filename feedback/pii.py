@@ -15,7 +15,10 @@ CARD = re.compile(r"(?<!\d)(?:\d[ -]?){12,18}\d(?!\d)")
 IPV4 = re.compile(r"(?<![\d.])(?:(?:25[0-5]|2[0-4]\d|1?\d?\d)\.){3}(?:25[0-5]|2[0-4]\d|1?\d?\d)(?![\d.])")
 IPV6 = re.compile(r"(?<![\w:])(?:[0-9A-Fa-f]{1,4}:){7}[0-9A-Fa-f]{1,4}(?![\w:])"
                   r"|(?<![\w:])(?:[0-9A-Fa-f]{1,4}:){1,6}:(?:[0-9A-Fa-f]{1,4}:?){1,6}(?![\w:])")
-PHONE = re.compile(r"(?<![\w+])(?:\+\d{1,3}[ .-]?)?(?:\(\d{1,4}\)[ .-]?)?\d{2,4}(?:[ .-]?\d{2,4}){1,4}(?![\w])")
+# dates and year ranges look like grouped digits; they are not phone numbers
+DATE_LIKE = re.compile(r"(?:\d{4}[-./]\d{1,2}[-./]\d{1,2}|\d{1,2}[-./]\d{1,2}[-./]\d{4}"
+                       r"|(?:1[5-9]|20)\d{2}\s?-\s?(?:1[5-9]|20)\d{2})(?!\d)")
+PHONE = re.compile(r"(?<![\w+])(?:\+\d{1,3}[ .-]?(?:\d[ .-])?)?(?:\(\d{1,4}\)[ .-]?)?\d{2,4}(?:[ .-]?\d{2,4}){1,4}(?![\w])")
 
 
 def _luhn_ok(digits: str) -> bool:
@@ -35,6 +38,8 @@ def _card(match: re.Match) -> str:
 
 def _phone(match: re.Match) -> str:
     text = match.group()
+    if DATE_LIKE.match(text):
+        return text
     digits = re.sub(r"\D", "", text)
     if len(digits) < 7 or len(digits) > 15:
         return text

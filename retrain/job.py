@@ -250,7 +250,7 @@ def _train_and_gate(settings: Settings, registry: Registry, run: Run, config: Jo
     report = evaluate(result.path, served_path, sft_path, str(rm_dir), snapshot.heldout_prompts, rm, gate_cfg,
                       log=run.log)
     timings["gate_s"] = time.monotonic() - t
-    kl = report.metrics.get("kl_to_sft")
+    kl = report.metrics.get("kl_candidate_sft")
     decision = {"passed": report.passed, "reasons": report.reasons, "metrics": report.metrics,
                 "timings": timings, "ppo": result.final}
     registry.mark_used(run.id, snapshot.record_ids)

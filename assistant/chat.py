@@ -1,0 +1,377 @@
+"""The chat service: everything the end-user UI does, as plain Python (no Gradio here).
+
+One ``ChatSession`` per browser session (the UI keeps it in ``gr.State``, so it lives on the
+server and a client cannot forge or read another one): the anonymous session id, the kept
+conversation, the open comparison.  Every store call passes that session id, and the store
+refuses ids from other sessions, so no call can touch another user's rows.
+
+Conversation turns are 0-based positions in ``ChatSession.messages`` (the system prompt is
+not a turn): user at 0, assistant at 1, user at 2 ...; a generation, comparison or edit
+carries the turn of the assistant answer it concerns.
+
+Nothing is written for a message that is refused (empty, too long, over the context, rate
+limited, engine error): validation and the fit check run before the first write, and the
+answer's rows are written only once it is complete, so a failure leaves the conversation
+as it was and usable.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+from collections import deque
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+from assistant.engine import ContextTooLong, Request, SamplingParams, TextStream
+from assistant.holder import ModelHolder
+from assistant.settings import Settings
+from feedback.store import REASON_TAGS, THUMBS, VERDICTS, FeedbackStore, StoreError
+
+log = logging.getLogger(__name__)
+
+VERDICT_TEXT = {"a": "A is better", "b": "B is better", "tie": "tie (A is kept)",
+                "both_bad": "both are bad (A is kept; regenerate again or rewrite it)"}
+MAX_NEW_TOKENS_LIMIT = 4096
+
+
+class ChatError(Exception):
+    """A refusal whose message is meant for the user; nothing was stored."""
+
+
+class RateLimited(ChatError):
+    pass
+
+
+# ----------------------------------------------------------------------------- session state
+@dataclass
+class Comparison:
+    id: str
+    turn: int
+    a_generation_id: str
+    b_generation_id: str
+    a_text: str
+    b_text: str
+    verdict: str | None = None
+
+
+@dataclass
+class ChatSession:
+    session_id: str
+    conversation_id: str | None = None
+    # kept path: {"role", "content", "generation_id" (model answer at that turn), "edited",
+    #             "context" (what the model saw, for assistant turns)}
+    messages: list[dict] = field(default_factory=list)
+    comparison: Comparison | None = None
+    opt_out: bool = False
+    model_version: str = ""
+    finish_reason: str | None = None  # of the latest generation
+    client: str | None = None  # user agent, recorded with the session row
+
+    def history(self) -> list[dict]:
+        """The conversation as Chatbot messages."""
+        return [{"role": m["role"], "content": m["content"]} for m in self.messages]
+
+    def answer_turns(self) -> list[int]:
+        return [i for i, m in enumerate(self.messages) if m["role"] == "assistant"]
+
+    def answer_turn(self, number: int) -> int:
+        """Answer ``number`` (1-based; 0 or negative: the latest) -> its turn."""
+        turns = self.answer_turns()
+        if not turns:
+            raise ChatError("there is no answer yet")
+        if number <= 0:
+            return turns[-1]
+        if number > len(turns):
+            raise ChatError(f"there is no answer {number}: this conversation has {len(turns)}")
+        return turns[number - 1]
+
+    def answer_number(self, message_index: int) -> int:
+        """Chatbot message index -> 1-based answer number."""
+        return sum(1 for i in self.answer_turns() if i <= message_index)
+
+
+# ----------------------------------------------------------------------------- rate limits
+class RateLimiter:
+    """Sliding window: at most ``limit`` events per ``window_s`` per key (0 = no limit)."""
+
+    def __init__(self, limit: int, window_s: float = 60.0, clock: Callable[[], float] = time.monotonic):
+        self.limit = limit
+        self.window_s = window_s
+        self.clock = clock
+        self._events: dict[str, deque[float]] = {}
+        self._lock = threading.Lock()
+
+    def hit(self, key: str, what: str) -> None:
+        if self.limit <= 0:
+            return
+        now = self.clock()
+        with self._lock:
+            events = self._events.setdefault(key, deque())
+            while events and events[0] <= now - self.window_s:
+                events.popleft()
+            if len(events) >= self.limit:
+                wait = max(1, int(events[0] + self.window_s - now + 0.999))
+                raise RateLimited(f"too many {what}: at most {self.limit} per minute; try again in {wait} s")
+            events.append(now)
+            if len(self._events) > 10_000:  # forget idle sessions
+                for k in [k for k, v in self._events.items() if not v or v[-1] <= now - self.window_s]:
+                    del self._events[k]
+
+
+# ----------------------------------------------------------------------------- the service
+@dataclass
+class Answer:
+    """One finished generation, as streamed to the user."""
+    text: str
+    version: str
+    request: Request
+
+    @property
+    def finish_reason(self) -> str | None:
+        return self.request.finish_reason
+
+
+def sampling(temperature: float | None, top_p: float | None, max_new_tokens: float | None,
+             seed: float | None, defaults: Settings) -> SamplingParams:
+    """Validates sampling settings from the UI or an API client (which may send anything)."""
+    t = defaults.temperature if temperature is None else float(temperature)
+    p = defaults.top_p if top_p is None else float(top_p)
+    n = defaults.max_new_tokens if max_new_tokens is None else int(max_new_tokens)
+    if not 0 <= t <= 2:
+        raise ChatError("temperature must be between 0 and 2")
+    if not 0 < p <= 1:
+        raise ChatError("top-p must be above 0 and at most 1")
+    if not 1 <= n <= MAX_NEW_TOKENS_LIMIT:
+        raise ChatError(f"max new tokens must be between 1 and {MAX_NEW_TOKENS_LIMIT}")
+    s = None if seed is None or int(seed) < 0 else int(seed)
+    return SamplingParams(temperature=t, top_p=p, max_new_tokens=n, seed=s)
+
+
+class ChatService:
+    def __init__(self, settings: Settings, store: FeedbackStore, holder: ModelHolder,
+                 clock: Callable[[], float] = time.monotonic):
+        self.settings = settings
+        self.store = store
+        self.holder = holder
+        self.message_limit = RateLimiter(settings.rate_messages_per_minute, clock=clock)
+        self.vote_limit = RateLimiter(settings.rate_votes_per_minute, clock=clock)
+        self._active: dict[str, Request] = {}  # session id -> the request generating now
+        self._lock = threading.Lock()
+
+    # -- sessions -------------------------------------------------------------------------
+    def new_session(self, client: str | None = None) -> ChatSession:
+        """A fresh anonymous session; its id is random and never derived from the client."""
+        return ChatSession(session_id=uuid.uuid4().hex, client=client)
+
+    def session(self, state: ChatSession | None, client: str | None = None) -> ChatSession:
+        """The caller's session, created on its first call (its row is written with its
+        first stored message or opt-out, so refused calls leave no rows)."""
+        return state if isinstance(state, ChatSession) else self.new_session(client)
+
+    def new_chat(self, sess: ChatSession) -> str:
+        self._refuse_while_generating(sess)
+        sess.conversation_id = None
+        sess.messages = []
+        sess.comparison = None
+        return "New chat started."
+
+    def set_opt_out(self, sess: ChatSession, opt_out: bool) -> str:
+        self.store.ensure_session(sess.session_id, client=sess.client)
+        self.store.set_opt_out(sess.session_id, bool(opt_out))
+        sess.opt_out = bool(opt_out)
+        if sess.opt_out:
+            return "Recorded: your conversations will not be used for training."
+        return "Recorded: your conversations may be used for training."
+
+    # -- generation ---------------------------------------------------------------------------
+    def chat(self, sess: ChatSession, message: str, params: SamplingParams,
+             system_prompt: str | None = None) -> Iterator[str]:
+        """Streams the answer to a new user message (growing text); at the end the turn is
+        stored and kept.  Raises ChatError before anything is stored when refused."""
+        message = message if isinstance(message, str) else ""
+        if not message.strip():
+            raise ChatError("type a message first (empty messages are not sent)")
+        if len(message) > self.settings.max_message_chars:
+            raise ChatError(f"the message is too long: {len(message)} characters, at most "
+                            f"{self.settings.max_message_chars}")
+        system = self.settings.system_prompt if system_prompt is None else system_prompt
+        history = [{"role": m["role"], "content": m["content"]} for m in sess.messages]
+        context = ([{"role": "system", "content": system}] if system.strip() else []) + history + [
+            {"role": "user", "content": message}]
+        self._refuse_while_generating(sess)
+        self.message_limit.hit(sess.session_id, "messages")
+        user_turn = len(sess.messages)
+        answer = yield from self._generate(sess, context, params)
+        if sess.conversation_id is None:
+            self.store.ensure_session(sess.session_id, client=sess.client)
+        conv = sess.conversation_id or self.store.start_conversation(sess.session_id, system)
+        self.store.set_message(conv, user_turn, "user", message)
+        gen_id = self._record(sess, conv, user_turn + 1, context, params, answer)
+        self.store.set_message(conv, user_turn + 1, "assistant", answer.text, gen_id)
+        sess.conversation_id = conv
+        sess.comparison = None  # an open comparison on an older turn is left undecided
+        sess.messages += [{"role": "user", "content": message, "generation_id": None, "edited": False},
+                          {"role": "assistant", "content": answer.text, "generation_id": gen_id,
+                           "edited": False, "context": context}]
+        sess.model_version, sess.finish_reason = answer.version, answer.finish_reason
+
+    def regenerate(self, sess: ChatSession, params: SamplingParams) -> Iterator[str]:
+        """Streams answer B to the context of the latest answer (A, the kept one) and opens
+        a comparison of the two; the verdict comes from ``vote``."""
+        if not sess.messages or sess.messages[-1]["role"] != "assistant":
+            raise ChatError("there is no answer to regenerate yet: send a message first")
+        kept = sess.messages[-1]
+        if kept["edited"] or not kept.get("generation_id"):
+            raise ChatError("the latest answer is your own rewrite; send a new message to continue")
+        if sess.comparison is not None and sess.comparison.verdict is None:
+            raise ChatError("first say which answer is better (A, B, tie or both bad)")
+        self._refuse_while_generating(sess)
+        self.message_limit.hit(sess.session_id, "messages")
+        turn = len(sess.messages) - 1
+        context = kept["context"]
+        answer = yield from self._generate(sess, context, params)
+        b_id = self._record(sess, sess.conversation_id, turn, context, params, answer)
+        comp_id = self.store.open_comparison(session_id=sess.session_id, conversation_id=sess.conversation_id,
+                                             turn=turn, a_generation_id=kept["generation_id"],
+                                             b_generation_id=b_id)
+        sess.comparison = Comparison(id=comp_id, turn=turn, a_generation_id=kept["generation_id"],
+                                     b_generation_id=b_id, a_text=kept["content"], b_text=answer.text)
+        sess.model_version, sess.finish_reason = answer.version, answer.finish_reason
+
+    def stop(self, sess: ChatSession | None) -> bool:
+        """Cancels this session's running generation in the engine (its batch slot is freed
+        before the next token); the answer so far is kept.  False when nothing runs."""
+        if sess is None:
+            return False
+        with self._lock:
+            request = self._active.get(sess.session_id)
+        if request is None:
+            return False
+        request.cancel()
+        return True
+
+    def generating(self, sess: ChatSession) -> bool:
+        with self._lock:
+            return sess.session_id in self._active
+
+    def _refuse_while_generating(self, sess: ChatSession) -> None:
+        if self.generating(sess):
+            raise ChatError("an answer is still being written: wait for it or press Stop")
+
+    def _generate(self, sess: ChatSession, context: list[dict], params: SamplingParams):
+        """Yields growing text; returns an Answer (generator return value)."""
+        _, engine = self.holder.current()
+        prompt_ids = engine.encode_chat(context)
+        try:
+            engine.check_fits(prompt_ids, params)
+            with self._lock:
+                if sess.session_id in self._active:
+                    raise ChatError("an answer is still being written: wait for it or press Stop")
+                version, engine, request = self.holder.submit(prompt_ids, params)
+                self._active[sess.session_id] = request
+        except ContextTooLong as exc:
+            raise ChatError(str(exc)) from None
+        try:
+            stream = TextStream(engine.tokenizer, request)
+            try:
+                yield from stream
+            except RuntimeError as exc:
+                raise ChatError(f"the model failed to answer ({exc}); please try again") from None
+        finally:
+            with self._lock:
+                self._active.pop(sess.session_id, None)
+            if request.finished_at is None:  # the consumer went away mid-stream: free the slot
+                request.cancel()
+        if request.finish_reason == "cancelled" and not stream.text.strip():
+            raise ChatError("stopped before the first word; nothing was stored")
+        # surrounding whitespace is dropped, as the chat display does, so what is shown,
+        # stored and fed back as context are the same text
+        return Answer(text=stream.text.strip(), version=version, request=request)
+
+    def _record(self, sess: ChatSession, conversation_id: str, turn: int, context: list[dict],
+                params: SamplingParams, answer: Answer) -> str:
+        request = answer.request
+        return self.store.record_generation(
+            session_id=sess.session_id, conversation_id=conversation_id, turn=turn, context=context,
+            content=answer.text, model_version=answer.version, sampling=params.as_dict(),
+            prompt_tokens=len(request.prompt_ids), completion_tokens=len(request.tokens),
+            ttft_ms=request.ttft_ms, latency_ms=request.latency_ms, finish_reason=answer.finish_reason)
+
+    # -- judgements --------------------------------------------------------------------------
+    def vote(self, sess: ChatSession, verdict: str) -> str:
+        """Decides the open comparison (committed before this returns); the chosen answer
+        continues the conversation (tie and both bad keep A)."""
+        verdict = (verdict or "").strip().lower().replace(" ", "_")
+        if verdict not in VERDICTS:
+            raise ChatError(f"the verdict must be one of {', '.join(VERDICTS)}")
+        comp = sess.comparison
+        if comp is None:
+            raise ChatError("there is no comparison to vote on: regenerate an answer first")
+        self.vote_limit.hit(sess.session_id, "votes")
+        try:
+            self.store.decide_comparison(comp.id, verdict, sess.session_id)
+        except StoreError as exc:
+            raise ChatError(str(exc)) from None
+        comp.verdict = verdict
+        if verdict == "b":
+            kept = sess.messages[comp.turn]
+            self.store.set_message(sess.conversation_id, comp.turn, "assistant", comp.b_text, comp.b_generation_id)
+            kept.update(content=comp.b_text, generation_id=comp.b_generation_id, edited=False)
+        return f"Recorded: {VERDICT_TEXT[verdict]}."
+
+    def rate(self, sess: ChatSession, answer: int, thumb: str, reasons: list[str] | None = None,
+             comment: str = "") -> str:
+        """Thumbs up/down on answer number ``answer`` (1-based; 0 = the latest)."""
+        thumb = (thumb or "").strip().lower()
+        if thumb not in THUMBS:
+            raise ChatError("choose thumbs up or down")
+        reasons = list(reasons or [])
+        unknown = [r for r in reasons if r not in REASON_TAGS]
+        if unknown:
+            raise ChatError(f"unknown reasons {unknown}; choose from: {', '.join(REASON_TAGS)}")
+        comment = comment or ""
+        if len(comment) > self.settings.max_message_chars:
+            raise ChatError(f"the comment is too long (at most {self.settings.max_message_chars} characters)")
+        turn = sess.answer_turn(int(answer or 0))
+        kept = sess.messages[turn]
+        if kept["edited"]:
+            raise ChatError("that answer is your own rewrite; rate the model's answers")
+        self.vote_limit.hit(sess.session_id, "ratings")
+        try:
+            self.store.record_rating(session_id=sess.session_id, generation_id=kept["generation_id"],
+                                     thumb=thumb, reasons=reasons, comment=comment)
+        except StoreError as exc:
+            raise ChatError(str(exc)) from None
+        number = sess.answer_turns().index(turn) + 1
+        icon = "👍" if thumb == "up" else "👎"
+        return f"Recorded: {icon} for answer {number}" + (f" ({', '.join(reasons)})" if reasons else "") + "."
+
+    def edit(self, sess: ChatSession, rewrite: str) -> str:
+        """The user's rewrite of the latest answer: stored as preferred over the model's
+        answer, and it continues the conversation."""
+        rewrite = rewrite if isinstance(rewrite, str) else ""
+        if not rewrite.strip():
+            raise ChatError("the rewrite is empty")
+        if len(rewrite) > self.settings.max_message_chars:
+            raise ChatError(f"the rewrite is too long: at most {self.settings.max_message_chars} characters")
+        if not sess.messages or sess.messages[-1]["role"] != "assistant":
+            raise ChatError("there is no answer to rewrite yet")
+        self._refuse_while_generating(sess)
+        turn = len(sess.messages) - 1
+        kept = sess.messages[turn]
+        if rewrite == kept["content"]:
+            raise ChatError("the rewrite is the same as the answer")
+        self.vote_limit.hit(sess.session_id, "edits")
+        try:
+            self.store.record_edit(session_id=sess.session_id, conversation_id=sess.conversation_id, turn=turn,
+                                   generation_id=kept["generation_id"], rewrite=rewrite)
+        except StoreError as exc:
+            raise ChatError(str(exc)) from None
+        self.store.set_message(sess.conversation_id, turn, "assistant", rewrite, None)
+        kept.update(content=rewrite, edited=True)
+        if sess.comparison is not None and sess.comparison.turn == turn:
+            sess.comparison = None
+        return "Recorded: your rewrite is stored as better than the model's answer and continues the chat."

@@ -1,0 +1,275 @@
+"""The end users' Gradio app: chat, regenerate-and-compare, thumbs, rewrite, opt-out.
+
+All logic lives in ``assistant.chat``; this module only lays out components and wires
+events.  Public API (what ``gradio_client`` sees; per-session state is kept by the server
+for each client session, so one ``Client`` drives one conversation):
+
+    /chat(message, system_prompt, temperature, top_p, max_new_tokens, seed)
+        -> (chat_history, model_version, status)              streams
+    /regenerate(temperature, top_p, max_new_tokens, seed)
+        -> (answer_a, answer_b, model_version, status)        streams answer B
+    /vote(verdict)  verdict in a | b | tie | both_bad        -> (chat_history, status)
+    /rate(answer, thumb, reasons, comment)  answer: 1-based, 0 = latest -> status
+    /edit(rewrite)  rewrite of the latest answer             -> (chat_history, status)
+    /opt_out(opt_out)                                         -> status
+    /new_chat()                                               -> (chat_history, status)
+    /stop()                                                   -> status
+
+Every other event is ``api_visibility="private"``.  Refusals raise ``gr.Error`` (an error
+for API clients, a toast in the browser).  Confirmations ("Recorded: B is better") are
+returned only after the store has committed.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Callable
+
+import gradio as gr
+
+from assistant.chat import ChatError, ChatService, ChatSession, sampling
+from assistant.context import AppContext
+from feedback.store import REASON_TAGS
+
+log = logging.getLogger(__name__)
+
+PRIVATE = "private"
+VERDICT_BUTTONS = (("a", "A is better"), ("b", "B is better"), ("tie", "Tie"), ("both_bad", "Both are bad"))
+
+
+def _client(request: gr.Request | None) -> str | None:
+    if request is None:
+        return None
+    try:
+        return (request.headers.get("user-agent") or "")[:200] or None
+    except AttributeError:
+        return None
+
+
+def _version_md(version: str) -> str:
+    return f"Model version: **{version}**" if version else ""
+
+
+def _finish_note(sess: ChatSession) -> str:
+    return {"cancelled": "Stopped.",
+            "length": "The answer reached the max-new-tokens limit (see Settings)."}.get(sess.finish_reason or "", "")
+
+
+def _errors_to_gradio(fn: Callable) -> Callable:
+    """ChatError -> gr.Error (the message reaches the browser and API clients)."""
+    @functools.wraps(fn)  # keeps the signature: Gradio injects gr.Request by it
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except ChatError as exc:
+            raise gr.Error(str(exc), print_exception=False) from None
+    return wrapper
+
+
+def build_app(ctx: AppContext) -> gr.Blocks:
+    """The whole web app: the chat page and, when available, the maintainers' console."""
+    s = ctx.settings
+    service = ChatService(s, ctx.store, ctx.holder)
+    ctx.extras["chat_service"] = service
+
+    # -- handlers -----------------------------------------------------------------------
+    def chat(message: str, system_prompt: str, temperature: float, top_p: float, max_new_tokens: int,
+             seed: int, state: ChatSession | None, request: gr.Request):
+        """Sends a user message; streams the conversation with the growing answer."""
+        sess = service.session(state, _client(request))
+        try:
+            params = sampling(temperature, top_p, max_new_tokens, seed, s)
+            shown = sess.history() + [{"role": "user", "content": message}]
+            for text in service.chat(sess, message, params, system_prompt):
+                yield shown + [{"role": "assistant", "content": text}], gr.skip(), "", sess
+        except ChatError as exc:
+            raise gr.Error(str(exc), print_exception=False) from None
+        yield sess.history(), _version_md(sess.model_version), _finish_note(sess), sess
+
+    def regenerate(temperature: float, top_p: float, max_new_tokens: int, seed: int,
+                   state: ChatSession | None, request: gr.Request):
+        """Writes a second answer (B) to the latest answer's context and shows A and B."""
+        sess = service.session(state, _client(request))
+        try:
+            params = sampling(temperature, top_p, max_new_tokens, seed, s)
+            a_text = sess.messages[-1]["content"] if sess.messages else ""
+            for text in service.regenerate(sess, params):
+                yield a_text, text, gr.skip(), "", sess
+        except ChatError as exc:
+            raise gr.Error(str(exc), print_exception=False) from None
+        comp = sess.comparison
+        yield (comp.a_text, comp.b_text, _version_md(sess.model_version),
+               " ".join(filter(None, ["Which answer is better?", _finish_note(sess)])), sess)
+
+    @_errors_to_gradio
+    def vote(verdict: str, state: ChatSession | None, request: gr.Request):
+        """Says which of the compared answers is better: a, b, tie or both_bad."""
+        sess = service.session(state, _client(request))
+        note = service.vote(sess, verdict)
+        return sess.history(), note, sess
+
+    def vote_button(verdict: str):
+        def fn(state: ChatSession | None, request: gr.Request):
+            return vote(verdict, state, request)
+        return fn
+
+    @_errors_to_gradio
+    def rate(answer: int, thumb: str, reasons: list[str], comment: str, state: ChatSession | None,
+             request: gr.Request):
+        """Thumbs up or down on an answer (1-based number, 0 = latest), optional reasons and comment."""
+        sess = service.session(state, _client(request))
+        return service.rate(sess, int(answer or 0), thumb, reasons, comment), sess
+
+    @_errors_to_gradio
+    def edit(rewrite: str, state: ChatSession | None, request: gr.Request):
+        """Replaces the latest answer with the user's rewrite (stored as preferred)."""
+        sess = service.session(state, _client(request))
+        note = service.edit(sess, rewrite)
+        return sess.history(), note, sess
+
+    @_errors_to_gradio
+    def opt_out(value: bool, state: ChatSession | None, request: gr.Request):
+        """Opts this session out of (or back into) training."""
+        sess = service.session(state, _client(request))
+        return service.set_opt_out(sess, bool(value)), sess
+
+    @_errors_to_gradio
+    def new_chat(state: ChatSession | None, request: gr.Request):
+        """Starts a new conversation (same session, same opt-out)."""
+        sess = service.session(state, _client(request))
+        return [], service.new_chat(sess), sess
+
+    def stop(state: ChatSession | None):
+        """Stops the answer being written for this session."""
+        return "Stopping…" if service.stop(state) else "Nothing to stop."
+
+    def sync(state: ChatSession | None):
+        """Private: brings the panels in line with the session after a change."""
+        sess = state if isinstance(state, ChatSession) else None
+        comp = sess.comparison if sess else None
+        open_comp = comp is not None and comp.verdict is None
+        latest = sess.messages[-1]["content"] if sess and sess.messages and sess.messages[-1]["role"] == "assistant" else ""
+        history = sess.history() if sess else []
+        return gr.update(visible=open_comp), history, latest
+
+    def on_like(state: ChatSession | None, evt: gr.LikeData):
+        sess = state if isinstance(state, ChatSession) else None
+        if sess is None or not isinstance(evt.index, int) or evt.liked not in (True, False):
+            return gr.skip(), gr.skip(), gr.skip(), gr.skip()
+        number = sess.answer_number(evt.index)
+        thumb = "up" if evt.liked else "down"
+        icon = "👍" if evt.liked else "👎"
+        return (number, thumb, gr.Accordion(open=True),
+                f"{icon} for answer {number}: add reasons if you like, then press **Send rating**.")
+
+    # -- layout -------------------------------------------------------------------------
+    with gr.Blocks(title="Assistant", analytics_enabled=False) as demo:
+        state = gr.State(None)
+        with gr.Row(equal_height=True):
+            gr.Markdown("## Assistant")
+            version_md = gr.Markdown(_version_md(ctx.holder.version), label="model_version", show_label=False,
+                                     elem_id="model-version")
+        chatbot = gr.Chatbot(label="Conversation", height=440, sanitize_html=True, render_markdown=True,
+                             allow_tags=False, feedback_options=("Like", "Dislike"), buttons=["copy"],
+                             placeholder="Ask anything. Rate answers with the thumbs below them; **Regenerate** compares two answers.",
+                             elem_id="chatbot")
+        with gr.Row():
+            msg = gr.Textbox(show_label=False, placeholder="Type a message and press Enter", scale=8,
+                             max_lines=8, autofocus=True, elem_id="message")
+            send_btn = gr.Button("Send", variant="primary", scale=1, min_width=80)
+            stop_btn = gr.Button("Stop", variant="stop", scale=1, min_width=80)
+        with gr.Row():
+            regen_btn = gr.Button("Regenerate and compare", size="sm")
+            new_btn = gr.Button("New chat", size="sm")
+            opt_out_cb = gr.Checkbox(label="Don't use my conversations for training", value=False,
+                                     elem_id="opt-out")
+        status = gr.Markdown("", label="status", show_label=False, elem_id="status")
+        with gr.Group(visible=False, elem_id="compare") as compare_box:
+            with gr.Row(equal_height=True):
+                with gr.Column():
+                    gr.Markdown("**Answer A** (the current one)")
+                    a_md = gr.Textbox(label="answer_a", show_label=False, interactive=False, lines=6,
+                                      max_lines=16, elem_id="answer-a")
+                with gr.Column():
+                    gr.Markdown("**Answer B** (new)")
+                    b_md = gr.Textbox(label="answer_b", show_label=False, interactive=False, lines=6,
+                                      max_lines=16, elem_id="answer-b")
+            with gr.Row():
+                vote_btns = {v: gr.Button(label, size="sm") for v, label in VERDICT_BUTTONS}
+        with gr.Accordion("Rate an answer", open=False) as rate_acc:
+            with gr.Row():
+                rate_num = gr.Number(value=0, precision=0, minimum=0, label="Answer number (0 = the latest)")
+                thumb = gr.Radio(["up", "down"], value="up", label="Thumb")
+            reasons = gr.CheckboxGroup(list(REASON_TAGS), label="Reasons (optional)")
+            comment = gr.Textbox(label="Comment (optional)", max_lines=4)
+            rate_btn = gr.Button("Send rating", size="sm")
+        with gr.Accordion("Rewrite the latest answer", open=False):
+            rewrite = gr.Textbox(label="Your better answer", lines=4, max_lines=12, elem_id="rewrite")
+            edit_btn = gr.Button("Save rewrite", size="sm")
+        with gr.Accordion("Settings", open=False):
+            system_tb = gr.Textbox(value=s.system_prompt, label="System prompt", lines=2)
+            with gr.Row():
+                temp = gr.Slider(0, 2, value=s.temperature, step=0.05, label="Temperature (0 = greedy)")
+                top_p = gr.Slider(0.05, 1, value=s.top_p, step=0.05, label="Top-p")
+            with gr.Row():
+                max_new = gr.Slider(1, 1024, value=min(s.max_new_tokens, 1024), step=1, label="Max new tokens")
+                seed = gr.Number(value=-1, precision=0, label="Seed (-1 = random)")
+        # API-only inputs: the message being sent, the verdict of an API vote
+        pending = gr.Textbox(visible=False)
+        verdict_tb = gr.Textbox(visible=False, value="a")
+        vote_api_btn = gr.Button(visible=False)
+
+        sampling_inputs = [temp, top_p, max_new, seed]
+        after = dict(fn=sync, inputs=[state], outputs=[compare_box, chatbot, rewrite], api_visibility=PRIVATE)
+
+        # chat: stash and clear the textbox, stream, restore the text if refused
+        sent = gr.on([msg.submit, send_btn.click], lambda m: ("", m), [msg], [msg, pending],
+                     api_visibility=PRIVATE, queue=False)
+        chat_ev = sent.then(chat, [pending, system_tb, *sampling_inputs, state],
+                            [chatbot, version_md, status, state], api_name="chat", concurrency_id="generate")
+        chat_ev.failure(lambda m: m, [pending], [msg], api_visibility=PRIVATE, queue=False)
+        chat_ev.then(**after)
+
+        shown = regen_btn.click(lambda: (gr.update(visible=True), "…"), None, [compare_box, b_md],
+                                api_visibility=PRIVATE, queue=False)
+        regen_ev = shown.then(regenerate, [*sampling_inputs, state], [a_md, b_md, version_md, status, state],
+                              api_name="regenerate", concurrency_id="generate")
+        regen_ev.then(**after)
+
+        vote_api_btn.click(vote, [verdict_tb, state], [chatbot, status, state], api_name="vote").then(**after)
+        for verdict, btn in vote_btns.items():
+            btn.click(_errors_to_gradio(vote_button(verdict)), [state], [chatbot, status, state],
+                      api_visibility=PRIVATE).then(**after)
+
+        rate_ev = rate_btn.click(rate, [rate_num, thumb, reasons, comment, state], [status, state], api_name="rate")
+        rate_ev.success(lambda: ([], "", 0), None, [reasons, comment, rate_num], api_visibility=PRIVATE, queue=False)
+        chatbot.like(on_like, [state], [rate_num, thumb, rate_acc, status], api_visibility=PRIVATE, queue=False)
+
+        edit_btn.click(edit, [rewrite, state], [chatbot, status, state], api_name="edit").then(**after)
+        opt_out_cb.input(opt_out, [opt_out_cb, state], [status, state], api_name="opt_out")
+        new_btn.click(new_chat, [state], [chatbot, status, state], api_name="new_chat").then(**after)
+        chatbot.clear(new_chat, [state], [chatbot, status, state], api_visibility=PRIVATE).then(**after)
+        stop_btn.click(stop, [state], [status], api_name="stop", queue=False)
+
+        demo.load(lambda: _version_md(ctx.holder.version), None, [version_md], api_visibility=PRIVATE, queue=False)
+
+    # -- the maintainers' console (assistant/console.py, owned by its own module) -------------
+    try:
+        from assistant import console
+    except ImportError as exc:
+        log.warning("maintainers' console not available: cannot import assistant.console (%s)", exc)
+    else:
+        with demo.route("Console", "/console"):
+            console.build(ctx)
+    return demo
+
+
+def launch(demo: gr.Blocks, ctx: AppContext, *, prevent_thread_lock: bool = False,
+           port: int | None = None, quiet: bool = False):
+    """Queues and starts the server; returns (app, local_url, share_url) like Blocks.launch."""
+    s = ctx.settings
+    demo.queue(default_concurrency_limit=None, max_size=512)
+    return demo.launch(server_name=s.host, server_port=s.port if port is None else port,
+                       prevent_thread_lock=prevent_thread_lock, quiet=quiet, show_error=True,
+                       run_history=False, footer_links=["api"])

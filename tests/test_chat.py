@@ -1,0 +1,114 @@
+"""The chat service without a web server: limits, validation, session rules."""
+
+from __future__ import annotations
+
+import pytest
+
+from assistant.chat import ChatError, ChatService, ChatSession, RateLimited, RateLimiter, sampling
+from assistant.engine import Engine
+from assistant.holder import ModelHolder
+from assistant.models import load
+from assistant.settings import Settings
+
+
+class FakeClock:
+    def __init__(self):
+        self.t = 1000.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def test_rate_limiter_is_a_sliding_window_per_key():
+    clock = FakeClock()
+    limiter = RateLimiter(3, window_s=60, clock=clock)
+    for _ in range(3):
+        limiter.hit("s1", "messages")
+        clock.t += 10
+    with pytest.raises(RateLimited, match="at most 3 per minute; try again in 30 s"):
+        limiter.hit("s1", "messages")
+    limiter.hit("s2", "messages")  # another session has its own window
+    clock.t += 31  # the first hit (at 1000) leaves the window at 1060
+    limiter.hit("s1", "messages")
+    with pytest.raises(RateLimited):
+        limiter.hit("s1", "messages")
+
+
+def test_rate_limit_zero_means_unlimited():
+    limiter = RateLimiter(0, clock=FakeClock())
+    for _ in range(1000):
+        limiter.hit("s", "votes")
+
+
+def test_sampling_validation():
+    defaults = Settings()
+    assert sampling(None, None, None, None, defaults).as_dict() == {
+        "temperature": 0.7, "top_p": 0.9, "max_new_tokens": 256, "seed": None}
+    assert sampling(0, 1, 5, 42, defaults).seed == 42
+    assert sampling(0.5, 0.5, 5, -1, defaults).seed is None
+    for bad in [(-0.1, 0.9, 10), (2.5, 0.9, 10), (0.7, 0, 10), (0.7, 1.1, 10), (0.7, 0.9, 0), (0.7, 0.9, 10**6)]:
+        with pytest.raises(ChatError):
+            sampling(*bad, None, defaults)
+
+
+def test_answer_numbers():
+    sess = ChatSession("s", messages=[{"role": r, "content": str(i)} for i, r in
+                                      enumerate(["user", "assistant", "user", "assistant"])])
+    assert sess.answer_turn(0) == 3 and sess.answer_turn(1) == 1 and sess.answer_turn(2) == 3
+    assert sess.answer_number(1) == 1 and sess.answer_number(3) == 2
+    with pytest.raises(ChatError, match="no answer 3"):
+        sess.answer_turn(3)
+    with pytest.raises(ChatError, match="no answer yet"):
+        ChatSession("t").answer_turn(0)
+
+
+@pytest.fixture(scope="module")
+def service(tiny_model_dir, tmp_path_factory):
+    from feedback.store import FeedbackStore
+
+    loaded = load(str(tiny_model_dir), tmp_path_factory.mktemp("models"))
+    engine = Engine(loaded.model, loaded.tokenizer, max_batch=2, max_context=256)
+    store = FeedbackStore(tmp_path_factory.mktemp("db") / "f.sqlite")
+    svc = ChatService(Settings(max_message_chars=2000), store, ModelHolder(engine, "v-test"))
+    yield svc
+    engine.close()
+    store.close()
+
+
+def run(gen):
+    return list(gen)
+
+
+def test_context_too_long_stores_nothing_and_keeps_the_conversation(service):
+    sess = service.new_session()
+    params = sampling(0, 1, 8, None, service.settings)
+    run(service.chat(sess, "hi", params))
+    before = (service.store.counts(), [dict(m) for m in sess.messages])
+    with pytest.raises(ChatError, match="too long for the model"):
+        run(service.chat(sess, "word " * 300, params))  # 300+ tokens > 256 context
+    assert (service.store.counts(), sess.messages) == before
+    run(service.chat(sess, "again", params))
+    assert len(sess.messages) == 4
+
+
+def test_another_sessions_answer_is_refused_by_the_store(service):
+    owner = service.new_session()
+    run(service.chat(owner, "mine", sampling(0, 1, 4, None, service.settings)))
+    forged = ChatSession("intruder", conversation_id=owner.conversation_id,
+                         messages=[dict(m) for m in owner.messages])
+    with pytest.raises(ChatError, match="no such answer in this session"):
+        service.rate(forged, 0, "down")
+    with pytest.raises(ChatError, match="no such answer in this session"):
+        service.edit(forged, "rewritten")
+    assert service.store.db["ratings"].count_where("generation_id = ?", [owner.messages[1]["generation_id"]]) == 0
+
+
+def test_rewrite_blocks_regenerate_and_rating_of_the_rewrite(service):
+    sess = service.new_session()
+    params = sampling(0, 1, 4, None, service.settings)
+    run(service.chat(sess, "q", params))
+    service.edit(sess, "my answer")
+    with pytest.raises(ChatError, match="your own rewrite"):
+        run(service.regenerate(sess, params))
+    with pytest.raises(ChatError, match="your own rewrite"):
+        service.rate(sess, 0, "up")

@@ -1,0 +1,172 @@
+"""The whole loop on a tiny model: votes in, retrain in its own process, gate decision
+recorded, a promoted version swapped in while a stream runs, rollback; and the faults:
+a retrain killed mid-PPO changes nothing that is served or stored, and the next run works."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from assistant import serve
+from assistant.engine import SamplingParams
+from assistant.settings import Settings, to_env
+from feedback.registry import Registry
+from feedback.store import FeedbackStore, wait_for
+from retrain.scheduler import RetrainScheduler
+
+ROOT = Path(__file__).resolve().parent.parent
+
+TINY = {
+    "reward": {"epochs": 1, "batch_size": 8, "max_length": 96, "train_layers": 2},
+    "ppo": {"steps": 2, "batch_size": 4, "minibatch_size": 4, "ppo_epochs": 1, "max_new_tokens": 8,
+            "lora_layers": 2},
+    "gate": {"min_rm_accuracy": 0.0, "min_rm_ci_low": 0.0, "max_rm_drop": 1.0, "kl_budget": 1e9,
+             "min_win_rate": 0.0, "max_empty_rate": 1.0, "min_eos_rate": 0.0, "min_length_ratio": 0.0,
+             "min_mean_tokens": 0.0, "max_duplicate_rate": 1.0, "max_repetition": 1.0, "max_new_tokens": 8,
+             "max_prompts": 4, "batch_size": 4},
+}
+
+
+def seed_votes(store: FeedbackStore, n: int, sessions: int = 4) -> list[str]:
+    """n decided comparisons over a few sessions: the short answer always wins."""
+    ids = []
+    for i in range(n):
+        sid = f"session-{i % sessions}"
+        conv = store.start_conversation(sid, "You are a helpful AI assistant.")
+        context = [{"role": "system", "content": "You are a helpful AI assistant."},
+                   {"role": "user", "content": f"Question number {i}: what is {i} plus {i}?"}]
+        common = dict(session_id=sid, conversation_id=conv, turn=1, context=context, model_version="sft",
+                      sampling={"temperature": 0.7}, prompt_tokens=20, completion_tokens=5, ttft_ms=1.0,
+                      latency_ms=2.0, finish_reason="stop")
+        long = store.record_generation(content=f"Well, let me think at length about {i} and {i}. " * 3, **common)
+        short = store.record_generation(content=f"{2 * i}.", **common)
+        cid = store.open_comparison(session_id=sid, conversation_id=conv, turn=1, a_generation_id=long,
+                                    b_generation_id=short)
+        store.decide_comparison(cid, "b", sid)
+        ids.append(cid)
+    return ids
+
+
+def _write_config(path: Path, **changes) -> None:
+    config = json.loads(json.dumps(TINY))
+    for section, values in changes.items():
+        config[section].update(values)
+    path.write_text(json.dumps(config))
+
+
+def _table_digest(store: FeedbackStore, table: str) -> str:
+    rows = store.query(f"SELECT * FROM {table} ORDER BY rowid")
+    return hashlib.sha256(json.dumps(rows, sort_keys=True).encode()).hexdigest()
+
+
+@pytest.fixture
+def loop(tmp_path, tiny_model_dir):
+    config = tmp_path / "retrain.json"
+    _write_config(config)
+    settings = Settings(data_dir=str(tmp_path / "data"), model=str(tiny_model_dir), max_batch=4,
+                        retrain_config=str(config), retrain_threads=1)
+    store = FeedbackStore(settings.db_path)
+    registry = Registry(store)
+    holder = serve.start(settings, registry)
+    follower = serve.VersionFollower(holder, registry, serve.engine_factory(settings))
+    scheduler = RetrainScheduler(settings, store, registry)
+    yield settings, store, registry, holder, follower, scheduler, config
+    scheduler.kill()
+    holder.close()
+    store.close()
+
+
+def test_votes_retrain_gate_swap_under_stream_and_rollback(loop):
+    settings, store, registry, holder, follower, scheduler, config = loop
+    voted = seed_votes(store, 24)
+    assert store.count_new_preferences() == 24
+
+    run_id = scheduler.run_now(wait=True)
+    run = registry.run(run_id)
+    assert run["status"] == "promoted", run["reason"]
+    version = run["candidate_version"]
+    info = registry.version(version)
+    assert info["parent_id"] == "sft" and info["run_id"] == run_id and info["kind"] == "ppo"
+    assert sorted(json.loads(info["feedback"])["comparisons"]) == sorted(voted)
+    assert Path(info["path"], "adapter_config.json").exists()
+    assert json.loads(run["decision"])["passed"] is True
+    assert run["rm_accuracy"] is not None and run["kl"] is not None
+    phases = {m["phase"] for m in registry.metrics(run_id)}
+    assert {"reward", "ppo"} <= phases
+    ppo_names = {m["name"] for m in registry.metrics(run_id, "ppo")}
+    assert {"score", "kl", "entropy", "clipfrac", "approx_kl", "value_loss", "response_length", "eos_rate"} <= ppo_names
+    assert store.count_new_preferences() == 0  # consumed by the run
+    assert registry.served_version() == version
+    assert holder.version == "sft"  # the server has not looked yet
+
+    # a chat streaming during the swap finishes on the old weights
+    old_version, old_engine, stream = holder.submit(old_engine_prompt(holder), SamplingParams(
+        temperature=1.0, max_new_tokens=60, seed=1))
+    first = next(iter(stream))
+    assert follower.check() is True
+    assert holder.version == version
+    rest = list(stream)
+    assert stream.finish_reason in ("stop", "length") and stream.error is None
+    assert len([first, *rest]) == len(stream.tokens)
+    assert old_version == "sft" and old_engine.version == "sft"
+    new_version, new_engine, second = holder.submit(old_engine_prompt(holder), SamplingParams(max_new_tokens=4))
+    list(second)
+    assert new_version == version and new_engine is not old_engine
+    assert wait_for(lambda: old_engine.finished, 10)  # retired once its stream ended
+
+    # roll back from the CLI, as an operator would
+    proc = subprocess.run([sys.executable, "-m", "retrain", "rollback", "sft", "--reason", "test"], cwd=ROOT,
+                          env={**os.environ, **to_env(settings), "PYTHONPATH": str(ROOT)},
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert follower.check() is True and holder.version == "sft"
+    assert [r["action"] for r in registry.serving_history()] == ["serve", "promote", "rollback"]
+
+
+def old_engine_prompt(holder) -> list[int]:
+    return holder.current()[1].encode_chat([{"role": "user", "content": "Tell me a story."}])
+
+
+def test_gate_rejection_is_recorded_and_nothing_is_served(loop):
+    settings, store, registry, holder, follower, scheduler, config = loop
+    seed_votes(store, 16)
+    _write_config(config, gate={"min_rm_accuracy": 1.01})
+    run_id = scheduler.run_now(wait=True)
+    run = registry.run(run_id)
+    assert run["status"] == "rejected"
+    assert "accuracy" in run["reason"].lower()
+    assert run["candidate_version"] is None
+    assert registry.served_version() == "sft"
+    assert [v["id"] for v in registry.versions()] == ["sft"]
+    assert follower.check() is False and holder.version == "sft"
+
+
+def test_retrain_killed_mid_ppo_changes_nothing_and_next_run_works(loop):
+    settings, store, registry, holder, follower, scheduler, config = loop
+    seed_votes(store, 16)
+    _write_config(config, ppo={"steps": 500})
+    before = {t: _table_digest(store, t) for t in ("comparisons", "ratings", "generations", "sessions",
+                                                   "model_versions", "serving_log")}
+    run_id = scheduler.run_now(wait=False)
+    assert wait_for(lambda: any(m["phase"] == "ppo" for m in registry.metrics(run_id)), timeout_s=300,
+                    interval_s=0.5), "PPO never started"
+    os.kill(scheduler._process.pid, signal.SIGKILL)
+    assert wait_for(lambda: registry.run(run_id)["status"] == "failed", 30)
+    assert "-9" in registry.run(run_id)["reason"]
+    assert {t: _table_digest(store, t) for t in before} == before
+    assert store.query("PRAGMA integrity_check")[0]["integrity_check"] == "ok"
+    assert registry.served_version() == "sft" and holder.version == "sft"
+    assert not any(p for p in settings.versions_dir.glob("*")) if settings.versions_dir.exists() else True
+    assert follower.check() is False
+
+    _write_config(config)
+    run2 = scheduler.run_now(wait=True)
+    assert registry.run(run2)["status"] == "promoted", registry.run(run2)["reason"]
+    assert follower.check() is True and holder.version == registry.run(run2)["candidate_version"]
