@@ -33,12 +33,9 @@ def start_scheduler(ctx: AppContext) -> None:
     """The scheduled retrain (retrain/scheduler.py), when enabled."""
     if not ctx.settings.retrain_enabled:
         return
-    try:
-        from retrain import scheduler
-    except ImportError as exc:
-        log.warning("retrain scheduler not available (%s); the app serves without scheduled retrains", exc)
-        return
-    ctx.scheduler = scheduler.start_scheduler(ctx) or ctx.scheduler
+    from retrain import scheduler
+
+    scheduler.start_scheduler(ctx)
 
 
 def close_context(ctx: AppContext) -> None:

@@ -28,6 +28,7 @@ from collections.abc import Callable
 
 import gradio as gr
 
+from assistant import console
 from assistant.chat import ChatError, ChatService, ChatSession, sampling
 from assistant.context import AppContext
 from feedback.store import REASON_TAGS
@@ -119,7 +120,7 @@ def build_app(ctx: AppContext) -> gr.Blocks:
              request: gr.Request):
         """Thumbs up or down on an answer (1-based number, 0 = latest), optional reasons and comment."""
         sess = service.session(state, _client(request))
-        return service.rate(sess, int(answer or 0), thumb, reasons, comment), sess
+        return service.rate(sess, answer, thumb, reasons, comment), sess
 
     @_errors_to_gradio
     def edit(rewrite: str, state: ChatSession | None, request: gr.Request):
@@ -254,14 +255,9 @@ def build_app(ctx: AppContext) -> gr.Blocks:
 
         demo.load(lambda: _version_md(ctx.holder.version), None, [version_md], api_visibility=PRIVATE, queue=False)
 
-    # -- the maintainers' console (assistant/console.py, owned by its own module) -------------
-    try:
-        from assistant import console
-    except ImportError as exc:
-        log.warning("maintainers' console not available: cannot import assistant.console (%s)", exc)
-    else:
-        with demo.route("Console", "/console"):
-            console.build(ctx)
+    # -- the maintainers' console: its own page, not linked from the chat ---------------------
+    with demo.route("Console", "/console", show_in_navbar=False):
+        console.build(ctx)
     return demo
 
 
