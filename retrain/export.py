@@ -1,0 +1,21 @@
+"""TRL export of a training snapshot: the exact pairs a run trained on, in TRL's
+conversational preference format (what ``trl.RewardTrainer`` and ``DPOTrainer`` read)::
+
+    {"prompt": [{"role": "system", ...}, {"role": "user", ...}],
+     "chosen": [{"role": "assistant", "content": ...}],
+     "rejected": [{"role": "assistant", "content": ...}]}
+
+Ties never become pairs (see ``retrain.data``), so nothing has to be skipped here.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from feedback.export import trl_record, write_jsonl
+from retrain.data import Pair
+
+
+def export_trl_jsonl(pairs: list[Pair], path: Path | str) -> int:
+    """Writes one JSON object per pair (atomically, via a temporary file); returns the count."""
+    return write_jsonl((trl_record(p.prompt, p.chosen, p.rejected) for p in pairs), path)

@@ -1,0 +1,505 @@
+"""PPO with a KL penalty against the frozen SFT model (one readable file, one config).
+
+Objective: maximise E[r(x, y)] - beta * KL(pi || pi_ref), per token (k1 estimator)::
+
+    reward_t = -beta * (logp_policy_t - logp_ref_t)   (+ RM score at the last token)
+
+Recipe (see ``/work/shared/reference/rlhf-recipe.md``) and where it lives below:
+- rollouts sampled at ``temperature`` and log-probs computed from ``logits / temperature``;
+  top-p is off during rollouts (``rollout_top_p=1``) so the sampled distribution is exactly
+  the one whose log-probs PPO uses;
+- left-padded prompts with position ids from the attention mask; every token after the
+  first end-of-turn token is masked out; a response that never ends gets the fixed score
+  ``no_eos_score`` instead of the RM score;
+- GAE (gamma 1, lambda 0.95) with a value model initialised from the reward model (so the
+  final score reaches early tokens from the first step), advantages whitened per batch;
+- clipped policy loss, clipped value loss, Adam eps 1e-5, linear lr decay, grad clip;
+- fixed beta or the adaptive controller of Ziegler et al. (``adaptive_kl``);
+- optional PPO-ptx: LM loss on chosen answers / rewrites (``ptx_coef``, default 0);
+- dropout off everywhere (models in eval mode while training).
+
+Efficiency (two CPU cores): LoRA on the top ``lora_layers`` layers only.  The frozen layers
+below are shared by the policy, the reference (the same model with the adapter disabled),
+the value model and the reward model, so their hidden states are computed once per rollout
+batch and reused by all four models and by every PPO epoch.  Rollouts are generated with the
+adapter merged into the weights (``merge_adapter``), which costs nothing at decode time.
+
+Multi-GPU: ``accelerate launch -m retrain run ...`` (or any script calling ``train_ppo``)
+runs one process per device; each process takes its share of every prompt batch, gradients
+of the LoRA / value parameters are averaged across processes, and the main process saves.
+On a CPU it is a single process.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from assistant import models
+from retrain.reward import (
+    LORA_TARGETS,
+    Lower,
+    RewardModel,
+    _replace_dir,
+    decoder_of,
+    end_of_turn_id,
+    lower_forward,
+    pad_left,
+    prompt_ids,
+    upper_forward,
+)
+
+
+@dataclass
+class PPOConfig:
+    # -- schedule
+    steps: int = 24  # PPO iterations (rollout batch + update)
+    batch_size: int = 16  # prompts per rollout batch
+    minibatch_size: int = 8
+    ppo_epochs: int = 2  # passes over each rollout batch
+    seed: int = 0
+    # -- sampling
+    temperature: float = 0.7  # serving temperature; log-probs use logits / temperature
+    rollout_top_p: float = 1.0
+    max_new_tokens: int = 96  # rollout length cap
+    max_prompt_length: int = 256  # prompts cut from the left
+    no_eos_score: float = -1.0  # score of a response that never ends (normalised RM units)
+    # -- objective
+    beta: float = 0.05  # KL coefficient (k1 per-token penalty)
+    adaptive_kl: bool = False
+    target_kl: float = 6.0  # nats per response, adaptive controller target
+    kl_horizon: int = 10000
+    gamma: float = 1.0
+    lam: float = 0.95
+    cliprange: float = 0.2
+    cliprange_value: float = 0.2
+    vf_coef: float = 0.1
+    whiten_advantages: bool = True
+    score_clip: float = 5.0  # clip the normalised RM score to +-score_clip
+    ptx_coef: float = 0.0  # PPO-ptx: LM loss on chosen answers (0 = off)
+    # -- optimisation
+    lr: float = 5e-4  # LoRA learning rate (full fine-tuning would be ~1e-6..3e-6)
+    value_lr: float = 5e-4
+    adam_eps: float = 1e-5
+    grad_clip: float = 1.0
+    lr_decay: bool = True
+    # -- model
+    lora_layers: int = 4  # top decoder layers carrying the policy LoRA (a new adapter)
+    lora_r: int = 16
+    lora_alpha: int = 32
+    ref: str = "sft"  # KL reference when ref_path is empty: 'sft' (policy's base) or 'served' (policy_path)
+    threads: int = 0  # torch threads (0: leave as set by the caller)
+
+
+@dataclass
+class PPOResult:
+    path: str
+    steps: int
+    final: dict
+
+
+# ----------------------------------------------------------------------------- pure pieces (tested)
+def response_mask(tokens: torch.Tensor, stop_ids: set[int] | list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mask [B, L] keeping tokens up to and including the first stop token; and whether each
+    row ended (had a stop token)."""
+    stop = torch.zeros_like(tokens, dtype=torch.bool)
+    for s in stop_ids:
+        stop |= tokens == s
+    before = stop.long().cumsum(-1) - stop.long()  # stop tokens strictly before t
+    mask = (before == 0).long()
+    return mask, stop.any(-1)
+
+
+def kl_rewards(logp: torch.Tensor, ref_logp: torch.Tensor, mask: torch.Tensor, score: torch.Tensor,
+               beta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token rewards: -beta * (logp - ref_logp) on response tokens, plus the score at each
+    row's last response token.  Returns (rewards, per-token kl)."""
+    kl = (logp - ref_logp) * mask
+    rewards = -beta * kl
+    last = (mask.sum(-1) - 1).clamp(min=0).long()
+    rewards = rewards.clone()
+    rewards[torch.arange(len(score)), last] += score
+    return rewards * mask, kl
+
+
+def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0,
+        lam: float = 0.95) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generalised advantage estimation over masked, right-padded responses.
+    Returns (advantages, returns); the value after the last token is 0."""
+    B, L = rewards.shape
+    adv = torch.zeros_like(rewards)
+    last = torch.zeros(B, dtype=rewards.dtype, device=rewards.device)
+    values = values * mask
+    for t in reversed(range(L)):
+        next_v = values[:, t + 1] if t + 1 < L else torch.zeros_like(last)
+        next_m = mask[:, t + 1] if t + 1 < L else torch.zeros_like(last)
+        delta = rewards[:, t] + gamma * next_v * next_m - values[:, t]
+        last = delta + gamma * lam * last * next_m
+        adv[:, t] = last * mask[:, t]
+    return adv, (adv + values) * mask
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return (x * mask).sum() / mask.sum().clamp(min=1)
+
+
+def whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
+    mean = masked_mean(x, mask)
+    var = masked_mean((x - mean) ** 2, mask)
+    out = (x - mean) * torch.rsqrt(var + 1e-8)
+    if not shift_mean:
+        out = out + mean
+    return out * mask
+
+
+def policy_loss(logp, old_logp, adv, mask, cliprange):
+    ratio = torch.exp(logp - old_logp)
+    l1 = -adv * ratio
+    l2 = -adv * torch.clamp(ratio, 1 - cliprange, 1 + cliprange)
+    loss = masked_mean(torch.maximum(l1, l2), mask)
+    clipfrac = masked_mean((l2 > l1).float(), mask)
+    approx_kl = masked_mean(0.5 * (logp - old_logp) ** 2, mask)
+    return loss, clipfrac, approx_kl
+
+
+def value_loss(vpred, old_values, returns, mask, cliprange_value):
+    vclipped = old_values + torch.clamp(vpred - old_values, -cliprange_value, cliprange_value)
+    loss = 0.5 * masked_mean(torch.maximum((vpred - returns) ** 2, (vclipped - returns) ** 2), mask)
+    return loss
+
+
+class AdaptiveKL:
+    """Ziegler et al. 2019: beta <- beta * (1 + clip(kl/target - 1, -0.2, 0.2) * n / horizon)."""
+
+    def __init__(self, beta: float, target: float, horizon: int):
+        self.beta, self.target, self.horizon = beta, target, horizon
+
+    def update(self, kl: float, n: int) -> None:
+        err = max(-0.2, min(0.2, kl / self.target - 1))
+        self.beta *= 1 + err * n / self.horizon
+
+
+# ----------------------------------------------------------------------------- sampling
+@torch.no_grad()
+def sample(model, tokenizer, prompts: list[list[int]], *, max_new_tokens: int, temperature: float,
+           top_p: float = 1.0, stop_ids: set[int], generator: torch.Generator | None = None,
+           device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Batched sampling from left-padded prompts with position ids from the mask and a KV
+    cache.  Returns (prompt_ids [B,P], prompt_mask, response tokens [B,L] padded after the
+    first stop token, response mask incl. the stop token)."""
+    from transformers import DynamicCache
+
+    device = device or next(model.parameters()).device
+    ids, pmask = pad_left(prompts, tokenizer.pad_token_id)
+    ids, pmask = ids.to(device), pmask.to(device)
+    B = ids.shape[0]
+    cache = DynamicCache()
+    attn = pmask.clone()
+    pos = (attn.cumsum(-1) - 1).clamp(min=0)
+    out = model(input_ids=ids, attention_mask=attn, position_ids=pos, past_key_values=cache, use_cache=True)
+    tokens = []
+    done = torch.zeros(B, dtype=torch.bool, device=device)
+    next_pos = attn.sum(-1, keepdim=True)
+    stop = torch.tensor(sorted(stop_ids), device=device)
+    for _ in range(max_new_tokens):
+        logits = out.logits[:, -1].float()
+        if temperature > 0:
+            probs = torch.softmax(logits / temperature, -1)
+            if 0 < top_p < 1:
+                sp, order = torch.sort(probs, descending=True, dim=-1)
+                keep = sp.cumsum(-1) - sp < top_p
+                sp = sp * keep
+                choice = torch.multinomial(sp, 1, generator=generator)
+                tok = order.gather(-1, choice)[:, 0]
+            else:
+                tok = torch.multinomial(probs, 1, generator=generator)[:, 0]
+        else:
+            tok = logits.argmax(-1)
+        tok = torch.where(done, torch.full_like(tok, tokenizer.pad_token_id), tok)
+        tokens.append(tok)
+        done = done | torch.isin(tok, stop)
+        if bool(done.all()):
+            break
+        attn = torch.cat([attn, torch.ones((B, 1), dtype=attn.dtype, device=device)], -1)
+        out = model(input_ids=tok[:, None], attention_mask=attn, position_ids=next_pos, past_key_values=cache,
+                    use_cache=True)
+        next_pos = next_pos + 1
+    resp = torch.stack(tokens, 1)
+    rmask, _ = response_mask(resp, stop_ids)
+    resp = torch.where(rmask.bool(), resp, torch.full_like(resp, tokenizer.pad_token_id))
+    return ids, pmask, resp, rmask
+
+
+def decode_responses(tokenizer, resp: torch.Tensor, rmask: torch.Tensor) -> list[str]:
+    return [tokenizer.decode(r[m.bool()].tolist(), skip_special_tokens=True).strip() for r, m in zip(resp, rmask)]
+
+
+def token_logprobs(model, lm_head, lower: Lower, P: int, resp: torch.Tensor, temperature: float,
+                   with_entropy: bool = False):
+    """Log-probs (at ``temperature``) of the response tokens, from the cached lower states.
+    Position P-1+t predicts response token t."""
+    h = upper_forward(model, lower)
+    L = resp.shape[1]
+    logits = lm_head(h[:, P - 1:P - 1 + L]).float() / temperature
+    logp_all = F.log_softmax(logits, -1)
+    logp = logp_all.gather(-1, resp[..., None]).squeeze(-1)
+    ent = None
+    if with_entropy:
+        ent = -(logp_all.exp() * logp_all).sum(-1)
+    return logp, ent
+
+
+def _lm_head(model):
+    m = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return m.lm_head
+
+
+def _lora_min_layer(cfg) -> int:
+    layers = getattr(cfg, "layers_to_transform", None)
+    if layers is None:
+        return 0
+    return min([layers] if isinstance(layers, int) else layers)
+
+
+# ----------------------------------------------------------------------------- training
+def _load_policy(policy_path: str, cfg: PPOConfig, device: str):
+    """The policy as a trainable PEFT model named 'default' on the SFT base.  From an adapter
+    version: that adapter, trained further.  From a full model: a new LoRA on its top layers.
+    Returns (peft model, tokenizer, sft base path)."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    resolved = models.resolve(policy_path, Path(policy_path).parent)
+    if models.is_adapter(resolved):
+        base_path = models.adapter_base(resolved)
+        base = models.load(base_path, Path(base_path).parent, device=device, dtype="float32").model
+        model = PeftModel.from_pretrained(base, resolved, is_trainable=True)
+        tok = models.load_tokenizer(resolved if Path(resolved, "tokenizer_config.json").exists() else base_path)
+    else:
+        base_path = resolved
+        loaded = models.load(resolved, Path(resolved).parent, device=device, dtype="float32")
+        base, tok = loaded.model, loaded.tokenizer
+        n = len(decoder_of(base).layers)
+        k = max(1, min(cfg.lora_layers, n))
+        lcfg = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=0.0, target_modules=LORA_TARGETS,
+                          layers_to_transform=list(range(n - k, n)), bias="none")
+        model = get_peft_model(base, lcfg)
+    model.eval()
+    return model, tok, base_path
+
+
+def _save_policy(model, tok, base_path: str, out_dir: str, meta: dict) -> None:
+    out = Path(out_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".ppo-", dir=out.parent))
+    try:
+        model.peft_config["default"].base_model_name_or_path = str(base_path)
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        (tmp / "training.json").write_text(json.dumps(meta, indent=2, default=str))
+        _replace_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _allreduce_grads(params, accelerator) -> None:
+    if accelerator is None or accelerator.num_processes <= 1:
+        return
+    import torch.distributed as dist
+
+    for p in params:
+        if p.grad is not None:
+            dist.all_reduce(p.grad)
+            p.grad /= accelerator.num_processes
+
+
+def train_ppo(policy_path: str, ref_path: str, reward_model_path: str, prompts: list[list[dict]], out_dir: str,
+              cfg: PPOConfig, *, log=None, should_stop=None, ptx_pairs=None, device: str = "auto") -> PPOResult:
+    """Runs ``cfg.steps`` PPO iterations and saves the policy adapter (with tokenizer) to
+    ``out_dir``.  ``should_stop()`` is polled between steps (a stop still saves the policy).
+    ``ref_path`` is the frozen KL reference: pass the SFT path (the recipe's default; it is then
+    the policy's own base with the adapter disabled, no second copy) or the served version's
+    path; when empty, ``cfg.ref`` picks 'sft' (the policy's base) or 'served' (``policy_path``)."""
+    t0 = time.perf_counter()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    accelerator = None
+    try:
+        from accelerate import Accelerator
+
+        accelerator = Accelerator(cpu=not torch.cuda.is_available())
+        dev = accelerator.device
+    except Exception:  # noqa: BLE001 - accelerate is optional at run time
+        dev = models.pick_device(device)
+    rank = accelerator.process_index if accelerator else 0
+    world = accelerator.num_processes if accelerator else 1
+    torch.manual_seed(cfg.seed + rank)
+    rng = random.Random(cfg.seed)
+    gen = torch.Generator(device="cpu").manual_seed(cfg.seed + rank)
+    if not prompts:
+        raise ValueError("no rollout prompts")
+
+    policy, tok, base_path = _load_policy(policy_path, cfg, str(dev))
+    policy.to(dev)
+    stop_ids = models.stop_token_ids(policy.get_base_model(), tok) | {end_of_turn_id(tok)}
+    lm_head = _lm_head(policy)
+    # reference: the SFT base = the policy with its adapter disabled, unless asked otherwise
+    ref_model = None
+    ref_spec = ref_path or (base_path if cfg.ref == "sft" else policy_path)
+    if ref_spec and os.path.realpath(models.resolve(ref_spec, Path(ref_spec).parent)) != os.path.realpath(base_path):
+        ref_model = models.load(ref_spec, Path(ref_spec).parent, device=str(dev), dtype="float32").model
+    rm = RewardModel.load(reward_model_path, device=str(dev))
+    value = RewardModel.load(reward_model_path, device=str(dev), trainable=True)
+    # fold the RM normalisation into the value head so values start in reward units
+    with torch.no_grad():
+        value.head.weight /= value.norm_std
+        value.head.bias.sub_(value.norm_mean).div_(value.norm_std)
+    value.norm_mean, value.norm_std = 0.0, 1.0
+    split = min(_lora_min_layer(policy.peft_config["default"]), rm.split, value.split)
+    if ref_model is not None:
+        split = 0  # another model's layers: no shared lower stack with it
+    pol_params = [p for p in policy.parameters() if p.requires_grad]
+    val_params = value.parameters()
+    opt = torch.optim.Adam([{"params": pol_params, "lr": cfg.lr}, {"params": val_params, "lr": cfg.value_lr}],
+                           eps=cfg.adam_eps)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, (lambda s: max(0.05, 1 - s / max(1, cfg.steps))) if cfg.lr_decay else (lambda s: 1.0))
+    kl_ctl = AdaptiveKL(cfg.beta, cfg.target_kl, cfg.kl_horizon) if cfg.adaptive_kl else None
+    beta = cfg.beta
+
+    enc_prompts = [prompt_ids(tok, p)[-cfg.max_prompt_length:] for p in prompts]
+    ptx = []
+    if cfg.ptx_coef > 0 and ptx_pairs:
+        from retrain.reward import encode
+
+        ptx = [(prompt_ids(tok, p.prompt)[-cfg.max_prompt_length:], encode(tok, [], p.chosen, 10**9)[-cfg.max_new_tokens:])
+               for p in ptx_pairs]
+    order: list[int] = []
+    final: dict = {}
+    steps_done = 0
+    bar = tqdm(total=cfg.steps, desc="ppo", leave=False)
+    for step in range(1, cfg.steps + 1):
+        if should_stop and should_stop():
+            break
+        ts = time.perf_counter()
+        # ---- rollouts --------------------------------------------------------------
+        if len(order) < cfg.batch_size * world:
+            more = list(range(len(enc_prompts)))
+            rng.shuffle(more)
+            order += more
+        batch_idx = order[:cfg.batch_size * world][rank::world]
+        del order[:cfg.batch_size * world]
+        policy.merge_adapter()
+        try:
+            ids, pmask, resp, rmask = sample(policy, tok, [enc_prompts[i] for i in batch_idx],
+                                             max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
+                                             top_p=cfg.rollout_top_p, stop_ids=stop_ids, generator=gen, device=dev)
+        finally:
+            policy.unmerge_adapter()
+        t_gen = time.perf_counter() - ts
+        ended = torch.isin(resp, torch.tensor(sorted(stop_ids), device=resp.device)).any(-1)
+        P = ids.shape[1]
+        full = torch.cat([ids, resp], 1)
+        fmask = torch.cat([pmask, rmask], 1)
+        rmaskf = rmask.float()
+        with torch.no_grad():
+            lower = lower_forward(policy, full, fmask, split)
+            old_logp, _ = token_logprobs(policy, lm_head, lower, P, resp, cfg.temperature)
+            if ref_model is None:
+                with policy.disable_adapter():
+                    ref_logp, _ = token_logprobs(policy, lm_head, lower, P, resp, cfg.temperature)
+            else:
+                ref_lower = lower_forward(ref_model, full, fmask, 0)
+                ref_logp, _ = token_logprobs(ref_model, _lm_head(ref_model), ref_lower, P, resp, cfg.temperature)
+            L = resp.shape[1]
+            old_values = value.values(lower, normalized=False)[:, P - 1:P - 1 + L].float()
+            last = P + rmask.sum(-1) - 1
+            rm_scores = rm.values(lower, normalized=True).float()[torch.arange(len(last)), last]
+            score = torch.where(ended, rm_scores.clamp(-cfg.score_clip, cfg.score_clip),
+                                torch.full_like(rm_scores, cfg.no_eos_score))
+            rewards, kl = kl_rewards(old_logp, ref_logp, rmaskf, score, beta)
+            adv, returns = gae(rewards, old_values, rmaskf, cfg.gamma, cfg.lam)
+            if cfg.whiten_advantages:
+                adv = whiten(adv, rmaskf)
+        # ---- PPO epochs --------------------------------------------------------------
+        stats = {"pg_loss": [], "vf_loss": [], "clipfrac": [], "approx_kl": [], "entropy": [], "ptx_loss": []}
+        n = len(batch_idx)
+        for _epoch in range(cfg.ppo_epochs):
+            perm = torch.randperm(n, generator=gen).tolist()
+            for j in range(0, n, cfg.minibatch_size):
+                mb = perm[j:j + cfg.minibatch_size]
+                sub = Lower(h=lower.h[mb], mask=lower.mask[mb], split=lower.split)
+                logp, ent = token_logprobs(policy, lm_head, sub, P, resp[mb], cfg.temperature, with_entropy=True)
+                m = rmaskf[mb]
+                pg, clipfrac, approx_kl = policy_loss(logp, old_logp[mb], adv[mb], m, cfg.cliprange)
+                vpred = value.values(sub, normalized=False)[:, P - 1:P - 1 + L].float()
+                vf = value_loss(vpred, old_values[mb], returns[mb], m, cfg.cliprange_value)
+                loss = pg + cfg.vf_coef * vf
+                if ptx:
+                    pi, ri = ptx[rng.randrange(len(ptx))]
+                    x = torch.tensor([pi + ri], device=dev)
+                    lo = lower_forward(policy, x, torch.ones_like(x), split)
+                    lg = lm_head(upper_forward(policy, lo)[:, len(pi) - 1:-1]).float()
+                    ptx_loss = F.cross_entropy(lg.reshape(-1, lg.shape[-1]), torch.tensor(ri, device=dev))
+                    loss = loss + cfg.ptx_coef * ptx_loss
+                    stats["ptx_loss"].append(float(ptx_loss))
+                opt.zero_grad(set_to_none=True)
+                if accelerator is not None:
+                    accelerator.backward(loss)
+                else:
+                    loss.backward()
+                _allreduce_grads(pol_params + val_params, accelerator)
+                torch.nn.utils.clip_grad_norm_(pol_params + val_params, cfg.grad_clip)
+                opt.step()
+                stats["pg_loss"].append(float(pg))
+                stats["vf_loss"].append(float(vf))
+                stats["clipfrac"].append(float(clipfrac))
+                stats["approx_kl"].append(float(approx_kl))
+                stats["entropy"].append(float(masked_mean(ent, m)))
+        sched.step()
+        kl_seq = kl.sum(-1)
+        mean_kl = float(kl_seq.mean())
+        if kl_ctl is not None:
+            kl_ctl.update(mean_kl, n * world)
+            beta = kl_ctl.beta
+        lengths = rmask.sum(-1).float()
+        early = adv[:, :4]
+        final = {
+            "score": float(score.mean()), "rm_score": float(rm_scores.mean()), "kl": mean_kl, "beta": beta,
+            "entropy": sum(stats["entropy"]) / len(stats["entropy"]),
+            "clipfrac": sum(stats["clipfrac"]) / len(stats["clipfrac"]),
+            "approx_kl": sum(stats["approx_kl"]) / len(stats["approx_kl"]),
+            "pg_loss": sum(stats["pg_loss"]) / len(stats["pg_loss"]),
+            "value_loss": sum(stats["vf_loss"]) / len(stats["vf_loss"]),
+            "response_length": float(lengths.mean()), "eos_rate": float(ended.float().mean()),
+            "early_adv_score_corr": float(torch.corrcoef(torch.stack([early[:, 0], score]))[0, 1])
+            if n > 2 else float("nan"),
+            "gen_s": t_gen, "step_s": time.perf_counter() - ts,
+        }
+        if stats["ptx_loss"]:
+            final["ptx_loss"] = sum(stats["ptx_loss"]) / len(stats["ptx_loss"])
+        final = {k: (v if not (isinstance(v, float) and math.isnan(v)) else 0.0) for k, v in final.items()}
+        steps_done = step
+        if log:
+            log("ppo", step, final)
+        bar.update(1)
+        bar.set_postfix(score=f"{final['score']:.2f}", kl=f"{mean_kl:.2f}", len=f"{final['response_length']:.0f}")
+    bar.close()
+    if rank == 0:
+        _save_policy(policy, tok, base_path, out_dir,
+                     {"config": asdict(cfg), "steps": steps_done, "final": final, "policy_from": policy_path,
+                      "ref": ref_spec, "reward_model": reward_model_path, "wall_s": time.perf_counter() - t0})
+    if accelerator is not None:
+        accelerator.wait_for_everyone()
+    return PPOResult(path=str(out_dir), steps=steps_done, final=final)

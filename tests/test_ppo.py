@@ -1,0 +1,114 @@
+"""PPO pieces by hand (KL rewards, GAE, masking after EOS, clipping, left padding in the
+sampler) and a 2-step run on the tiny model that saves a loadable adapter."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from assistant import models
+from retrain.ppo import (
+    AdaptiveKL,
+    PPOConfig,
+    gae,
+    kl_rewards,
+    policy_loss,
+    response_mask,
+    sample,
+    train_ppo,
+    value_loss,
+    whiten,
+)
+from retrain.reward import RewardConfig, prompt_ids, train_reward_model
+
+
+def test_mask_after_eos():
+    tokens = torch.tensor([[5, 2, 7, 7], [5, 6, 8, 9], [2, 2, 3, 3]])
+    mask, ended = response_mask(tokens, {2})
+    assert mask.tolist() == [[1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0]]
+    assert ended.tolist() == [True, False, True]
+
+
+def test_kl_penalty_per_token_rewards():
+    logp = torch.tensor([[-1.0, -2.0, 0.0]])
+    ref = torch.tensor([[-1.5, -1.0, -3.0]])
+    mask = torch.tensor([[1.0, 1.0, 0.0]])
+    rewards, kl = kl_rewards(logp, ref, mask, torch.tensor([3.0]), beta=0.1)
+    assert kl[0].tolist() == pytest.approx([0.5, -1.0, 0.0])
+    # -0.1*0.5 ; -0.1*(-1) + score 3 at the last real token ; masked
+    assert rewards[0].tolist() == pytest.approx([-0.05, 3.1, 0.0])
+
+
+def test_gae_by_hand():
+    rewards = torch.tensor([[0.0, 0.0, 1.0]])
+    values = torch.tensor([[0.5, 0.5, 0.5]])
+    adv, ret = gae(rewards, values, torch.ones(1, 3), gamma=1.0, lam=0.5)
+    # t2: 1-0.5=0.5 ; t1: 0+0.5-0.5 + 0.5*0.5 = 0.25 ; t0: 0 + 0.5*0.25 = 0.125
+    assert adv[0].tolist() == pytest.approx([0.125, 0.25, 0.5])
+    assert ret[0].tolist() == pytest.approx([0.625, 0.75, 1.0])
+    # masked tail: the value after the last real token is 0, padding gets nothing
+    adv, _ = gae(torch.tensor([[0.0, 1.0, 9.0]]), values, torch.tensor([[1.0, 1.0, 0.0]]), gamma=1.0, lam=0.5)
+    assert adv[0].tolist() == pytest.approx([0.25, 0.5, 0.0])
+    # lambda = 0.95, gamma = 1: A0 = delta0 + 0.95 * A1 with delta from the values
+    adv, _ = gae(torch.tensor([[0.0, 1.0]]), torch.tensor([[0.2, 0.4]]), torch.ones(1, 2), 1.0, 0.95)
+    assert adv[0].tolist() == pytest.approx([0.2 + 0.95 * 0.6, 0.6])
+
+
+def test_whiten_and_losses():
+    x = torch.tensor([[1.0, 2.0, 3.0, 100.0]])
+    m = torch.tensor([[1.0, 1.0, 1.0, 0.0]])
+    w = whiten(x, m)
+    assert w[0, :3].tolist() == pytest.approx([-1.2247, 0.0, 1.2247], abs=1e-3) and float(w[0, 3]) == 0.0
+    logp = torch.log(torch.tensor([[1.5, 0.5]]))
+    loss, clipfrac, _ = policy_loss(logp, torch.zeros(1, 2), torch.tensor([[1.0, 1.0]]), torch.ones(1, 2), 0.2)
+    # token 0: max(-1.5, -1.2) = -1.2 (clipped) ; token 1: max(-0.5, -0.8) = -0.5
+    assert float(loss) == pytest.approx((-1.2 - 0.5) / 2) and float(clipfrac) == pytest.approx(0.5)
+    vl = value_loss(torch.tensor([[1.0]]), torch.tensor([[0.0]]), torch.tensor([[1.0]]), torch.ones(1, 1), 0.2)
+    assert float(vl) == pytest.approx(0.5 * 0.8 ** 2)  # clipped prediction 0.2 is further: (0.2-1)^2
+    ctl = AdaptiveKL(0.1, target=6.0, horizon=100)
+    ctl.update(12.0, 10)  # error clipped to +0.2: beta * (1 + 0.2 * 10/100)
+    assert ctl.beta == pytest.approx(0.1 * 1.02)
+
+
+def test_sampler_left_padding_matches_unbatched(tiny_model_dir):
+    loaded = models.load(str(tiny_model_dir), tiny_model_dir.parent, device="cpu")
+    tok = loaded.tokenizer
+    short = prompt_ids(tok, [{"role": "user", "content": "hi"}])
+    long = prompt_ids(tok, [{"role": "user", "content": "a much longer question with many more words in it"}])
+    _, _, alone, _ = sample(loaded.model, tok, [short], max_new_tokens=6, temperature=0, stop_ids={-1})
+    _, pmask, both, _ = sample(loaded.model, tok, [short, long], max_new_tokens=6, temperature=0, stop_ids={-1})
+    assert pmask[0].tolist()[:len(long) - len(short)] == [0] * (len(long) - len(short))
+    assert both[0].tolist() == alone[0].tolist()
+
+
+@pytest.mark.timeout(400)
+def test_ppo_two_steps_saves_loadable_adapter(tiny_model_dir, tmp_path):
+    from tests.test_reward import _separable
+
+    train_reward_model(str(tiny_model_dir), _separable(8), _separable(4, 50), str(tmp_path / "rm"),
+                       RewardConfig(train_layers=1, epochs=1, batch_size=4))
+    prompts = [p.prompt for p in _separable(6)]
+    logged = []
+    cfg = PPOConfig(steps=2, batch_size=4, minibatch_size=2, ppo_epochs=1, max_new_tokens=8, lora_layers=1,
+                    adaptive_kl=True)
+    res = train_ppo(str(tiny_model_dir), str(tiny_model_dir), str(tmp_path / "rm"), prompts,
+                    str(tmp_path / "policy"), cfg, log=lambda ph, st, m: logged.append((ph, st, m)))
+    assert res.steps == 2 and [s for _, s, _ in logged] == [1, 2]
+    for key in ("score", "kl", "entropy", "clipfrac", "approx_kl", "value_loss", "response_length", "eos_rate"):
+        assert key in res.final and math.isfinite(res.final[key])
+    out = tmp_path / "policy"
+    cfg_json = json.loads((out / "adapter_config.json").read_text())
+    assert cfg_json["base_model_name_or_path"] == str(tiny_model_dir)
+    assert (out / "tokenizer_config.json").exists()
+    again = models.load(str(out), tmp_path, device="cpu")
+    assert again.model is not None
+    # continue training from the saved adapter (a served version) and stop early on request
+    res2 = train_ppo(str(out), str(tiny_model_dir), str(tmp_path / "rm"), prompts, str(tmp_path / "policy2"),
+                     PPOConfig(steps=3, batch_size=2, minibatch_size=2, ppo_epochs=1, max_new_tokens=4),
+                     should_stop=lambda: len(logged) >= 3, log=lambda ph, st, m: logged.append((ph, st, m)))
+    assert res2.steps == 1
+    assert json.loads((tmp_path / "policy2" / "adapter_config.json").read_text())["base_model_name_or_path"] == \
+        str(tiny_model_dir)

@@ -1,0 +1,88 @@
+"""Snapshot building: verdicts -> pairs, ties/both_bad/edits/thumbs, splits, rollout prompts."""
+
+from __future__ import annotations
+
+import json
+
+from retrain.data import build_snapshot, load_seed_prompts
+
+SYS = "You are a helpful AI assistant."
+
+
+def _turn(store, sid, prompt, a, b):
+    conv = store.start_conversation(sid, SYS)
+    ctx = [{"role": "system", "content": SYS}, {"role": "user", "content": prompt}]
+    common = dict(session_id=sid, conversation_id=conv, turn=1, context=ctx, model_version="v0",
+                  sampling={}, prompt_tokens=1, completion_tokens=1, ttft_ms=None, latency_ms=None,
+                  finish_reason="stop")
+    ga = store.record_generation(content=a, **common)
+    gb = store.record_generation(content=b, **common) if b is not None else None
+    return conv, ga, gb
+
+
+def _vote(store, sid, prompt, a, b, verdict):
+    conv, ga, gb = _turn(store, sid, prompt, a, b)
+    comp = store.open_comparison(session_id=sid, conversation_id=conv, turn=1, a_generation_id=ga, b_generation_id=gb)
+    store.decide_comparison(comp, verdict, sid)
+    return conv, ga, comp
+
+
+def test_seed_prompts_shipped():
+    seeds = load_seed_prompts()
+    assert 100 <= len(seeds) <= 200
+    assert len(set(seeds)) == len(seeds)
+
+
+def test_verdicts_become_pairs(store):
+    _vote(store, "s1", "p1", "A1", "B1", "a")
+    _vote(store, "s1", "p2", "A2", "B2", "b")
+    _vote(store, "s1", "p3", "A3", "B3", "tie")
+    _vote(store, "s1", "p4", "A4", "B4", "both_bad")  # no rewrite -> skipped
+    conv, ga, _ = _vote(store, "s2", "p5", "A5", "B5", "both_bad")
+    store.record_edit(session_id="s2", conversation_id=conv, turn=1, generation_id=ga, rewrite="R5")
+    _vote(store, "s3", "p6", "A6", "B6", "a")
+    store.set_opt_out("s3", True)  # opted out: never used
+    snap = build_snapshot(store, heldout_fraction=0.0)
+    got = sorted((p.prompt[-1]["content"], p.chosen, p.rejected, p.source) for p in snap.train)
+    assert got == [("p1", "A1", "B1", "regenerate"), ("p2", "B2", "A2", "regenerate"),
+                   ("p5", "R5", "A5", "edit"), ("p5", "R5", "B5", "both_bad+edit")]
+    assert snap.stats["ties"] == 1 and snap.stats["both_bad"] == 2 and snap.stats["both_bad_skipped"] == 1
+    assert snap.stats["edits"] == 1
+    assert all(p.prompt[0]["role"] == "system" for p in snap.train)
+
+
+def test_time_split_and_prompts(store):
+    for i in range(10):
+        _vote(store, f"s{i % 3}", f"q{i}", f"a{i}", f"b{i}", "a")
+    snap = build_snapshot(store, heldout_fraction=0.2, split="time", min_seed_prompts=0, min_heldout_prompts=0)
+    assert [p.prompt[-1]["content"] for p in snap.heldout] == ["q8", "q9"]  # the newest
+    assert len(snap.train) == 8 and snap.stats["split"] == "time"
+    held = {json.dumps(p) for p in snap.heldout_prompts}
+    roll = {json.dumps(p) for p in snap.rollout_prompts}
+    assert not held & roll
+    assert len(roll) == 8 and len(held) == 2  # deduplicated (two generations per context)
+    assert all(p[-1]["role"] == "user" for p in snap.rollout_prompts)
+
+
+def test_session_split_never_mixes_sessions(store):
+    for i in range(30):
+        _vote(store, f"s{i % 6}", f"q{i}", f"a{i}", f"b{i}", "b")
+    snap = build_snapshot(store, heldout_fraction=0.5, split="session")
+    assert not {p.session_id for p in snap.train} & {p.session_id for p in snap.heldout}
+
+
+def test_cap_per_session_and_seed_top_up(store):
+    for i in range(5):
+        _turn(store, "heavy", f"h{i}", "x", None)
+    snap = build_snapshot(store, max_prompts_per_session=2, min_seed_prompts=20, min_heldout_prompts=3)
+    users = [p for p in snap.rollout_prompts + snap.heldout_prompts if p[-1]["content"].startswith("h")]
+    assert len(users) == 2 and snap.stats["prompts_capped"] == 3
+    assert len(snap.rollout_prompts) >= 20 and len(snap.heldout_prompts) >= 3
+
+
+def test_thumbs_pair(store):
+    conv, ga, gb = _turn(store, "t", "tp", "good", "bad")
+    store.record_rating(session_id="t", generation_id=ga, thumb="up")
+    store.record_rating(session_id="t", generation_id=gb, thumb="down")
+    snap = build_snapshot(store, heldout_fraction=0.0)
+    assert [(p.chosen, p.rejected, p.source) for p in snap.train] == [("good", "bad", "thumbs")]
