@@ -18,11 +18,14 @@ as it was and usable.
 from __future__ import annotations
 
 import logging
+import re
+import sqlite3
 import threading
 import time
 import uuid
 from collections import deque
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from assistant.engine import ContextTooLong, Request, SamplingParams, TextStream
@@ -35,6 +38,8 @@ log = logging.getLogger(__name__)
 VERDICT_TEXT = {"a": "A is better", "b": "B is better", "tie": "tie (A is kept)",
                 "both_bad": "both are bad (A is kept; regenerate again or rewrite it)"}
 MAX_NEW_TOKENS_LIMIT = 4096
+# lone UTF-16 surrogates cannot be encoded as UTF-8, so SQLite (and the tokenizer) refuse them
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 class ChatError(Exception):
@@ -43,6 +48,27 @@ class ChatError(Exception):
 
 class RateLimited(ChatError):
     pass
+
+
+def check_text(text: object, what: str) -> str:
+    """Refuses what cannot be stored verbatim: non-text and unpaired surrogates (NUL bytes,
+    markup and any other valid Unicode are stored as they are)."""
+    if not isinstance(text, str):
+        raise ChatError(f"the {what} must be text")
+    if _SURROGATE.search(text):
+        raise ChatError(f"the {what} contains invalid characters (unpaired UTF-16 surrogates); "
+                        "nothing was stored")
+    return text
+
+
+def database_error_message(exc: sqlite3.Error) -> str:
+    text = str(exc).lower()
+    if "locked" in text or "busy" in text:
+        return ("the feedback database is busy (another process is writing to it); nothing was "
+                "stored, please try again in a moment")
+    if "full" in text:
+        return "the server's disk is full; nothing was stored, please tell the maintainers"
+    return f"the feedback database failed ({exc}); nothing was stored, please try again"
 
 
 # ----------------------------------------------------------------------------- session state
@@ -137,16 +163,19 @@ class Answer:
 def sampling(temperature: float | None, top_p: float | None, max_new_tokens: float | None,
              seed: float | None, defaults: Settings) -> SamplingParams:
     """Validates sampling settings from the UI or an API client (which may send anything)."""
-    t = defaults.temperature if temperature is None else float(temperature)
-    p = defaults.top_p if top_p is None else float(top_p)
-    n = defaults.max_new_tokens if max_new_tokens is None else int(max_new_tokens)
+    try:
+        t = defaults.temperature if temperature is None else float(temperature)
+        p = defaults.top_p if top_p is None else float(top_p)
+        n = defaults.max_new_tokens if max_new_tokens is None else int(max_new_tokens)
+        s = None if seed is None or int(seed) < 0 else int(seed)
+    except (TypeError, ValueError, OverflowError):
+        raise ChatError("temperature, top-p, max new tokens and seed must be numbers") from None
     if not 0 <= t <= 2:
         raise ChatError("temperature must be between 0 and 2")
     if not 0 < p <= 1:
         raise ChatError("top-p must be above 0 and at most 1")
     if not 1 <= n <= MAX_NEW_TOKENS_LIMIT:
         raise ChatError(f"max new tokens must be between 1 and {MAX_NEW_TOKENS_LIMIT}")
-    s = None if seed is None or int(seed) < 0 else int(seed)
     return SamplingParams(temperature=t, top_p=p, max_new_tokens=n, seed=s)
 
 
@@ -160,6 +189,17 @@ class ChatService:
         self.vote_limit = RateLimiter(settings.rate_votes_per_minute, clock=clock)
         self._active: dict[str, Request] = {}  # session id -> the request generating now
         self._lock = threading.Lock()
+
+    @contextmanager
+    def _storing(self):
+        """All rows of one step in one transaction; a database failure (locked past the
+        busy timeout, disk full) rolls all of them back and becomes a refusal for the user."""
+        try:
+            with self.store.transaction():
+                yield
+        except sqlite3.Error as exc:
+            log.warning("store write failed, nothing stored: %s", exc)
+            raise ChatError(database_error_message(exc)) from None
 
     # -- sessions -------------------------------------------------------------------------
     def new_session(self, client: str | None = None) -> ChatSession:
@@ -179,8 +219,9 @@ class ChatService:
         return "New chat started."
 
     def set_opt_out(self, sess: ChatSession, opt_out: bool) -> str:
-        self.store.ensure_session(sess.session_id, client=sess.client)
-        self.store.set_opt_out(sess.session_id, bool(opt_out))
+        with self._storing():
+            self.store.ensure_session(sess.session_id, client=sess.client)
+            self.store.set_opt_out(sess.session_id, bool(opt_out))
         sess.opt_out = bool(opt_out)
         if sess.opt_out:
             return "Recorded: your conversations will not be used for training."
@@ -197,7 +238,10 @@ class ChatService:
         if len(message) > self.settings.max_message_chars:
             raise ChatError(f"the message is too long: {len(message)} characters, at most "
                             f"{self.settings.max_message_chars}")
-        system = self.settings.system_prompt if system_prompt is None else system_prompt
+        check_text(message, "message")
+        system = self.settings.system_prompt if system_prompt is None else check_text(system_prompt, "system prompt")
+        if len(system) > self.settings.max_message_chars:
+            raise ChatError(f"the system prompt is too long: at most {self.settings.max_message_chars} characters")
         history = [{"role": m["role"], "content": m["content"]} for m in sess.messages]
         context = ([{"role": "system", "content": system}] if system.strip() else []) + history + [
             {"role": "user", "content": message}]
@@ -205,12 +249,13 @@ class ChatService:
         self.message_limit.hit(sess.session_id, "messages")
         user_turn = len(sess.messages)
         answer = yield from self._generate(sess, context, params)
-        if sess.conversation_id is None:
-            self.store.ensure_session(sess.session_id, client=sess.client)
-        conv = sess.conversation_id or self.store.start_conversation(sess.session_id, system)
-        self.store.set_message(conv, user_turn, "user", message)
-        gen_id = self._record(sess, conv, user_turn + 1, context, params, answer)
-        self.store.set_message(conv, user_turn + 1, "assistant", answer.text, gen_id)
+        with self._storing():  # the whole turn or nothing
+            if sess.conversation_id is None:
+                self.store.ensure_session(sess.session_id, client=sess.client)
+            conv = sess.conversation_id or self.store.start_conversation(sess.session_id, system)
+            self.store.set_message(conv, user_turn, "user", message)
+            gen_id = self._record(sess, conv, user_turn + 1, context, params, answer)
+            self.store.set_message(conv, user_turn + 1, "assistant", answer.text, gen_id)
         sess.conversation_id = conv
         sess.comparison = None  # an open comparison on an older turn is left undecided
         sess.messages += [{"role": "user", "content": message, "generation_id": None, "edited": False},
@@ -233,10 +278,11 @@ class ChatService:
         turn = len(sess.messages) - 1
         context = kept["context"]
         answer = yield from self._generate(sess, context, params)
-        b_id = self._record(sess, sess.conversation_id, turn, context, params, answer)
-        comp_id = self.store.open_comparison(session_id=sess.session_id, conversation_id=sess.conversation_id,
-                                             turn=turn, a_generation_id=kept["generation_id"],
-                                             b_generation_id=b_id)
+        with self._storing():
+            b_id = self._record(sess, sess.conversation_id, turn, context, params, answer)
+            comp_id = self.store.open_comparison(session_id=sess.session_id, conversation_id=sess.conversation_id,
+                                                 turn=turn, a_generation_id=kept["generation_id"],
+                                                 b_generation_id=b_id)
         sess.comparison = Comparison(id=comp_id, turn=turn, a_generation_id=kept["generation_id"],
                                      b_generation_id=b_id, a_text=kept["content"], b_text=answer.text)
         sess.model_version, sess.finish_reason = answer.version, answer.finish_reason
@@ -304,7 +350,7 @@ class ChatService:
     def vote(self, sess: ChatSession, verdict: str) -> str:
         """Decides the open comparison (committed before this returns); the chosen answer
         continues the conversation (tie and both bad keep A)."""
-        verdict = (verdict or "").strip().lower().replace(" ", "_")
+        verdict = (verdict if isinstance(verdict, str) else "").strip().lower().replace(" ", "_")
         if verdict not in VERDICTS:
             raise ChatError(f"the verdict must be one of {', '.join(VERDICTS)}")
         comp = sess.comparison
@@ -312,37 +358,46 @@ class ChatService:
             raise ChatError("there is no comparison to vote on: regenerate an answer first")
         self.vote_limit.hit(sess.session_id, "votes")
         try:
-            self.store.decide_comparison(comp.id, verdict, sess.session_id)
+            with self._storing():  # the verdict and the kept answer together
+                self.store.decide_comparison(comp.id, verdict, sess.session_id)
+                if verdict == "b":
+                    self.store.set_message(sess.conversation_id, comp.turn, "assistant", comp.b_text,
+                                           comp.b_generation_id)
         except StoreError as exc:
             raise ChatError(str(exc)) from None
         comp.verdict = verdict
         if verdict == "b":
-            kept = sess.messages[comp.turn]
-            self.store.set_message(sess.conversation_id, comp.turn, "assistant", comp.b_text, comp.b_generation_id)
-            kept.update(content=comp.b_text, generation_id=comp.b_generation_id, edited=False)
+            sess.messages[comp.turn].update(content=comp.b_text, generation_id=comp.b_generation_id, edited=False)
         return f"Recorded: {VERDICT_TEXT[verdict]}."
 
     def rate(self, sess: ChatSession, answer: int, thumb: str, reasons: list[str] | None = None,
              comment: str = "") -> str:
         """Thumbs up/down on answer number ``answer`` (1-based; 0 = the latest)."""
-        thumb = (thumb or "").strip().lower()
+        thumb = (thumb if isinstance(thumb, str) else "").strip().lower()
         if thumb not in THUMBS:
             raise ChatError("choose thumbs up or down")
+        try:
+            answer = int(answer or 0)
+        except (TypeError, ValueError, OverflowError):
+            raise ChatError("the answer number must be a whole number (0 = the latest)") from None
+        if reasons is not None and not isinstance(reasons, (list, tuple)):
+            raise ChatError(f"reasons must be a list; choose from: {', '.join(REASON_TAGS)}")
         reasons = list(reasons or [])
         unknown = [r for r in reasons if r not in REASON_TAGS]
         if unknown:
             raise ChatError(f"unknown reasons {unknown}; choose from: {', '.join(REASON_TAGS)}")
-        comment = comment or ""
+        comment = check_text(comment or "", "comment")
         if len(comment) > self.settings.max_message_chars:
             raise ChatError(f"the comment is too long (at most {self.settings.max_message_chars} characters)")
-        turn = sess.answer_turn(int(answer or 0))
+        turn = sess.answer_turn(answer)
         kept = sess.messages[turn]
         if kept["edited"]:
             raise ChatError("that answer is your own rewrite; rate the model's answers")
         self.vote_limit.hit(sess.session_id, "ratings")
         try:
-            self.store.record_rating(session_id=sess.session_id, generation_id=kept["generation_id"],
-                                     thumb=thumb, reasons=reasons, comment=comment)
+            with self._storing():
+                self.store.record_rating(session_id=sess.session_id, generation_id=kept["generation_id"],
+                                         thumb=thumb, reasons=reasons, comment=comment)
         except StoreError as exc:
             raise ChatError(str(exc)) from None
         number = sess.answer_turns().index(turn) + 1
@@ -357,6 +412,7 @@ class ChatService:
             raise ChatError("the rewrite is empty")
         if len(rewrite) > self.settings.max_message_chars:
             raise ChatError(f"the rewrite is too long: at most {self.settings.max_message_chars} characters")
+        check_text(rewrite, "rewrite")
         if not sess.messages or sess.messages[-1]["role"] != "assistant":
             raise ChatError("there is no answer to rewrite yet")
         self._refuse_while_generating(sess)
@@ -366,11 +422,12 @@ class ChatService:
             raise ChatError("the rewrite is the same as the answer")
         self.vote_limit.hit(sess.session_id, "edits")
         try:
-            self.store.record_edit(session_id=sess.session_id, conversation_id=sess.conversation_id, turn=turn,
-                                   generation_id=kept["generation_id"], rewrite=rewrite)
+            with self._storing():  # the preference and the kept answer together
+                self.store.record_edit(session_id=sess.session_id, conversation_id=sess.conversation_id,
+                                       turn=turn, generation_id=kept["generation_id"], rewrite=rewrite)
+                self.store.set_message(sess.conversation_id, turn, "assistant", rewrite, None)
         except StoreError as exc:
             raise ChatError(str(exc)) from None
-        self.store.set_message(sess.conversation_id, turn, "assistant", rewrite, None)
         kept.update(content=rewrite, edited=True)
         if sess.comparison is not None and sess.comparison.turn == turn:
             sess.comparison = None

@@ -266,6 +266,32 @@ def launch(demo: gr.Blocks, ctx: AppContext, *, prevent_thread_lock: bool = Fals
     """Queues and starts the server; returns (app, local_url, share_url) like Blocks.launch."""
     s = ctx.settings
     demo.queue(default_concurrency_limit=None, max_size=512)
-    return demo.launch(server_name=s.host, server_port=s.port if port is None else port,
-                       prevent_thread_lock=prevent_thread_lock, quiet=quiet, show_error=True,
-                       run_history=False, footer_links=["api"])
+    blocking = not prevent_thread_lock
+    result = demo.launch(server_name=s.host, server_port=s.port if port is None else port,
+                         prevent_thread_lock=True, quiet=quiet, show_error=True,
+                         run_history=False, footer_links=["api"])
+    _answer_unknown_endpoints(result[0])
+    if blocking:
+        demo.block_thread()
+    return result
+
+
+def _answer_unknown_endpoints(app) -> None:
+    """Gradio 6 answers a call to an unknown ``api_name`` (``/gradio_api/call|run/NAME``) or
+    ``fn_index`` (``/gradio_api/queue/join``) with a 500 from an unhandled exception; these
+    are client errors, so they get a 404 with a clear message instead."""
+    from fastapi.responses import JSONResponse
+    from gradio.route_utils import FnIndexInferError
+
+    async def unknown_name(request, exc):
+        return JSONResponse({"error": f"no such endpoint: {exc}"}, status_code=404)
+
+    async def key_error(request, exc):
+        if request.url.path.endswith("/queue/join"):
+            return JSONResponse({"error": f"no such endpoint (fn_index {exc})"}, status_code=404)
+        log.error("unhandled error on %s", request.url.path, exc_info=exc)
+        return JSONResponse({"error": "Internal Server Error"}, status_code=500)
+
+    app.add_exception_handler(FnIndexInferError, unknown_name)
+    app.add_exception_handler(KeyError, key_error)
+    app.middleware_stack = None  # rebuilt with the handlers on the next request

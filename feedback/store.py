@@ -197,14 +197,21 @@ class FeedbackStore:
     @contextmanager
     def transaction(self) -> Iterator[sqlite_utils.Database]:
         """``BEGIN IMMEDIATE``: takes the write lock up front so two writers never deadlock
-        on a lock upgrade; everything inside commits together or not at all."""
+        on a lock upgrade; everything inside commits together or not at all.  Nested use
+        joins the caller's transaction, so a caller can make several store calls atomic."""
         conn = self.conn
+        if conn.in_transaction:  # nested: the outer transaction commits or rolls back
+            yield sqlite_utils.Database(conn)
+            return
         conn.execute("BEGIN IMMEDIATE")
         try:
             yield sqlite_utils.Database(conn)
             conn.execute("COMMIT")
         except BaseException:
-            conn.execute("ROLLBACK")
+            # SQLite may already have rolled back (e.g. SQLITE_FULL): a second ROLLBACK
+            # would raise and hide the real error
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
             raise
 
     def close(self) -> None:
