@@ -219,6 +219,8 @@ class ChatService:
         return "New chat started."
 
     def set_opt_out(self, sess: ChatSession, opt_out: bool) -> str:
+        if not isinstance(opt_out, bool):  # an API client may send "false", which is truthy
+            raise ChatError("opt-out must be true or false")
         with self._storing():
             self.store.ensure_session(sess.session_id, client=sess.client)
             self.store.set_opt_out(sess.session_id, bool(opt_out))

@@ -133,7 +133,7 @@ def build_app(ctx: AppContext) -> gr.Blocks:
     def opt_out(value: bool, state: ChatSession | None, request: gr.Request):
         """Opts this session out of (or back into) training."""
         sess = service.session(state, _client(request))
-        return service.set_opt_out(sess, bool(value)), sess
+        return service.set_opt_out(sess, value), sess
 
     @_errors_to_gradio
     def new_chat(state: ChatSession | None, request: gr.Request):

@@ -139,6 +139,7 @@ def test_wrong_types_at_the_service_are_clear_errors(service):
                         (lambda: service.rate(sess, 0, "up", [], {"x": 1}), "comment must be text"),
                         (lambda: service.rate(sess, 99, "up"), "there is no answer 99"),
                         (lambda: service.edit(sess, ["list"]), "rewrite is empty"),
+                        (lambda: service.set_opt_out(sess, "false"), "opt-out must be true or false"),
                         (lambda: list(service.chat(sess, "hi", PARAMS, system_prompt=5)), "system prompt must be text")]:
         with pytest.raises(ChatError, match=match):
             call()
