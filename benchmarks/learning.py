@@ -27,7 +27,6 @@ import argparse
 import json
 import os
 import random
-import socket
 import subprocess
 import sys
 import threading
@@ -38,6 +37,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from assistant.client import free_port  # noqa: E402
+from assistant.client import message_text as text_of  # noqa: E402
 from benchmarks.oracles import get as get_oracle  # noqa: E402
 
 SYSTEM = "You are a helpful AI assistant."
@@ -45,19 +46,6 @@ SYSTEM = "You are a helpful AI assistant."
 
 def load_lines(path: Path) -> list[str]:
     return [ln.strip() for ln in path.read_text().splitlines() if ln.strip() and not ln.startswith("#")]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def text_of(message: dict) -> str:
-    content = message["content"]
-    if isinstance(content, list):
-        return "".join(part.get("text", "") for part in content if isinstance(part, dict))
-    return str(content)
 
 
 class App:

@@ -32,7 +32,6 @@ import json
 import os
 import random
 import signal
-import socket
 import sqlite3
 import string
 import subprocess
@@ -45,17 +44,15 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from assistant.client import free_port  # noqa: E402
+
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 VERDICTS = ("a", "b", "tie", "both_bad")
 SYSTEM = "You are a helpful AI assistant."
 CALL_TIMEOUT_S = 300
 TOPICS = ("rain", "bread", "rivers", "chess", "owls", "bicycles", "tea", "maps", "clocks", "bees")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def tag() -> str:
@@ -110,7 +107,6 @@ def stop_process(proc: subprocess.Popen, timeout_s: float = 20) -> None:
 
 def seed_votes(db_path: Path, n: int) -> None:
     """n decided comparisons (the short answer wins) so a retrain has data to train on."""
-    sys.path.insert(0, str(ROOT))
     from feedback.store import FeedbackStore
 
     store = FeedbackStore(db_path)

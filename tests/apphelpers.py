@@ -10,18 +10,12 @@ Other test modules reuse this; keep it a plain function.
 
 from __future__ import annotations
 
-import socket
 from collections.abc import Callable
 from pathlib import Path
 
+from assistant.client import free_port
 from assistant.context import AppContext
 from assistant.settings import Settings
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def app_settings(data_dir: Path | str, model: Path | str, **changes) -> Settings:

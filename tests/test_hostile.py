@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 
 from assistant import console
 from assistant.chat import ChatError, ChatService, ChatSession
+from assistant.client import message_text as text_of
 from assistant.engine import Engine, SamplingParams
 from assistant.holder import ModelHolder
 from assistant.models import load
@@ -30,13 +31,6 @@ from tests.apphelpers import app_settings, launch_app
 
 SAMPLING = (0.7, 0.9, 8, -1)
 SURROGATES = ["\ud800", "a\udfffb", "\udc80 text"]
-
-
-def text_of(message: dict) -> str:
-    content = message["content"]
-    if isinstance(content, str):
-        return content
-    return "".join(part.get("text", "") for part in content if isinstance(part, dict))
 
 
 def table_counts(store) -> dict:

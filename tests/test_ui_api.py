@@ -10,16 +10,10 @@ import pytest
 from gradio_client import Client
 from gradio_client.exceptions import AppError
 
+from assistant.client import message_text as text_of
 from tests.apphelpers import app_settings, launch_app
 
 PUBLIC = {"/chat", "/regenerate", "/vote", "/rate", "/edit", "/opt_out", "/new_chat", "/stop"}
-
-
-def text_of(message: dict) -> str:
-    content = message["content"]
-    if isinstance(content, str):
-        return content
-    return "".join(part.get("text", "") for part in content if isinstance(part, dict))
 
 
 @pytest.fixture(scope="module")

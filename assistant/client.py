@@ -1,0 +1,21 @@
+"""Small helpers for programs that talk to the app over its API (benchmarks, tests, scripts)."""
+
+from __future__ import annotations
+
+import socket
+
+
+def free_port() -> int:
+    """A free TCP port on the loopback interface."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def message_text(message: dict) -> str:
+    """The text of one Chatbot message as the API returns it: Gradio 6 sends content either
+    as a string or as a list of typed parts (``[{"type": "text", "text": ...}]``)."""
+    content = message["content"]
+    if isinstance(content, str):
+        return content
+    return "".join(part.get("text", "") for part in content if isinstance(part, dict))
