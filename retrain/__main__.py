@@ -55,6 +55,8 @@ def main(argv: list[str] | None = None) -> int:
         except RunLocked as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
+        if run.get("status") in (None, "worker"):  # a helper rank under accelerate launch
+            return 0
         print(json.dumps({k: run[k] for k in ("id", "status", "reason", "rm_accuracy", "kl", "candidate_version")},
                          indent=1))
         return 0

@@ -150,6 +150,44 @@ class Run:
             self._last_beat = time.monotonic()
 
 
+# ----------------------------------------------------------------------------- processes
+# Under ``accelerate launch`` (one process per GPU) rank 0 does everything that touches the
+# database and the disk (lock, snapshot, reward model, gate, publish); every rank joins PPO,
+# which shards each rollout batch and averages gradients.  The plan (paths and prompts)
+# travels from rank 0 to the others once the reward model is ready, or None to stand down.
+def _world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def _is_main() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def _share_plan(plan: dict | None) -> dict | None:
+    if _world_size() <= 1:
+        return plan
+    import torch
+    import torch.distributed as dist
+
+    if not dist.is_initialized():  # the launcher set RANK/WORLD_SIZE/MASTER_ADDR; join its group
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    box = [plan]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _join_ppo(config: JobConfig, should_stop: Callable[[], bool] | None) -> dict:
+    """What a rank other than 0 does: wait for the plan, train its share of PPO."""
+    from retrain.ppo import PPOConfig, train_ppo
+
+    plan = _share_plan(None)
+    if plan is None:
+        return {}
+    train_ppo(plan["policy_path"], plan["ref_path"], plan["reward_path"], plan["prompts"], plan["out_dir"],
+              _build(PPOConfig, config.ppo), should_stop=should_stop)
+    return {"id": plan["run_id"], "status": "worker"}
+
+
 def run_once(settings: Settings, *, run_id: str | None = None, trigger: str = "manual",
              config: JobConfig | None = None, should_stop: Callable[[], bool] | None = None) -> dict:
     """Runs one retrain and returns the final run row.  Never raises for a rejected
@@ -157,6 +195,18 @@ def run_once(settings: Settings, *, run_id: str | None = None, trigger: str = "m
     from retrain import versions
 
     config = config or JobConfig.load(getattr(settings, "retrain_config", ""))
+    if not _is_main():
+        return _join_ppo(config, should_stop)
+    shared = {"sent": False}
+    try:
+        return _run_main(settings, run_id, trigger, config, should_stop, shared, versions)
+    finally:
+        if not shared["sent"]:
+            _share_plan(None)  # let waiting ranks go home
+
+
+def _run_main(settings: Settings, run_id: str | None, trigger: str, config: JobConfig,
+              should_stop: Callable[[], bool] | None, shared: dict, versions) -> dict:
     store = FeedbackStore(settings.db_path, scrub_pii=settings.scrub_pii)
     registry = Registry(store)
     try:
@@ -167,7 +217,7 @@ def run_once(settings: Settings, *, run_id: str | None = None, trigger: str = "m
             registry.update_run(run_id, status="running", started_at=now(), heartbeat_at=now(), pid=os.getpid())
             run = Run(registry, run_id)
             try:
-                _train_and_gate(settings, registry, run, config, should_stop)
+                _train_and_gate(settings, registry, run, config, should_stop, shared)
             except BaseException as exc:
                 registry.update_run(run_id, status="failed", finished_at=now(),
                                     reason=f"{type(exc).__name__}: {exc}"[:2000])
@@ -188,7 +238,7 @@ def reap_stale_runs_unlocked(registry: Registry) -> None:
 
 
 def _train_and_gate(settings: Settings, registry: Registry, run: Run, config: JobConfig,
-                    should_stop: Callable[[], bool] | None) -> None:
+                    should_stop: Callable[[], bool] | None, shared: dict) -> None:
     import torch
 
     from retrain import versions
@@ -239,9 +289,13 @@ def _train_and_gate(settings: Settings, registry: Registry, run: Run, config: Jo
     # 2. PPO from the served version, KL against the frozen SFT model
     t = time.monotonic()
     ppo_cfg = _build(PPOConfig, config.ppo)
-    prompts = snapshot.rollout_prompts
-    result = train_ppo(served_path, sft_path, str(rm_dir), prompts, str(work / "policy"), ppo_cfg,
-                       log=run.log, should_stop=should_stop)
+    ref_path = sft_path if ppo_cfg.ref == "sft" else served_path
+    plan = {"run_id": run.id, "policy_path": served_path, "ref_path": ref_path, "reward_path": str(rm_dir),
+            "prompts": snapshot.rollout_prompts, "out_dir": str(work / "policy")}
+    _share_plan(plan)
+    shared["sent"] = True
+    result = train_ppo(plan["policy_path"], plan["ref_path"], plan["reward_path"], plan["prompts"], plan["out_dir"],
+                       ppo_cfg, log=run.log, should_stop=should_stop)
     timings["ppo_s"] = time.monotonic() - t
 
     # 3. gate on held-out evidence

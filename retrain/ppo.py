@@ -64,7 +64,7 @@ from retrain.reward import (
 @dataclass
 class PPOConfig:
     # -- schedule
-    steps: int = 24  # PPO iterations (rollout batch + update)
+    steps: int = 16  # PPO iterations (rollout batch + update); 16 reached the goal offline
     batch_size: int = 16  # prompts per rollout batch
     minibatch_size: int = 8
     ppo_epochs: int = 2  # passes over each rollout batch
@@ -255,8 +255,9 @@ def token_logprobs(model, lm_head, lower: Lower, P: int, resp: torch.Tensor, tem
     logp_all = F.log_softmax(logits, -1)
     logp = logp_all.gather(-1, resp[..., None]).squeeze(-1)
     ent = None
-    if with_entropy:
-        ent = -(logp_all.exp() * logp_all).sum(-1)
+    if with_entropy:  # logged only: no graph through it
+        with torch.no_grad():
+            ent = -(logp_all.exp() * logp_all).sum(-1)
     return logp, ent
 
 

@@ -192,6 +192,7 @@ class RewardConfig:
     seed: int = 0
     threads: int = 0  # torch threads (0: leave as set by the caller)
     lower_batch: int = 8  # sequences per no-grad forward of the frozen layers
+    max_ref_samples: int = 256  # reference answers used for the normalisation (a random subset)
 
 
 @dataclass
@@ -419,8 +420,15 @@ def train_reward_model(sft_path: str, train: list[Pair], heldout: list[Pair], ou
     bar.close()
     # normalisation on reference samples (SFT answers), else on the training answers
     if ref_samples:
-        ref_seqs = [encode(tok, p, r, cfg.max_length) for p, r in ref_samples]
-        ref_scores = _scores(rm, _lower_all(rm, ref_seqs, cfg.lower_batch, "rm: reference samples"))
+        ref = list(ref_samples)
+        if len(ref) > cfg.max_ref_samples:
+            ref = random.Random(cfg.seed).sample(ref, cfg.max_ref_samples)
+        ref_seqs = [encode(tok, p, r, cfg.max_length) for p, r in ref]
+        known = {tuple(s): h for s, h in zip(flat, h_train)}  # answers already in the pairs
+        todo = [s for s in ref_seqs if tuple(s) not in known]
+        for s, h in zip(todo, _lower_all(rm, todo, cfg.lower_batch, "rm: reference samples") if todo else []):
+            known[tuple(s)] = h
+        ref_scores = _scores(rm, [known[tuple(s)] for s in ref_seqs])
     else:
         ref_scores = _scores(rm, h_train)
     rm.norm_mean = float(ref_scores.mean())

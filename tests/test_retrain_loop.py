@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from assistant import serve
+from assistant.client import free_port
 from assistant.engine import SamplingParams
 from assistant.settings import Settings, to_env
 from feedback.registry import Registry
@@ -170,3 +171,20 @@ def test_retrain_killed_mid_ppo_changes_nothing_and_next_run_works(loop):
     run2 = scheduler.run_now(wait=True)
     assert registry.run(run2)["status"] == "promoted", registry.run(run2)["reason"]
     assert follower.check() is True and holder.version == registry.run(run2)["candidate_version"]
+
+
+def test_multi_process_run_under_a_launcher(loop):
+    """Two processes (torchrun on CPU, gloo; accelerate launch does the same per GPU): rank 0
+    snapshots, trains the RM, gates and publishes; both ranks share the PPO batches."""
+    settings, store, registry, holder, follower, scheduler, config = loop
+    seed_votes(store, 16)
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+         "-m", "retrain", "run", "--now"],
+        cwd=ROOT, env={**os.environ, **to_env(settings), "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"},
+        capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    run = registry.runs(limit=1)[0]
+    assert run["status"] == "promoted", run["reason"]
+    assert proc.stderr.replace("\r", "\n").count("\nppo:   0%") + proc.stderr.startswith("ppo:   0%") == 2
+    assert follower.check() is True and holder.version == run["candidate_version"]
