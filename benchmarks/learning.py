@@ -205,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--samples", type=int, default=2, help="answers per held-out prompt and model (default 2)")
     p.add_argument("--model", default="embedded", help="model the app serves (default: the embedded one)")
     p.add_argument("--data-dir", default="", help="fresh data directory (default: a temporary one)")
-    p.add_argument("--max-new-tokens", type=int, default=96)
+    p.add_argument("--max-new-tokens", type=int, default=128, help="answer cap while chatting (default 128)")
     p.add_argument("--temperature", type=float, default=0.7)
     p.add_argument("--top-p", type=float, default=0.9)
     p.add_argument("--retrain-threads", type=int, default=2, help="CPU threads of the retrain (app idle then)")

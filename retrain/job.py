@@ -302,7 +302,7 @@ def _train_and_gate(settings: Settings, registry: Registry, run: Run, config: Jo
     t = time.monotonic()
     gate_cfg = _build(GateConfig, config.gate)
     report = evaluate(result.path, served_path, sft_path, str(rm_dir), snapshot.heldout_prompts, rm, gate_cfg,
-                      log=run.log)
+                      log=run.log, previous_rm_accuracy=previous["accuracy"] if previous else None)
     timings["gate_s"] = time.monotonic() - t
     kl = report.metrics.get("kl_candidate_sft")
     decision = {"passed": report.passed, "reasons": report.reasons, "metrics": report.metrics,
