@@ -73,12 +73,12 @@ def main(argv: list[str] | None = None) -> int:
                   f"kl={run['kl']}  {run['reason'] or ''}")
         return 0
     if args.command == "export":
-        from feedback.export import trl_record, write_jsonl
         from retrain.data import build_snapshot
+        from retrain.export import export_trl_jsonl
 
         snap = build_snapshot(store)
         pairs = {"all": snap.train + snap.heldout, "train": snap.train, "heldout": snap.heldout}[args.split]
-        n = write_jsonl((trl_record(p.prompt, p.chosen, p.rejected) for p in pairs), args.out)
+        n = export_trl_jsonl(pairs, args.out)
         print(f"wrote {n} preference pairs to {args.out}")
         return 0
     if args.command == "versions":
