@@ -184,7 +184,7 @@ def _join_ppo(config: JobConfig, should_stop: Callable[[], bool] | None) -> dict
     if plan is None:
         return {}
     train_ppo(plan["policy_path"], plan["ref_path"], plan["reward_path"], plan["prompts"], plan["out_dir"],
-              _build(PPOConfig, config.ppo), should_stop=should_stop)
+              _build(PPOConfig, config.ppo), should_stop=should_stop, ptx_pairs=plan["ptx_pairs"])
     return {"id": plan["run_id"], "status": "worker"}
 
 
@@ -291,11 +291,12 @@ def _train_and_gate(settings: Settings, registry: Registry, run: Run, config: Jo
     ppo_cfg = _build(PPOConfig, config.ppo)
     ref_path = sft_path if ppo_cfg.ref == "sft" else served_path
     plan = {"run_id": run.id, "policy_path": served_path, "ref_path": ref_path, "reward_path": str(rm_dir),
-            "prompts": snapshot.rollout_prompts, "out_dir": str(work / "policy")}
+            "prompts": snapshot.rollout_prompts, "out_dir": str(work / "policy"),
+            "ptx_pairs": snapshot.train if ppo_cfg.ptx_coef > 0 else None}  # PPO-ptx: chosen answers, rewrites
     _share_plan(plan)
     shared["sent"] = True
     result = train_ppo(plan["policy_path"], plan["ref_path"], plan["reward_path"], plan["prompts"], plan["out_dir"],
-                       ppo_cfg, log=run.log, should_stop=should_stop)
+                       ppo_cfg, log=run.log, should_stop=should_stop, ptx_pairs=plan["ptx_pairs"])
     timings["ppo_s"] = time.monotonic() - t
 
     # 3. gate on held-out evidence
