@@ -381,10 +381,10 @@ def train_ppo(policy_path: str, ref_path: str, reward_model_path: str, prompts: 
 
     enc_prompts = [prompt_ids(tok, p)[-cfg.max_prompt_length:] for p in prompts]
     ptx = []
-    if cfg.ptx_coef > 0 and ptx_pairs:
-        from retrain.reward import encode
-
-        ptx = [(prompt_ids(tok, p.prompt)[-cfg.max_prompt_length:], encode(tok, [], p.chosen, 10**9)[-cfg.max_new_tokens:])
+    if cfg.ptx_coef > 0 and ptx_pairs:  # the chosen answer (or rewrite) closed by end-of-turn
+        eot = end_of_turn_id(tok)
+        ptx = [(prompt_ids(tok, p.prompt)[-cfg.max_prompt_length:],
+                (tok(p.chosen, add_special_tokens=False)["input_ids"] + [eot])[:cfg.max_new_tokens])
                for p in ptx_pairs]
     order: list[int] = []
     final: dict = {}

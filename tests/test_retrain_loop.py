@@ -138,9 +138,10 @@ def old_engine_prompt(holder) -> list[int]:
 def test_gate_rejection_is_recorded_and_nothing_is_served(loop):
     settings, store, registry, holder, follower, scheduler, config = loop
     seed_votes(store, 16)
-    _write_config(config, gate={"min_rm_accuracy": 1.01})
+    _write_config(config, gate={"min_rm_accuracy": 1.01}, ppo={"ptx_coef": 0.5})
     run_id = scheduler.run_now(wait=True)
     run = registry.run(run_id)
+    assert "ptx_loss" in {m["name"] for m in registry.metrics(run_id, "ppo")}  # PPO-ptx on chosen answers
     assert run["status"] == "rejected"
     assert "accuracy" in run["reason"].lower()
     assert run["candidate_version"] is None
