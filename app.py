@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import sys
 
-from assistant import models, serve
+from assistant import serve
 from assistant import settings as settings_mod
 from assistant.context import AppContext
 from assistant.settings import Settings
@@ -19,9 +19,6 @@ def create_context(settings: Settings) -> AppContext:
     """Opens the store, loads the served version and follows the registry for hot swaps."""
     store = FeedbackStore(settings.db_path, scrub_pii=settings.scrub_pii)
     registry = Registry(store)
-    if settings.model in (models.EMBEDDED, "", "smollm2") and not (
-            settings.models_dir / models.EMBEDDED_CACHE_NAME / "model.safetensors").exists():
-        log.info("first start: converting the embedded model to %s (about 30 s, once)", settings.models_dir)
     holder = serve.start(settings, registry)
     follower = serve.VersionFollower(holder, registry, serve.engine_factory(settings)).start()
     ctx = AppContext(settings=settings, store=store, registry=registry, holder=holder)

@@ -130,7 +130,6 @@ def convert_embedded(models_dir: Path) -> Path:
 
     gguf = embedded_gguf_path()
     log.info("converting the embedded model %s to safetensors in %s (once, ~30 s)", gguf.name, target)
-    print(f"[assistant] first start: converting {gguf.name} to safetensors in {target} ...", flush=True)
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     quantized = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
     config = quantized.config
@@ -151,7 +150,7 @@ def convert_embedded(models_dir: Path) -> Path:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    print(f"[assistant] cached the embedded model in {target}", flush=True)
+    log.info("cached the embedded model in %s", target)
     return target
 
 

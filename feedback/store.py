@@ -21,7 +21,6 @@ from __future__ import annotations
 import json
 import sqlite3
 import threading
-import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -445,12 +444,3 @@ class FeedbackStore:
         return {t: self.db[t].count for t in ("sessions", "conversations", "generations",
                                                "comparisons", "ratings")}
 
-
-def wait_for(predicate: Callable[[], bool], timeout_s: float = 10, interval_s: float = 0.05) -> bool:
-    """Small polling helper for tests and scripts that wait on another process's writes."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(interval_s)
-    return predicate()

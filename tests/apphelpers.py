@@ -10,6 +10,7 @@ Other test modules reuse this; keep it a plain function.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -50,3 +51,13 @@ def launch_app(settings: Settings, *, with_scheduler: bool = False) -> tuple[str
             app.close_context(ctx)
 
     return url, ctx, close
+
+
+def wait_for(predicate: Callable[[], bool], timeout_s: float = 10, interval_s: float = 0.05) -> bool:
+    """Polls until ``predicate()`` holds (another process's writes, a swap); False on timeout."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval_s)
+    return predicate()

@@ -19,8 +19,9 @@ from assistant.client import free_port
 from assistant.engine import SamplingParams
 from assistant.settings import Settings, to_env
 from feedback.registry import Registry
-from feedback.store import FeedbackStore, wait_for
+from feedback.store import FeedbackStore
 from retrain.scheduler import RetrainScheduler
+from tests.apphelpers import wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 
