@@ -405,14 +405,15 @@ class FeedbackStore:
     # -- what training may use -----------------------------------------------------------------
     def usable_comparisons(self, since: str | None = None) -> list[dict]:
         """Decided comparisons a retrain may use: not excluded, not from opted-out sessions,
-        verdict set.  Ordered by time, which the held-out split relies on."""
+        verdict set.  Ordered by decision time, then by insertion (``rowid``) for the same
+        millisecond: the held-out split relies on this order."""
         sql = ("SELECT c.* FROM comparisons c JOIN sessions s ON s.id = c.session_id "
                "WHERE c.verdict IS NOT NULL AND c.excluded = 0 AND s.opt_out = 0")
         params: list = []
         if since:
             sql += " AND c.decided_at > ?"
             params.append(since)
-        return self.query(sql + " ORDER BY c.decided_at, c.id", tuple(params))
+        return self.query(sql + " ORDER BY c.decided_at, c.rowid", tuple(params))
 
     def count_new_preferences(self) -> int:
         """Usable ordered preferences that no training run has consumed yet."""
@@ -423,7 +424,7 @@ class FeedbackStore:
 
     def usable_ratings(self) -> list[dict]:
         return self.query("SELECT r.* FROM ratings r JOIN sessions s ON s.id = r.session_id "
-                          "WHERE r.excluded = 0 AND s.opt_out = 0 ORDER BY r.created_at, r.id")
+                          "WHERE r.excluded = 0 AND s.opt_out = 0 ORDER BY r.created_at, r.rowid")
 
     def user_prompts(self) -> list[dict]:
         """Conversation contexts of usable generations: the raw material for rollout prompts."""

@@ -156,20 +156,24 @@ def thumb_pairs(rows: list[dict], stats: dict) -> list[Pair]:
     return pairs
 
 
-def _split_flags(items: list[tuple[str, str]], heldout_fraction: float, split: str) -> tuple[list[bool], str | None]:
-    """items: (session_id, at).  Returns held-out flags and the time cut (time split)."""
+def _split_flags(items: list[tuple[str, str]], heldout_fraction: float,
+                 split: str) -> tuple[list[bool], str | None]:
+    """items: (session_id, at), in the order the store recorded them.  Returns held-out flags
+    and, for the time split, the time of the oldest held-out item.
+
+    The time split holds out exactly the newest ``round(n * heldout_fraction)`` items (at
+    least one when there are two or more), ordered by ``(at, position)``: judgements recorded
+    in the same millisecond keep the store's order, so the count never depends on the clock."""
     if split == "session":
         return [_frac(s) < heldout_fraction for s, _ in items], None
     if split != "time":
         raise ValueError("split must be 'time' or 'session'")
-    if not items or heldout_fraction <= 0:
+    if len(items) < 2 or heldout_fraction <= 0:
         return [False] * len(items), None
-    times = sorted(at for _, at in items)
-    n_held = max(1, round(len(times) * heldout_fraction)) if len(times) >= 2 else 0
-    if n_held == 0:
-        return [False] * len(items), None
-    cut = times[len(times) - n_held]
-    return [at >= cut for _, at in items], cut
+    n_held = max(1, round(len(items) * heldout_fraction))
+    order = sorted(range(len(items)), key=lambda i: (items[i][1], i))
+    held = set(order[len(items) - n_held:])
+    return [i in held for i in range(len(items))], items[order[len(items) - n_held]][1]
 
 
 def build_snapshot(store, *, heldout_fraction: float = 0.2, split: str = "time", max_prompts_per_session: int = 20,

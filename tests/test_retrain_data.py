@@ -86,3 +86,14 @@ def test_thumbs_pair(store):
     store.record_rating(session_id="t", generation_id=gb, thumb="down")
     snap = build_snapshot(store, heldout_fraction=0.0)
     assert [(p.chosen, p.rejected, p.source) for p in snap.train] == [("good", "bad", "thumbs")]
+
+
+def test_time_split_is_exact_when_timestamps_tie():
+    from retrain.data import _split_flags
+
+    same = "2026-01-01T00:00:00.000+00:00"
+    items = [("s", same)] * 10  # ten judgements in one millisecond
+    flags, cut = _split_flags(items, 0.2, "time")
+    assert flags == [False] * 8 + [True] * 2 and cut == same  # the last two recorded
+    flags, _ = _split_flags([("s", "b"), ("s", "a"), ("s", "c"), ("s", "a")], 0.5, "time")
+    assert flags == [True, False, True, False]  # the newest by time, then by recorded order
