@@ -3,12 +3,20 @@
 An oracle is any callable ``oracle(prompt, a, b) -> "a" | "b" | "tie"`` where ``prompt`` is
 the chat messages (or a plain string).  The training side never sees an oracle, only its
 votes, so any user-written oracle plugs in the same way (``get("module:function")``).
+
+Shipped tastes: about length (``concise``, ``verbose``), about form (``no_lists``, ``lists``,
+``no_markdown``), about voice (``no_first_person``) and about engagement (``question_back``);
+the last three compare rates per word or presence, not raw counts, so that a longer answer is
+not favoured just for being longer.  ``random`` is the null control: its votes carry no
+preference at all, so the retrain's gate must reject what it learns from them.
 """
 
 from __future__ import annotations
 
 import importlib
+import random
 import re
+import threading
 from collections.abc import Callable
 
 Oracle = Callable[[object, str, str], str]
@@ -43,7 +51,127 @@ def no_lists(prompt, a: str, b: str) -> str:
     return "tie" if ca == cb else ("a" if ca < cb else "b")
 
 
-ORACLES: dict[str, Oracle] = {"concise": concise, "verbose": verbose, "no_lists": no_lists}
+_LIST_LINE = re.compile(r"(?m)^\s*(?:[-*\u2022]|\d+[.)])\s+")
+
+
+def _list_lines(text: str) -> int:
+    return len(_LIST_LINE.findall(text or ""))
+
+
+def lists(prompt, a: str, b: str) -> str:
+    """The opposite of ``no_lists``: prefers answers organised as lists; more bullet/numbered
+    list lines wins, a tie when equal.  Raw counts (as in ``no_lists``), so it is not
+    length-neutral: a longer list wins; the benchmark's length-matched win rate tells list-ness
+    from length."""
+    ca, cb = _list_lines(a), _list_lines(b)
+    return "tie" if ca == cb else ("a" if ca > cb else "b")
+
+
+def _empty_rule(a: str, b: str) -> str | None:
+    """An empty answer never wins against a non-empty one (else a taste for "less of X" would
+    be satisfied best by saying nothing); None when both or neither are empty."""
+    ea, eb = not (a or "").strip(), not (b or "").strip()
+    if ea == eb:
+        return None
+    return "b" if ea else "a"
+
+
+def _fewer_per_word(a: str, b: str, count: Callable[[str], int]) -> str:
+    """Fewer occurrences per word wins; a tie when the counts are equal (both zero included:
+    equal counts in answers of different lengths would otherwise favour the longer one) or
+    the rates are equal (``x`` against ``x`` repeated twice)."""
+    verdict = _empty_rule(a, b)
+    if verdict:
+        return verdict
+    ca, cb = count(a), count(b)
+    wa, wb = max(1, _words(a)), max(1, _words(b))
+    if ca == cb or ca * wb == cb * wa:
+        return "tie"
+    return "a" if ca * wb < cb * wa else "b"
+
+
+FIRST_PERSON = frozenset({"i", "me", "my", "mine", "myself", "i'm", "im", "i've", "i'd", "i'll"})
+
+
+def _first_person(text: str) -> int:
+    words = re.findall(r"[a-z']+", (text or "").lower().replace("\u2019", "'"))
+    return sum(w.strip("'") in FIRST_PERSON for w in words)
+
+
+def no_first_person(prompt, a: str, b: str) -> str:
+    """Prefers impersonal answers: fewer first-person singular pronouns (I, me, my, mine, myself,
+    I'm, I've, I'd, I'll) *per word* wins ("As an AI, I think..." loses to a plain statement);
+    a tie when the counts are equal (e.g. both have none) or the rates are.  Length-neutral: an
+    answer and the same answer written twice tie.  An empty answer never wins."""
+    return _fewer_per_word(a, b, _first_person)
+
+
+_MARKDOWN = re.compile(
+    r"\*\*[^*\n]+?\*\*"                          # **bold**
+    r"|__[^_\n]+?__"                             # __bold__
+    r"|(?<![*\w])\*[^*\s][^*\n]*?\*(?![*\w])"    # *italic* (not a "* " bullet, not 2*3*4)
+    r"|`{3}|`[^`\n]+`"                           # code fences, `inline code`
+    r"|\[[^\]\n]+\]\([^)\n]*\)"                  # [links](url)
+    r"|(?m:^[ \t]*#{1,6}[ \t]+\S)"               # # headers
+    r"|(?m:^[ \t]*>[ \t]?\S)"                    # > block quotes
+    r"|(?m:^[ \t]*\|.*\|[ \t]*$)"                # | table | rows |
+)
+
+
+def _markdown_marks(text: str) -> int:
+    return len(_MARKDOWN.findall(text or ""))
+
+
+def no_markdown(prompt, a: str, b: str) -> str:
+    """Prefers plain text: fewer markdown marks (bold, italics, headers, code, links, quotes,
+    table rows) *per word* wins; list markers do not count (``no_lists`` is that taste).  A tie
+    when the counts are equal (e.g. both plain) or the rates are; length-neutral as
+    ``no_first_person``.  An empty answer never wins."""
+    return _fewer_per_word(a, b, _markdown_marks)
+
+
+def _ends_with_question(text: str) -> bool:
+    return (text or "").rstrip().rstrip("\"')*_ \u201d\u2019").endswith("?")
+
+
+def question_back(prompt, a: str, b: str) -> str:
+    """Prefers answers that end by asking the user something ("... Would you like a recipe?"):
+    the one whose last sentence ends with "?" wins; a tie when both or neither do.
+    Presence, not a count, so length-neutral as such; but an answer cut off by the token cap
+    ends mid-sentence, so under a cap it also rewards finishing in time.  An empty answer never
+    wins."""
+    verdict = _empty_rule(a, b)
+    if verdict:
+        return verdict
+    qa, qb = _ends_with_question(a), _ends_with_question(b)
+    return "tie" if qa == qb else ("a" if qa else "b")
+
+
+NULL_SEED = 0
+_null_rng = random.Random(NULL_SEED)
+_null_lock = threading.Lock()
+
+
+def reseed_random(seed: int = NULL_SEED) -> None:
+    """Restarts the null control's draws (the benchmark does so for each run)."""
+    global _null_rng
+    with _null_lock:
+        _null_rng = random.Random(seed)
+
+
+def random_verdict(prompt, a: str, b: str) -> str:
+    """The null control (``random``): ignores the answers and votes "a", "b" or "tie" with
+    probability 1/3 each, drawn from a module-level ``random.Random(NULL_SEED)`` (see
+    ``reseed_random``), so a sequence of calls is reproducible.  Its votes hold no
+    preference, so a reward model fit to them is at chance and the gate **must reject** the
+    candidate; a promotion here is a false positive of the whole loop."""
+    with _null_lock:
+        return _null_rng.choice(("a", "b", "tie"))
+
+
+ORACLES: dict[str, Oracle] = {"concise": concise, "verbose": verbose, "no_lists": no_lists, "lists": lists,
+                              "no_first_person": no_first_person, "no_markdown": no_markdown,
+                              "question_back": question_back, "random": random_verdict}
 
 
 def get(name: str) -> Oracle:

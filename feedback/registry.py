@@ -116,8 +116,10 @@ class Registry:
             db["reward_models"].insert({"id": rm_id, "created_at": now(), **fields})
         return rm_id
 
-    def latest_reward_model(self) -> dict | None:
-        rows = self.store.query("SELECT * FROM reward_models ORDER BY created_at DESC LIMIT 1")
+    def latest_reward_model(self, role: str = "policy") -> dict | None:
+        """The newest reward model of a role ('policy': the one PPO optimises; 'judge')."""
+        rows = self.store.query("SELECT * FROM reward_models WHERE coalesce(role, 'policy') = ? "
+                                "ORDER BY created_at DESC, rowid DESC LIMIT 1", (role,))
         return rows[0] if rows else None
 
 

@@ -126,7 +126,13 @@ def _m2_review_and_training(db: sqlite_utils.Database) -> None:
     db["ratings"].create_index(["excluded"])
 
 
-MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_m1_core, _m2_review_and_training]
+def _m3_reward_model_roles(db: sqlite_utils.Database) -> None:
+    """Cross-fitted reward models: 'policy' (optimised by PPO) or 'judge' (used by the gate)."""
+    db["reward_models"].add_column("role", str)
+
+
+MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_m1_core, _m2_review_and_training,
+                                                            _m3_reward_model_roles]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
@@ -431,6 +437,13 @@ class FeedbackStore:
         return self.query("SELECT g.session_id, g.context, g.created_at FROM generations g "
                           "JOIN sessions s ON s.id = g.session_id WHERE s.opt_out = 0 "
                           "ORDER BY g.created_at")
+
+    def answers_of_version(self, version: str, limit: int = 1000) -> list[dict]:
+        """The newest answers a model version gave in sessions that allow training (newest
+        first): samples of that policy at the serving settings, e.g. for reward normalisation."""
+        return self.query("SELECT g.context, g.content, g.created_at FROM generations g "
+                          "JOIN sessions s ON s.id = g.session_id WHERE s.opt_out = 0 AND g.model_version = ? "
+                          "ORDER BY g.created_at DESC, g.rowid DESC LIMIT ?", (version, int(limit)))
 
     # -- key/value state ---------------------------------------------------------------------
     def get_state(self, key: str, default: Any = None) -> Any:

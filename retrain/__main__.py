@@ -4,6 +4,7 @@ Every command takes the app's settings (flags or ASSISTANT_* variables), so
 ``python -m retrain status --data-dir data`` reads the same database the app writes.
 
     python -m retrain run --now            # one run in this process, now
+    python -m retrain run --now --ppo.lr 1e-4 --gate.kl_budget 15   # any RetrainConfig field
     python -m retrain status               # last runs, served version, next scheduled run
     python -m retrain export prefs.jsonl   # usable preferences as TRL conversational JSONL
     python -m retrain versions             # every version with lineage
@@ -26,7 +27,10 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m retrain", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
-    run = sub.add_parser("run", help="run one retrain now (in this process)")
+    run = sub.add_parser("run", help="run one retrain now (in this process)",
+                         description="Any field of RetrainConfig (retrain/config.py) can follow as "
+                                     "--SECTION.FIELD VALUE, e.g. --ppo.lr 1e-4 --gate.kl_budget 15; "
+                                     "it overrides --retrain-config.")
     run.add_argument("--now", action="store_true", help="start immediately, whatever the new-data count")
     run.add_argument("--run-id", default=None, help="use a run row created by the scheduler")
     run.add_argument("--trigger", default="manual", help="recorded as the run's trigger")
@@ -45,13 +49,21 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and args.command != "run":
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     settings = settings_mod.from_namespace(args)
     if args.command == "run":
+        from retrain.config import RetrainConfig, cli_overrides
         from retrain.job import RunLocked, run_once
 
         try:
-            run = run_once(settings, run_id=args.run_id, trigger=args.trigger)
+            config = RetrainConfig.load(settings.retrain_config or None, cli_overrides(extra))
+        except (ValueError, OSError) as exc:
+            parser.error(str(exc))
+        try:
+            run = run_once(settings, run_id=args.run_id, trigger=args.trigger, config=config)
         except RunLocked as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
@@ -79,7 +91,8 @@ def main(argv: list[str] | None = None) -> int:
         snap = build_snapshot(store)
         pairs = {"all": snap.train + snap.heldout, "train": snap.train, "heldout": snap.heldout}[args.split]
         n = export_trl_jsonl(pairs, args.out)
-        print(f"wrote {n} preference pairs to {args.out}")
+        ties = sum(not p.decisive for p in pairs)
+        print(f"wrote {n} preference pairs to {args.out} ({ties} ties left out: TRL's format has no ties)")
         return 0
     if args.command == "versions":
         served = registry.served_version()

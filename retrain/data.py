@@ -1,27 +1,42 @@
-"""Snapshot of the feedback log -> preference pairs, a held-out split and rollout prompts.
+"""Snapshot of the feedback log -> labelled training data, a held-out split, rollout prompts.
 
-How each judgement becomes training data (the choices the recipe leaves open):
+Every kind of judgement teaches (``docs/rlhf.md`` says why); how each one becomes data:
 
-- ``a`` / ``b``: the picked answer is *chosen*, the other *rejected* (source ``regenerate``
-  or whatever the comparison row says).
-- ``edit``: the user's rewrite (``b_text``) is chosen over the model answer (``a_text``).
-- ``tie``: **dropped** from the Bradley-Terry loss (no 0.5 target): a tie says nothing about
-  which way the reward should move, and with a few hundred votes every pair counts; counted
-  in ``stats["ties"]``.
-- ``both_bad``: no ordering between A and B, so it is **skipped**, unless the same
-  conversation turn later received a user rewrite (an ``edit`` row): then the rewrite is
-  chosen over *both* answers (source ``both_bad+edit``).  Counted in ``stats``.
-- thumbs (``ratings``): an *up* and a *down* on two answers to the very same context become
-  one pair (up chosen over down, source ``thumbs``); lone thumbs are not used.
+========================  ===============================================================
+judgement                 training data
+========================  ===============================================================
+``a`` / ``b``             a pair, the picked answer over the other (``label`` 1)
+``tie``                   a pair with ``label`` 0.5: "these two are equally good".  A tie
+                          between answers of different length is exactly the evidence
+                          that length does not matter, so it is kept, not dropped.
+``edit`` (rewrite)        a pair, the user's rewrite over the model answer, ``weight``
+                          ``rewrite_weight`` (a strong signal: the user wrote it)
+``both_bad``              two unpaired *bad* labels (one per answer); and when the same
+                          turn later got a rewrite, the rewrite is chosen over both
+thumbs up / down          an unpaired *good* / *bad* label on the answer (KTO-style);
+                          a ``down`` with reason tags weighs ``1 + reason_weight`` per tag;
+                          an up and a down on the same context also make one pair
+========================  ===============================================================
 
-Held-out split: by time (the newest ``heldout_fraction`` of the pairs, the default) or by
-session (a stable hash of the session id), never by random row: one user's votes correlate.
+Nothing is dropped silently: ``Snapshot.judgements`` counts, per kind, what was seen, what
+was used and what was dropped with the reason (shown in the console's run page).
 
-Rollout prompts: the real user prompts of the log (contexts of usable generations, opted-out
-sessions excluded), deduplicated, at most ``max_prompts_per_session`` per session (the most
-recent), split with the same rule as the pairs; topped up with the shipped seed prompts
+Held-out split: by time (exactly the newest ``heldout_fraction`` of the labelled items; the
+default) or by session (a stable hash of the session id), never by random row: one user's
+votes correlate.
+
+Cross-fitting: every item also has a ``fold`` (0 or 1, a stable hash of its prompt), so two
+reward models can be trained on disjoint halves: PPO optimises one, the gate's judge is the
+other (``retrain.job``).  The same prompt is always in the same fold.
+
+Rollout prompts: the real user prompts of the log (contexts of generations in sessions that
+allow training, deduplicated, at most ``max_prompts_per_session`` per session, the most
+recent), split with the same rule as the labels; topped up with the shipped seed prompts
 (``seed_prompts.txt``) so that a cold start has at least ``min_seed_prompts`` rollout
-prompts.  Prompts of held-out pairs never appear among the rollout prompts.
+prompts.  Prompts of held-out items never appear among the rollout prompts.
+
+Reference samples: answers the reference (SFT) model gave to training prompts in the log,
+for the reward normalisation (mean 0, std 1 on the reference policy's own answers).
 """
 
 from __future__ import annotations
@@ -35,10 +50,14 @@ from pathlib import Path
 SEED_FILE = Path(__file__).with_name("seed_prompts.txt")
 DEFAULT_SYSTEM_PROMPT = "You are a helpful AI assistant."
 
+# judgement kinds, in the order the console lists them
+KINDS = ("preference", "tie", "edit", "both_bad", "thumb_up", "thumb_down")
+
 
 @dataclass
 class Pair:
-    """One preference: ``chosen`` over ``rejected`` given the ``prompt`` messages."""
+    """``chosen`` vs ``rejected`` given the ``prompt`` messages: ``label`` 1 means chosen is
+    better, 0.5 means a tie (then the order carries no meaning)."""
 
     id: str
     session_id: str
@@ -46,7 +65,29 @@ class Pair:
     prompt: list[dict]
     chosen: str
     rejected: str
-    source: str  # 'regenerate' | 'edit' | 'both_bad+edit' | 'thumbs'
+    source: str  # 'regenerate' | 'tie' | 'edit' | 'both_bad+edit' | 'thumbs'
+    label: float = 1.0
+    weight: float = 1.0
+    fold: int = 0
+
+    @property
+    def decisive(self) -> bool:
+        return self.label != 0.5
+
+
+@dataclass
+class Point:
+    """An unpaired absolute label on one answer: ``label`` 1 good, 0 bad."""
+
+    id: str
+    session_id: str
+    at: str
+    prompt: list[dict]
+    answer: str
+    label: float
+    source: str  # 'thumb_up' | 'thumb_down' | 'both_bad'
+    weight: float = 1.0
+    fold: int = 0
 
 
 @dataclass
@@ -55,7 +96,12 @@ class Snapshot:
     heldout: list[Pair]
     rollout_prompts: list[list[dict]]
     heldout_prompts: list[list[dict]]
-    record_ids: list[str]
+    record_ids: list[str]  # comparison rows used
+    train_points: list[Point] = field(default_factory=list)
+    heldout_points: list[Point] = field(default_factory=list)
+    rating_ids: list[str] = field(default_factory=list)
+    reference: list[tuple[list[dict], str]] = field(default_factory=list)  # (prompt, SFT answer)
+    judgements: dict = field(default_factory=dict)  # kind -> {seen, used, dropped: {reason: n}}
     stats: dict = field(default_factory=dict)
 
 
@@ -75,71 +121,137 @@ def _key(messages: list[dict]) -> str:
 
 
 def _frac(text: str) -> float:
-    """A stable number in [0, 1) from a string (split by session, seed prompts)."""
+    """A stable number in [0, 1) from a string (split by session, folds, seed prompts)."""
     return int(hashlib.sha1(text.encode("utf-8")).hexdigest()[:8], 16) / 16**8
+
+
+def fold_of(prompt: list[dict]) -> int:
+    """The cross-fitting fold (0 or 1) of a prompt: stable across runs and processes."""
+    return int(_frac("fold:" + _key(prompt)) >= 0.5)
 
 
 def _ok(chosen: str | None, rejected: str | None) -> bool:
     return bool(chosen and chosen.strip()) and bool(rejected is not None) and chosen.strip() != (rejected or "").strip()
 
 
-def comparison_pairs(rows: list[dict], stats: dict) -> tuple[list[Pair], list[str]]:
-    """Pairs from decided comparison rows (ordered by time); returns pairs and used ids."""
+class Ledger:
+    """Per kind of judgement: how many were seen, used, and dropped (with the reason)."""
+
+    def __init__(self):
+        self.rows = {k: {"seen": 0, "used": 0, "dropped": defaultdict(int)} for k in KINDS}
+
+    def seen(self, kind: str) -> None:
+        self.rows[kind]["seen"] += 1
+
+    def used(self, kind: str) -> None:
+        self.rows[kind]["used"] += 1
+
+    def dropped(self, kind: str, reason: str) -> None:
+        self.rows[kind]["dropped"][reason] += 1
+
+    def as_dict(self) -> dict:
+        return {k: {"seen": r["seen"], "used": r["used"], "dropped": dict(r["dropped"])} for k, r in self.rows.items()}
+
+
+@dataclass
+class LabelConfig:
+    """How strongly each kind of judgement counts (multipliers on its loss term)."""
+
+    rewrite_weight: float = 2.0
+    """A user's rewrite over the model answer: the strongest evidence a user gives."""
+    tie_weight: float = 1.0
+    """A tie (label 0.5 in the tie-aware loss)."""
+    both_bad_weight: float = 1.0
+    """Each answer of a "both are bad" verdict, as an unpaired bad label."""
+    thumb_weight: float = 1.0
+    """A thumb up or down, as an unpaired label."""
+    reason_weight: float = 0.25
+    """Added to a thumb's weight per reason tag given with it (a reasoned thumb is surer)."""
+
+
+def comparison_pairs(rows: list[dict], ledger: Ledger, labels: LabelConfig) -> tuple[list[Pair], list[Point], list[str]]:
+    """Pairs and bad labels from decided comparison rows (ordered by time); returns them with
+    the ids of the rows used."""
     edits: dict[tuple, dict] = {}
     for r in rows:
         if r["verdict"] == "edit":
             edits.setdefault((r["conversation_id"], r["turn"]), r)
     pairs: list[Pair] = []
+    points: list[Point] = []
     used: list[str] = []
     for r in rows:
         verdict, prompt = r["verdict"], _messages(r["context"])
+        kind = {"a": "preference", "b": "preference", "tie": "tie", "edit": "edit", "both_bad": "both_bad"}.get(verdict)
+        if kind is None:
+            continue  # an unknown verdict cannot be stored (the store validates verdicts)
+        ledger.seen(kind)
+        at = r["decided_at"] or r["created_at"]
         if not prompt or prompt[-1]["role"] != "user":
-            stats["skipped_bad_context"] += 1
+            ledger.dropped(kind, "context does not end with a user message")
             continue
-        if verdict == "tie":
-            stats["ties"] += 1
-            continue
+        fold = fold_of(prompt)
         if verdict == "both_bad":
-            stats["both_bad"] += 1
-            edit = edits.get((r["conversation_id"], r["turn"]))
-            if edit is None or (edit["decided_at"] or "") < (r["decided_at"] or ""):
-                stats["both_bad_skipped"] += 1
-                continue
-            rewrite = edit["b_text"]
             made = 0
-            for k, other in (("a", r["a_text"]), ("b", r["b_text"])):
-                if _ok(rewrite, other) and other != edit["a_text"]:
-                    pairs.append(Pair(f"{r['id']}:{k}", r["session_id"], edit["decided_at"], prompt,
-                                      rewrite, other, "both_bad+edit"))
+            for k, text in (("a", r["a_text"]), ("b", r["b_text"])):
+                if text and text.strip():
+                    points.append(Point(f"{r['id']}:{k}", r["session_id"], at, prompt, text, 0.0, "both_bad",
+                                        labels.both_bad_weight, fold))
                     made += 1
+            edit = edits.get((r["conversation_id"], r["turn"]))
+            if edit is not None and (edit["decided_at"] or "") >= (r["decided_at"] or ""):
+                rewrite = edit["b_text"]
+                for k, other in (("a", r["a_text"]), ("b", r["b_text"])):
+                    if _ok(rewrite, other) and other != edit["a_text"]:
+                        pairs.append(Pair(f"{r['id']}:{k}", r["session_id"], edit["decided_at"], prompt, rewrite,
+                                          other, "both_bad+edit", 1.0, labels.rewrite_weight, fold))
+                        made += 1
             if made:
-                stats["both_bad_with_rewrite"] += 1
+                ledger.used(kind)
                 used.append(r["id"])
+            else:
+                ledger.dropped(kind, "both answers empty")
             continue
         if verdict == "a":
             chosen, rejected = r["a_text"], r["b_text"]
-        elif verdict in ("b", "edit"):
+        else:  # b, edit (the rewrite is b_text), tie (order is meaningless)
             chosen, rejected = r["b_text"], r["a_text"]
-        else:
-            stats["skipped_unknown_verdict"] += 1
-            continue
         if not _ok(chosen, rejected):
-            stats["skipped_identical_or_empty"] += 1
+            ledger.dropped(kind, "the two answers are identical or empty")
             continue
-        if verdict == "edit":
-            stats["edits"] += 1
-        source = "edit" if verdict == "edit" else (r.get("source") or "regenerate")
-        pairs.append(Pair(r["id"], r["session_id"], r["decided_at"] or r["created_at"], prompt, chosen,
-                          rejected, source))
+        label, weight, source = 1.0, 1.0, r.get("source") or "regenerate"
+        if verdict == "tie":
+            label, weight, source = 0.5, labels.tie_weight, "tie"
+        elif verdict == "edit":
+            weight, source = labels.rewrite_weight, "edit"
+        pairs.append(Pair(r["id"], r["session_id"], at, prompt, chosen, rejected, source, label, weight, fold))
+        ledger.used(kind)
         used.append(r["id"])
-    return pairs, used
+    return pairs, points, used
 
 
-def thumb_pairs(rows: list[dict], stats: dict) -> list[Pair]:
-    """An up and a down on answers to the same context -> one pair per (up, down) couple."""
+def rating_labels(rows: list[dict], ledger: Ledger, labels: LabelConfig) -> tuple[list[Pair], list[Point], list[str]]:
+    """Thumbs as unpaired labels; an up and a down on answers to the same context, in the
+    same session, also make one pair (up chosen over down)."""
+    points: list[Point] = []
+    used: list[str] = []
     by_ctx: dict[str, dict[str, list[dict]]] = defaultdict(lambda: {"up": [], "down": []})
     for r in rows:
-        by_ctx[_key(_messages(r["context"]))][r["thumb"]].append(r)
+        kind = f"thumb_{r['thumb']}"
+        ledger.seen(kind)
+        prompt = _messages(r["context"])
+        if not prompt or prompt[-1]["role"] != "user":
+            ledger.dropped(kind, "context does not end with a user message")
+            continue
+        if not (r["answer_text"] or "").strip():
+            ledger.dropped(kind, "empty answer")
+            continue
+        reasons = json.loads(r["reasons"] or "[]") if isinstance(r.get("reasons"), str) else (r.get("reasons") or [])
+        weight = labels.thumb_weight * (1 + labels.reason_weight * len(set(reasons)))
+        points.append(Point(r["id"], r["session_id"], r["created_at"], prompt, r["answer_text"],
+                            1.0 if r["thumb"] == "up" else 0.0, kind, weight, fold_of(prompt)))
+        ledger.used(kind)
+        used.append(r["id"])
+        by_ctx[_key(prompt)][r["thumb"]].append(r)
     pairs = []
     for groups in by_ctx.values():
         for up in groups["up"]:
@@ -147,13 +259,10 @@ def thumb_pairs(rows: list[dict], stats: dict) -> list[Pair]:
                 if up["session_id"] != down["session_id"] or not _ok(up["answer_text"], down["answer_text"]):
                     continue
                 prompt = _messages(up["context"])
-                if not prompt or prompt[-1]["role"] != "user":
-                    continue
                 pairs.append(Pair(f"thumbs:{up['id']}:{down['id']}", up["session_id"],
                                   max(up["created_at"], down["created_at"]), prompt, up["answer_text"],
-                                  down["answer_text"], "thumbs"))
-                stats["thumb_pairs"] += 1
-    return pairs
+                                  down["answer_text"], "thumbs", 1.0, labels.thumb_weight, fold_of(prompt)))
+    return pairs, points, used
 
 
 def _split_flags(items: list[tuple[str, str]], heldout_fraction: float,
@@ -178,21 +287,34 @@ def _split_flags(items: list[tuple[str, str]], heldout_fraction: float,
 
 def build_snapshot(store, *, heldout_fraction: float = 0.2, split: str = "time", max_prompts_per_session: int = 20,
                    min_seed_prompts: int = 64, min_heldout_prompts: int = 24, include_thumbs: bool = True,
-                   since: str | None = None, system_prompt: str = DEFAULT_SYSTEM_PROMPT) -> Snapshot:
+                   since: str | None = None, system_prompt: str = DEFAULT_SYSTEM_PROMPT,
+                   reference_version: str | None = "sft", max_reference: int = 256,
+                   labels: LabelConfig | None = None) -> Snapshot:
     """Reads what training may use from the store and turns it into a :class:`Snapshot`."""
+    labels = labels or LabelConfig()
     stats: dict = defaultdict(int)
+    ledger = Ledger()
     rows = store.usable_comparisons(since=since)
     stats["comparisons"] = len(rows)
-    pairs, used = comparison_pairs(rows, stats)
+    pairs, points, used = comparison_pairs(rows, ledger, labels)
+    rating_ids: list[str] = []
     if include_thumbs:
-        pairs += thumb_pairs(store.usable_ratings(), stats)
-    flags, cut = _split_flags([(p.session_id, p.at) for p in pairs], heldout_fraction, split)
-    train = [p for p, f in zip(pairs, flags) if not f]
-    heldout = [p for p, f in zip(pairs, flags) if f]
+        t_pairs, t_points, rating_ids = rating_labels(store.usable_ratings(), ledger, labels)
+        pairs += t_pairs
+        points += t_points
+        stats["thumb_pairs"] = len(t_pairs)
+    # one time split over every labelled item: pairs first, then points, each in store order
+    flags, cut = _split_flags([(p.session_id, p.at) for p in pairs] + [(q.session_id, q.at) for q in points],
+                              heldout_fraction, split)
+    pflags, qflags = flags[:len(pairs)], flags[len(pairs):]
+    train = [p for p, f in zip(pairs, pflags) if not f]
+    heldout = [p for p, f in zip(pairs, pflags) if f]
+    train_points = [q for q, f in zip(points, qflags) if not f]
+    heldout_points = [q for q, f in zip(points, qflags) if f]
 
     # rollout prompts: real user prompts, deduplicated, capped per session (most recent)
-    held_keys = {_key(p.prompt) for p in heldout}
-    train_keys = {_key(p.prompt) for p in train}
+    held_keys = {_key(p.prompt) for p in heldout} | {_key(q.prompt) for q in heldout_points}
+    train_keys = {_key(p.prompt) for p in train} | {_key(q.prompt) for q in train_points}
     per_session: dict[str, list[tuple[str, list[dict]]]] = defaultdict(list)
     seen: set[str] = set()
     for g in reversed(store.user_prompts()):  # newest first
@@ -234,8 +356,21 @@ def build_snapshot(store, *, heldout_fraction: float = 0.2, split: str = "time",
                for s in seed_held[: max(0, min_heldout_prompts - len(held_prompts))]]
         held_prompts += add
         stats["seed_heldout_prompts"] = len(add)
-    stats.update(pairs=len(pairs), train=len(train), heldout=len(heldout), split=split,
-                 heldout_fraction=heldout_fraction, split_cut=cut, rollout_prompts=len(rollout),
-                 heldout_prompts=len(held_prompts))
+
+    # reference samples: the reference model's own answers to training-side prompts
+    reference: list[tuple[list[dict], str]] = []
+    if reference_version:
+        held_prompt_keys = {_key(p) for p in held_prompts}
+        for g in store.answers_of_version(reference_version, limit=4 * max_reference):  # newest first
+            msgs = _messages(g["context"])
+            if msgs and msgs[-1]["role"] == "user" and (g["content"] or "").strip() \
+                    and _key(msgs) not in held_prompt_keys and len(reference) < max_reference:
+                reference.append((msgs, g["content"]))
+    stats.update(pairs=len(pairs), points=len(points), train=len(train), heldout=len(heldout),
+                 train_points=len(train_points), heldout_points=len(heldout_points),
+                 train_decisive=sum(p.decisive for p in train), heldout_decisive=sum(p.decisive for p in heldout),
+                 split=split, heldout_fraction=heldout_fraction, split_cut=cut, rollout_prompts=len(rollout),
+                 heldout_prompts=len(held_prompts), reference_samples=len(reference))
     return Snapshot(train=train, heldout=heldout, rollout_prompts=rollout, heldout_prompts=held_prompts,
-                    record_ids=used, stats=dict(stats))
+                    record_ids=used, train_points=train_points, heldout_points=heldout_points,
+                    rating_ids=rating_ids, reference=reference, judgements=ledger.as_dict(), stats=dict(stats))

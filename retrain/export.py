@@ -5,7 +5,7 @@ conversational preference format (what ``trl.RewardTrainer`` and ``DPOTrainer`` 
      "chosen": [{"role": "assistant", "content": ...}],
      "rejected": [{"role": "assistant", "content": ...}]}
 
-Ties never become pairs (see ``retrain.data``), so nothing has to be skipped here.
+TRL's pairwise format has no place for a tie, so tied pairs (``label`` 0.5) are left out.
 """
 
 from __future__ import annotations
@@ -17,5 +17,6 @@ from retrain.data import Pair
 
 
 def export_trl_jsonl(pairs: list[Pair], path: Path | str) -> int:
-    """Writes one JSON object per pair (atomically, via a temporary file); returns the count."""
-    return write_jsonl((trl_record(p.prompt, p.chosen, p.rejected) for p in pairs), path)
+    """Writes one JSON object per decisive pair (atomically, via a temporary file); returns
+    the count."""
+    return write_jsonl((trl_record(p.prompt, p.chosen, p.rejected) for p in pairs if p.decisive), path)

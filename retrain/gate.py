@@ -1,60 +1,78 @@
-"""The promotion decision: is the PPO candidate safe and better than what is served?
+"""The offline gate: is the PPO candidate safe, and better by a judge PPO could not fool?
 
-Checks (every failed one is a reason in the report):
-1. the reward model learned: held-out accuracy >= ``min_rm_accuracy`` and its Wilson 95%
-   lower bound >= ``min_rm_ci_low`` (above chance), and not worse than the previous RM by more
-   than ``max_rm_drop`` when the caller passes ``previous_rm_accuracy``;
-2. KL(candidate || SFT) on held-out prompts (k1 estimate on the candidate's own samples,
-   nats per response, at the sampling temperature) <= ``kl_budget``;
-3. the candidate's answers are not degenerate: empty-answer rate, end-of-turn rate, length
-   collapse (mean length vs the served model's), identical answers across prompts, and
-   repeated 4-grams;
-4. the candidate beats the served model on the held-out prompts as judged by the reward
-   model (the only judge the system has): win rate >= ``min_win_rate`` (ties count half).
-Both models are sampled the same way (serving temperature and top-p, same token budget).
+Checks (every failed one is a reason in the report, with its value and threshold):
+1. the reward models learned: their cross-fitted accuracy (each decisive pair scored by the
+   model that never trained on it, ``retrain.job``) >= ``min_rm_accuracy``, its Wilson
+   lower bound >= ``min_rm_ci_low`` (above chance), and not worse than the previous run's
+   by more than ``max_rm_drop``;
+2. KL(candidate || SFT) on held-out prompts (k1 on the candidate's own samples, nats per
+   response, at the sampling temperature) <= ``kl_budget``;
+3. no degeneration *relative to the served model* (never an absolute threshold the SFT model
+   itself could fail): end-of-answer rate, entropy, length, empty, duplicate and repeated
+   answers, each allowed to be worse than the served model's by at most its delta;
+4. the **judge** prefers the candidate to the served model on held-out prompts.  The judge is
+   the cross-fitted reward model trained on the other half of the data, never the one PPO
+   optimised (a reward-hacked candidate fools the model it hacked, Gao et al. 2022).  The
+   decision is on the interval: the Wilson lower bound of the win rate (ties half) at
+   ``z`` must exceed ``min_win_ci_low``, never the point estimate.
+Both models are sampled the same way (the app's temperature, top-p and answer cap).
+
+A candidate that passes goes on to the live canary (``retrain.canary``), where users' own
+votes have the last word.  ``evaluate`` takes loaded models; ``retrain.job`` loads them.
 """
 
 from __future__ import annotations
 
-import os
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 
 from assistant import models
+from retrain.backbone import end_of_turn_id, lower_forward, prompt_ids
 from retrain.ppo import decode_responses, sample, token_logprobs
-from retrain.reward import (
-    RewardModel,
-    RewardReport,
-    end_of_turn_id,
-    lower_forward,
-    prompt_ids,
-    wilson,
-)
+from retrain.reward import RewardModel, wilson
 
 
 @dataclass
 class GateConfig:
     min_rm_accuracy: float = 0.6
-    min_rm_ci_low: float = 0.5  # the RM's held-out accuracy CI must clear chance
-    max_rm_drop: float = 0.05  # vs the previous RM's accuracy, when known
-    kl_budget: float = 25.0  # nats per response, KL(candidate || SFT)
-    min_win_rate: float = 0.55  # candidate over served, judged by the RM
-    max_empty_rate: float = 0.1
-    min_eos_rate: float = 0.5  # share of answers that end within max_new_tokens
-    min_length_ratio: float = 0.15  # candidate mean length / served mean length
-    min_mean_tokens: float = 2.0
-    max_duplicate_rate: float = 0.5  # share of prompts whose answer equals another prompt's
-    max_repetition: float = 0.5  # share of repeated 4-grams inside an answer (mean)
-    temperature: float = 0.7
-    top_p: float = 0.9
-    max_new_tokens: int = 128
-    max_prompts: int = 48
+    """Cross-fitted pairwise accuracy of the reward models on decisive pairs they never saw."""
+    min_rm_ci_low: float = 0.5
+    """The Wilson 95% lower bound of that accuracy must clear chance."""
+    max_rm_drop: float = 0.05
+    """Allowed drop below the previous run's reward-model accuracy, when known."""
+    kl_budget: float = 12.0
+    """Nats per response, KL(candidate || SFT).  Good runs here reach about 6 (docs/rlhf.md)."""
+    min_win_ci_low: float = 0.5
+    """The judge's win rate of candidate over served: its lower bound must exceed this."""
+    z: float = 1.645
+    """Wilson z for the win-rate bound (1.645: a one-sided 95% lower bound)."""
+    max_eos_drop: float = 0.1
+    """End-of-answer rate may fall at most this much below the served model's."""
+    max_entropy_drop: float = 0.5
+    """Mean token entropy may fall at most this fraction below the served model's."""
+    min_length_ratio: float = 0.15
+    """Candidate mean length / served mean length, at least."""
+    max_empty_increase: float = 0.05
+    """Share of empty answers, at most this much above the served model's."""
+    max_duplicate_increase: float = 0.2
+    """Share of answers identical across prompts, at most this much above the served model's."""
+    max_repetition_increase: float = 0.2
+    """Repeated 4-grams inside an answer (mean share), at most this much above the served model's."""
+    temperature: float | None = None
+    """Sampling temperature; None: the app's --temperature."""
+    top_p: float | None = None
+    """Nucleus top-p; None: the app's --top-p."""
+    max_new_tokens: int | None = None
+    """Answer cap; None: the app's --max-new-tokens."""
+    max_prompts: int = 64
+    """Held-out prompts evaluated (one answer per model each)."""
     batch_size: int = 16
+    """Prompts sampled together."""
     seed: int = 1234
+    """Sampling seed (the served model uses seed + 1)."""
 
 
 @dataclass
@@ -62,6 +80,7 @@ class GateReport:
     passed: bool
     reasons: list[str]
     metrics: dict = field(default_factory=dict)
+    checks: list[dict] = field(default_factory=list)  # {name, value, threshold, passed}
 
 
 def repetition(text: str, n: int = 4) -> float:
@@ -90,16 +109,21 @@ def generate(model, tok, prompts: list[list[dict]], cfg: GateConfig, seed: int):
 
 
 @torch.no_grad()
-def kl_to(model, ref, raw, temperature: float) -> list[float]:
-    """Per-response k1 KL(model || ref) on the model's own samples."""
-    out = []
+def kl_and_entropy(model, ref, raw, temperature: float) -> tuple[list[float], float]:
+    """Per-response k1 KL(model || ref) on the model's own samples, and the model's mean
+    token entropy over them."""
+    kls, ent_sum, n_tok = [], 0.0, 0.0
     for ids, pmask, resp, rmask in raw:
         full, fmask = torch.cat([ids, resp], 1), torch.cat([pmask, rmask], 1)
         P = ids.shape[1]
-        lp, _ = token_logprobs(model, model.lm_head, lower_forward(model, full, fmask, 0), P, resp, temperature)
-        lr, _ = token_logprobs(ref, ref.lm_head, lower_forward(ref, full, fmask, 0), P, resp, temperature)
-        out += ((lp - lr) * rmask).sum(-1).tolist()
-    return out
+        lp, ent = token_logprobs(model, model.lm_head, lower_forward(model, full, fmask, 0), P, resp, temperature,
+                                 with_entropy=True)
+        if ref is not None:
+            lr, _ = token_logprobs(ref, ref.lm_head, lower_forward(ref, full, fmask, 0), P, resp, temperature)
+            kls += ((lp - lr) * rmask).sum(-1).tolist()
+        ent_sum += float((ent * rmask).sum())
+        n_tok += float(rmask.sum())
+    return kls, ent_sum / max(1.0, n_tok)
 
 
 def _summary(texts, lengths, ended) -> dict:
@@ -112,71 +136,94 @@ def _summary(texts, lengths, ended) -> dict:
             "repetition": sum(repetition(t) for t in texts) / n}
 
 
-def _same(a: str, b: str) -> bool:
-    try:
-        return os.path.realpath(models.resolve(a, Path(a).parent)) == os.path.realpath(models.resolve(b, Path(b).parent))
-    except Exception:  # noqa: BLE001
-        return a == b
+class Checks:
+    """Collects named checks with their value and threshold; failed ones become reasons."""
+
+    def __init__(self):
+        self.rows: list[dict] = []
+        self.reasons: list[str] = []
+
+    def at_least(self, name: str, value: float, threshold: float, reason: str) -> None:
+        self._add(name, value, threshold, ">=", value >= threshold, reason)
+
+    def at_most(self, name: str, value: float, threshold: float, reason: str) -> None:
+        self._add(name, value, threshold, "<=", value <= threshold, reason)
+
+    def above(self, name: str, value: float, threshold: float, reason: str) -> None:
+        self._add(name, value, threshold, ">", value > threshold, reason)
+
+    def _add(self, name, value, threshold, op, ok, reason) -> None:
+        self.rows.append({"name": name, "value": value, "op": op, "threshold": threshold, "passed": bool(ok)})
+        if not ok:
+            self.reasons.append(reason)
 
 
-def evaluate(candidate_path: str, served_path: str, sft_path: str, reward_model_path: str,
-             heldout_prompts: list[list[dict]], rm_report: RewardReport, cfg: GateConfig, *, log=None,
-             previous_rm_accuracy: float | None = None) -> GateReport:
+def check_reward_models(checks: Checks, rm_eval: dict, cfg: GateConfig, previous_accuracy: float | None) -> None:
+    acc, lo, n = rm_eval.get("accuracy", float("nan")), rm_eval.get("ci_low", 0.0), rm_eval.get("n", 0)
+    checks.at_least("rm_accuracy", acc, cfg.min_rm_accuracy,
+                    f"reward model accuracy {acc:.3f} < {cfg.min_rm_accuracy} (cross-fitted, n={n})")
+    checks.at_least("rm_ci_low", lo, cfg.min_rm_ci_low,
+                    f"reward model accuracy CI lower bound {lo:.3f} < {cfg.min_rm_ci_low} (n={n}): "
+                    "no evidence it beats chance")
+    if previous_accuracy is not None:
+        floor = previous_accuracy - cfg.max_rm_drop
+        checks.at_least("rm_accuracy_vs_previous", acc, floor,
+                        f"reward model accuracy {acc:.3f} fell below the previous {previous_accuracy:.3f}")
+
+
+def evaluate(candidate, served, sft, judge: RewardModel, heldout_prompts: list[list[dict]], rm_eval: dict,
+             cfg: GateConfig, *, log=None, previous_rm_accuracy: float | None = None) -> GateReport:
+    """``candidate``, ``served``, ``sft``: loaded models (``models.Loaded``; ``served`` may be
+    ``sft``); ``judge``: the reward model PPO did not optimise; ``rm_eval``: the reward models'
+    cross-fitted accuracy (``accuracy``, ``ci_low``, ``n``)."""
     t0 = time.perf_counter()
-    reasons: list[str] = []
-    metrics: dict = {"rm_accuracy": rm_report.accuracy, "rm_ci_low": rm_report.ci_low,
-                     "rm_ci_high": rm_report.ci_high, "rm_margin": rm_report.margin}
-    if not (rm_report.accuracy >= cfg.min_rm_accuracy):
-        reasons.append(f"reward model held-out accuracy {rm_report.accuracy:.3f} < {cfg.min_rm_accuracy}")
-    if rm_report.ci_low < cfg.min_rm_ci_low:
-        reasons.append(f"reward model accuracy CI lower bound {rm_report.ci_low:.3f} < {cfg.min_rm_ci_low} "
-                       f"(n={rm_report.n_heldout})")
-    if previous_rm_accuracy is not None and rm_report.accuracy < previous_rm_accuracy - cfg.max_rm_drop:
-        reasons.append(f"reward model accuracy {rm_report.accuracy:.3f} fell below the previous "
-                       f"{previous_rm_accuracy:.3f}")
+    if cfg.temperature is None or cfg.top_p is None or cfg.max_new_tokens is None:
+        raise ValueError("GateConfig sampling settings must be set (the app's settings)")
+    checks = Checks()
+    metrics: dict = {f"rm_{k}": v for k, v in rm_eval.items() if isinstance(v, (int, float))}
+    check_reward_models(checks, rm_eval, cfg, previous_rm_accuracy)
     prompts = heldout_prompts[:cfg.max_prompts]
     if not prompts:
-        reasons.append("no held-out prompts to evaluate on")
-        return GateReport(False, reasons, metrics)
+        checks.reasons.append("no held-out prompts to evaluate on")
+        return GateReport(False, checks.reasons, metrics, checks.rows)
 
-    def load(path):
-        return models.load(path, Path(path).parent, device="cpu", dtype="float32")
-
-    cand = load(candidate_path)
-    sft = load(sft_path)
-    served = sft if _same(served_path, sft_path) else load(served_path)
-    c_texts, c_len, c_end, c_raw = generate(cand.model, cand.tokenizer, prompts, cfg, cfg.seed)
-    s_texts, s_len, s_end, _ = generate(served.model, served.tokenizer, prompts, cfg, cfg.seed + 1)
-    kls = kl_to(cand.model, sft.model, c_raw, cfg.temperature)
+    c_texts, c_len, c_end, c_raw = generate(candidate.model, candidate.tokenizer, prompts, cfg, cfg.seed)
+    s_texts, s_len, s_end, s_raw = generate(served.model, served.tokenizer, prompts, cfg, cfg.seed + 1)
+    kls, c_ent = kl_and_entropy(candidate.model, sft.model, c_raw, cfg.temperature)
+    _, s_ent = kl_and_entropy(served.model, None, s_raw, cfg.temperature)
     cs, ss = _summary(c_texts, c_len, c_end), _summary(s_texts, s_len, s_end)
     metrics.update({f"candidate_{k}": v for k, v in cs.items()})
     metrics.update({f"served_{k}": v for k, v in ss.items()})
-    metrics["kl_candidate_sft"] = sum(kls) / len(kls)
-    if metrics["kl_candidate_sft"] > cfg.kl_budget:
-        reasons.append(f"KL(candidate || SFT) {metrics['kl_candidate_sft']:.2f} nats > budget {cfg.kl_budget}")
-    if cs["empty_rate"] > cfg.max_empty_rate:
-        reasons.append(f"degenerate: {cs['empty_rate']:.0%} empty answers")
-    if cs["eos_rate"] < cfg.min_eos_rate:
-        reasons.append(f"degenerate: only {cs['eos_rate']:.0%} of answers end within {cfg.max_new_tokens} tokens")
-    if cs["mean_tokens"] < max(cfg.min_mean_tokens, cfg.min_length_ratio * ss["mean_tokens"]):
-        reasons.append(f"degenerate: length collapsed to {cs['mean_tokens']:.1f} tokens "
-                       f"(served {ss['mean_tokens']:.1f})")
-    if cs["duplicate_rate"] > cfg.max_duplicate_rate:
-        reasons.append(f"degenerate: {cs['duplicate_rate']:.0%} of answers are identical across prompts")
-    if cs["repetition"] > cfg.max_repetition:
-        reasons.append(f"degenerate: repeated 4-grams {cs['repetition']:.0%}")
-    rm = RewardModel.load(reward_model_path)
-    c_sc = rm.score(prompts, c_texts)
-    s_sc = rm.score(prompts, s_texts)
+    metrics.update(candidate_entropy=c_ent, served_entropy=s_ent, kl_candidate_sft=sum(kls) / len(kls))
+
+    kl = metrics["kl_candidate_sft"]
+    checks.at_most("kl_candidate_sft", kl, cfg.kl_budget, f"KL(candidate || SFT) {kl:.2f} nats > budget {cfg.kl_budget}")
+    checks.at_least("eos_rate", cs["eos_rate"], ss["eos_rate"] - cfg.max_eos_drop,
+                    f"degenerate: {cs['eos_rate']:.0%} of answers end within {cfg.max_new_tokens} tokens "
+                    f"(served {ss['eos_rate']:.0%})")
+    checks.at_least("entropy", c_ent, s_ent * (1 - cfg.max_entropy_drop),
+                    f"degenerate: token entropy {c_ent:.2f} collapsed (served {s_ent:.2f})")
+    checks.at_least("length_ratio", cs["mean_tokens"] / max(1e-9, ss["mean_tokens"]), cfg.min_length_ratio,
+                    f"degenerate: length collapsed to {cs['mean_tokens']:.1f} tokens (served {ss['mean_tokens']:.1f})")
+    checks.at_most("empty_rate", cs["empty_rate"], ss["empty_rate"] + cfg.max_empty_increase,
+                   f"degenerate: {cs['empty_rate']:.0%} empty answers (served {ss['empty_rate']:.0%})")
+    checks.at_most("duplicate_rate", cs["duplicate_rate"], ss["duplicate_rate"] + cfg.max_duplicate_increase,
+                   f"degenerate: {cs['duplicate_rate']:.0%} of answers are identical across prompts "
+                   f"(served {ss['duplicate_rate']:.0%})")
+    checks.at_most("repetition", cs["repetition"], ss["repetition"] + cfg.max_repetition_increase,
+                   f"degenerate: repeated 4-grams {cs['repetition']:.0%} (served {ss['repetition']:.0%})")
+
+    c_sc = judge.score(prompts, c_texts)
+    s_sc = judge.score(prompts, s_texts)
     wins = float((c_sc > s_sc).sum() + 0.5 * (c_sc == s_sc).sum())
     win_rate = wins / len(prompts)
-    lo, hi = wilson(wins, len(prompts))
-    metrics.update({"rm_win_rate": win_rate, "rm_win_ci_low": lo, "rm_win_ci_high": hi,
-                    "candidate_rm_score": float(c_sc.mean()), "served_rm_score": float(s_sc.mean()),
+    lo, hi = wilson(wins, len(prompts), cfg.z)
+    metrics.update({"judge_win_rate": win_rate, "judge_win_ci_low": lo, "judge_win_ci_high": hi,
+                    "candidate_judge_score": float(c_sc.mean()), "served_judge_score": float(s_sc.mean()),
                     "n_prompts": len(prompts), "gate_s": time.perf_counter() - t0})
-    if win_rate < cfg.min_win_rate:
-        reasons.append(f"candidate wins {win_rate:.0%} against the served model on held-out prompts "
-                       f"(RM judge) < {cfg.min_win_rate:.0%}")
+    checks.above("judge_win_ci_low", lo, cfg.min_win_ci_low,
+                 f"the judge (a reward model PPO did not optimise) prefers the candidate on {win_rate:.0%} of "
+                 f"{len(prompts)} held-out prompts; lower bound {lo:.0%} does not clear {cfg.min_win_ci_low:.0%}")
     if log:
         log("gate", 0, {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))})
-    return GateReport(passed=not reasons, reasons=reasons, metrics=metrics)
+    return GateReport(passed=not checks.reasons, reasons=checks.reasons, metrics=metrics, checks=checks.rows)

@@ -20,11 +20,12 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
 
+from assistant import models
 from assistant.settings import Settings
 from feedback.registry import Registry
 from feedback.store import FeedbackStore, now
+from retrain.config import RetrainConfig
 
 log = logging.getLogger(__name__)
 
@@ -100,40 +101,6 @@ def reap_stale_runs(registry: Registry, data_dir: Path) -> list[str]:
     return reaped
 
 
-# ----------------------------------------------------------------------------- configs
-@dataclasses.dataclass
-class JobConfig:
-    """Overrides for the three stage configs, from ``--retrain-config FILE.json`` with keys
-    ``data``, ``reward``, ``ppo``, ``gate`` (each a dict of that stage's config fields)."""
-    data: dict[str, Any] = dataclasses.field(default_factory=dict)
-    reward: dict[str, Any] = dataclasses.field(default_factory=dict)
-    ppo: dict[str, Any] = dataclasses.field(default_factory=dict)
-    gate: dict[str, Any] = dataclasses.field(default_factory=dict)
-    min_pairs: int = 8  # below this a run is rejected without training
-
-    @classmethod
-    def load(cls, path: str | Path | None) -> JobConfig:
-        if not path:
-            return cls()
-        raw = json.loads(Path(path).read_text())
-        unknown = set(raw) - {f.name for f in dataclasses.fields(cls)}
-        if unknown:
-            raise ValueError(f"unknown sections in {path}: {sorted(unknown)}")
-        return cls(**raw)
-
-
-def _build(cls: type, overrides: dict) -> Any:
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = set(overrides) - names
-    if unknown:
-        raise ValueError(f"unknown {cls.__name__} fields: {sorted(unknown)}")
-    return cls(**overrides)
-
-
-def _asdict(obj: Any) -> dict:
-    return dataclasses.asdict(obj) if dataclasses.is_dataclass(obj) else dict(obj)
-
-
 # ----------------------------------------------------------------------------- the run
 class Run:
     """Carries one run's ids and writes its progress to the registry."""
@@ -176,25 +143,23 @@ def _share_plan(plan: dict | None) -> dict | None:
     return box[0]
 
 
-def _join_ppo(config: JobConfig, should_stop: Callable[[], bool] | None) -> dict:
+def _join_ppo(config: RetrainConfig, should_stop: Callable[[], bool] | None) -> dict:
     """What a rank other than 0 does: wait for the plan, train its share of PPO."""
-    from retrain.ppo import PPOConfig, train_ppo
-
     plan = _share_plan(None)
     if plan is None:
         return {}
-    train_ppo(plan["policy_path"], plan["ref_path"], plan["reward_path"], plan["prompts"], plan["out_dir"],
-              _build(PPOConfig, config.ppo), should_stop=should_stop, ptx_pairs=plan["ptx_pairs"])
+    run_ppo(plan, config.ppo, should_stop=should_stop)
     return {"id": plan["run_id"], "status": "worker"}
 
 
 def run_once(settings: Settings, *, run_id: str | None = None, trigger: str = "manual",
-             config: JobConfig | None = None, should_stop: Callable[[], bool] | None = None) -> dict:
+             config: RetrainConfig | None = None, should_stop: Callable[[], bool] | None = None) -> dict:
     """Runs one retrain and returns the final run row.  Never raises for a rejected
     candidate; raises (after marking the run failed) for a crash."""
     from retrain import versions
 
-    config = config or JobConfig.load(getattr(settings, "retrain_config", ""))
+    config = config or RetrainConfig.load(getattr(settings, "retrain_config", "") or None)
+    config.with_app_settings(settings)
     if not _is_main():
         return _join_ppo(config, should_stop)
     shared = {"sent": False}
@@ -205,7 +170,7 @@ def run_once(settings: Settings, *, run_id: str | None = None, trigger: str = "m
             _share_plan(None)  # let waiting ranks go home
 
 
-def _run_main(settings: Settings, run_id: str | None, trigger: str, config: JobConfig,
+def _run_main(settings: Settings, run_id: str | None, trigger: str, config: RetrainConfig,
               should_stop: Callable[[], bool] | None, shared: dict, versions) -> dict:
     store = FeedbackStore(settings.db_path, scrub_pii=settings.scrub_pii)
     registry = Registry(store)
@@ -213,7 +178,7 @@ def _run_main(settings: Settings, run_id: str | None, trigger: str, config: JobC
         with run_lock(settings.data_path):
             reap_stale_runs_unlocked(registry)
             versions.clean_partial(settings.versions_dir)
-            run_id = run_id or registry.create_run(trigger, config=_asdict(config))
+            run_id = run_id or registry.create_run(trigger, config=config.as_dict())
             registry.update_run(run_id, status="running", started_at=now(), heartbeat_at=now(), pid=os.getpid())
             run = Run(registry, run_id)
             try:
@@ -237,30 +202,187 @@ def reap_stale_runs_unlocked(registry: Registry) -> None:
                                    "nothing was published")
 
 
-def _train_and_gate(settings: Settings, registry: Registry, run: Run, config: JobConfig,
+
+# ----------------------------------------------------------------------------- loading and saving
+def _accelerator():
+    """accelerate's Accelerator (one process per device under ``accelerate launch``), or None."""
+    import torch
+
+    try:
+        from accelerate import Accelerator
+
+        return Accelerator(cpu=not torch.cuda.is_available())
+    except Exception:  # noqa: BLE001 - accelerate is optional at run time
+        return None
+
+
+def load_policy(policy_path: str, cfg, device: str):
+    """The policy as a trainable PEFT model named 'default' on the SFT base.  From an adapter
+    version: that adapter, trained further.  From a full model: a new LoRA on its top layers.
+    Returns (peft model, tokenizer, sft base path)."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    from retrain.backbone import decoder_of
+    from retrain.reward import LORA_TARGETS
+
+    resolved = models.resolve(policy_path, Path(policy_path).parent)
+    if models.is_adapter(resolved):
+        base_path = models.adapter_base(resolved)
+        base = models.load(base_path, Path(base_path).parent, device=device, dtype="float32").model
+        model = PeftModel.from_pretrained(base, resolved, is_trainable=True)
+        tok = models.load_tokenizer(resolved if Path(resolved, "tokenizer_config.json").exists() else base_path)
+    else:
+        base_path = resolved
+        loaded = models.load(resolved, Path(resolved).parent, device=device, dtype="float32")
+        base, tok = loaded.model, loaded.tokenizer
+        n = len(decoder_of(base).layers)
+        k = max(1, min(cfg.lora_layers, n))
+        lcfg = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=0.0, target_modules=LORA_TARGETS,
+                          layers_to_transform=list(range(n - k, n)), bias="none")
+        model = get_peft_model(base, lcfg)
+    model.eval()  # dropout off
+    return model, tok, base_path
+
+
+def save_policy(model, tok, base_path: str, out_dir: Path, meta: dict) -> None:
+    from retrain.versions import atomic_dir
+
+    with atomic_dir(out_dir) as tmp:
+        model.peft_config["default"].base_model_name_or_path = str(base_path)
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        (tmp / "training.json").write_text(json.dumps(meta, indent=2, default=str))
+
+
+def run_ppo(plan: dict, cfg, *, log=None, should_stop=None):
+    """Loads the policy, the KL reference, the reward model and its critic copy from the
+    plan's paths, trains (every rank), and saves the policy (rank 0).  Returns PPOResult."""
+    from retrain.backbone import end_of_turn_id
+    from retrain.ppo import train_ppo
+    from retrain.reward import RewardModel
+
+    if cfg.threads:
+        import torch
+
+        torch.set_num_threads(cfg.threads)
+    accelerator = _accelerator()
+    device = str(accelerator.device) if accelerator is not None else "cpu"
+    policy, tok, base_path = load_policy(plan["policy_path"], cfg, device)
+    ref_model = None
+    ref_spec = plan["ref_path"]
+    if ref_spec and os.path.realpath(models.resolve(ref_spec, Path(ref_spec).parent)) != os.path.realpath(base_path):
+        ref_model = models.load(ref_spec, Path(ref_spec).parent, device=device, dtype="float32").model
+    rm = RewardModel.load(plan["reward_path"], device=device)
+    value = rm.as_value_model()
+    stop_ids = models.stop_token_ids(policy.get_base_model(), tok) | {end_of_turn_id(tok)}
+    result = train_ppo(policy, tok, rm, value, plan["prompts"], cfg, stop_ids=stop_ids, eot_id=end_of_turn_id(tok),
+                       ref_model=ref_model, log=log, should_stop=should_stop, ptx_pairs=plan["ptx_pairs"],
+                       accelerator=accelerator)
+    if accelerator is None or accelerator.is_main_process:
+        save_policy(policy, tok, base_path, Path(plan["out_dir"]),
+                    {"config": dataclasses.asdict(cfg), "steps": result.steps, "final": result.final,
+                     "policy_from": plan["policy_path"], "ref": ref_spec, "reward_model": plan["reward_path"],
+                     "wall_s": result.wall_s})
+    if accelerator is not None:
+        accelerator.wait_for_everyone()
+    return result
+
+
+# ----------------------------------------------------------------------------- the stages
+def train_cross_fitted(sft_path: str, snapshot, config: RetrainConfig, registry: Registry, run: Run) -> dict:
+    """Two reward models on disjoint halves of the training data (``Pair.fold``): the
+    *policy* RM (fold 0), which PPO optimises, and the *judge* (fold 1), which only the gate
+    uses.  Each warm-starts from the previous run's model of the same role.  Their accuracy
+    is measured out of fold: every decisive training pair by the model that never saw it,
+    and every held-out pair by the mean of both.  Returns the models and the evaluation."""
+    import torch
+
+    from retrain.reward import accuracy_of, new_reward_model, normalize, pair_margins, train_reward_model
+
+    cfg = config.reward
+    rms, trained, previous, cache = {}, {}, {}, None
+    for fold, role in ((0, "policy"), (1, "judge")):
+        prev = registry.latest_reward_model(role)
+        previous[role] = prev
+        init_from = prev["path"] if prev and Path(prev["path"]).exists() else None
+        rm = new_reward_model(sft_path, cfg, init_from, "cpu")
+        cache = cache or rm.cache(cfg.lower_batch)
+        pairs = [p for p in snapshot.train if p.fold == fold]
+        points = [q for q in snapshot.train_points if q.fold == fold]
+        trained[role] = train_reward_model(rm, pairs, points, cfg, cache=cache, log=run.log, phase=f"rm_{role}")
+        reference = snapshot.reference or [(p.prompt, a) for p in pairs for a in (p.chosen, p.rejected)]
+        trained[role].norm = normalize(rm, reference, cache, cfg.max_ref_samples, cfg.seed)
+        trained[role].norm["norm_source"] = "reference model answers" if snapshot.reference else "training answers"
+        rms[role] = rm
+    # out-of-fold evaluation
+    oof = [p for p in snapshot.train if p.fold == 1] + [p for p in snapshot.train if p.fold == 0]
+    margins = [pair_margins(rms["policy"], oof[:sum(p.fold == 1 for p in oof)], cache),
+               pair_margins(rms["judge"], oof[sum(p.fold == 1 for p in oof):], cache)]
+    both = None
+    if snapshot.heldout:
+        both = (pair_margins(rms["policy"], snapshot.heldout, cache) + pair_margins(rms["judge"], snapshot.heldout,
+                                                                                    cache)) / 2
+        margins.append(both)
+    ev = accuracy_of(torch.cat(margins), oof + snapshot.heldout)
+    held = accuracy_of(both, snapshot.heldout) if both is not None else {}
+    ev.update(heldout_accuracy=held.get("accuracy"), heldout_n=held.get("n", 0))
+    run.log("rm", 0, {k: float(v) for k, v in ev.items() if isinstance(v, (int, float)) and v is not None})
+    return {"models": rms, "trained": trained, "previous": previous, "eval": ev}
+
+
+def save_reward_models(fitted: dict, config: RetrainConfig, registry: Registry, run: Run, settings: Settings) -> dict:
+    """Writes both reward models under ``reward_models/`` atomically and registers them."""
+    from retrain.versions import atomic_dir
+
+    ids = {}
+    ev = fitted["eval"]
+    for role, rm in fitted["models"].items():
+        rm_id = f"rm-{run.id}" + ("" if role == "policy" else "-judge")
+        final = settings.data_path / "reward_models" / rm_id
+        tr = fitted["trained"][role]
+        with atomic_dir(final) as tmp:
+            rm.save(str(tmp), extra={"role": role, "report": {**ev, **tr.norm, "n_pairs": tr.n_pairs,
+                                                              "n_ties": tr.n_ties, "n_points": tr.n_points},
+                                     "config": dataclasses.asdict(config.reward)})
+        prev = fitted["previous"][role]
+        registry.register_reward_model(id=rm_id, role=role, parent_id=prev["id"] if prev else None, run_id=run.id,
+                                       path=str(final), accuracy=ev["accuracy"], ci_low=ev["ci_low"],
+                                       ci_high=ev["ci_high"], margin=ev["margin"], n_train=tr.n_pairs + tr.n_points,
+                                       n_heldout=ev["n"], norm_mean=rm.norm_mean, norm_std=rm.norm_std)
+        ids[role] = (rm_id, str(final))
+    return ids
+
+
+def _train_and_gate(settings: Settings, registry: Registry, run: Run, config: RetrainConfig,
                     should_stop: Callable[[], bool] | None, shared: dict) -> None:
     import torch
 
     from retrain import versions
     from retrain.data import build_snapshot
-    from retrain.gate import GateConfig, evaluate
-    from retrain.ppo import PPOConfig, train_ppo
-    from retrain.reward import RewardConfig, train_reward_model
+    from retrain.gate import evaluate
 
     if settings.retrain_threads:
         torch.set_num_threads(settings.retrain_threads)
     t0 = time.monotonic()
     timings: dict[str, float] = {}
     store = registry.store
-    snapshot = build_snapshot(store, **config.data)
+    snapshot = build_snapshot(store, **dataclasses.asdict(config.data), labels=config.labels,
+                              system_prompt=settings.system_prompt)
     registry.update_run(run.id, n_preferences=len(snapshot.train) + len(snapshot.heldout),
-                        data={**snapshot.stats, "record_ids": snapshot.record_ids})
+                        data={**snapshot.stats, "judgements": snapshot.judgements,
+                              "record_ids": snapshot.record_ids, "rating_ids": snapshot.rating_ids})
+    run_dir = settings.runs_dir / run.id
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "prompts.json").write_text(json.dumps(
+        {"rollout": snapshot.rollout_prompts, "gate": snapshot.heldout_prompts[:config.gate.max_prompts]},
+        ensure_ascii=False))
     timings["snapshot_s"] = time.monotonic() - t0
-    if len(snapshot.train) < config.min_pairs or not snapshot.heldout:
+    decisive = sum(p.decisive for p in snapshot.train)
+    if decisive < config.min_pairs:
         registry.update_run(run.id, status="rejected", finished_at=now(),
-                            reason=f"not enough usable preferences: {len(snapshot.train)} train / "
-                                   f"{len(snapshot.heldout)} held-out pairs (need {config.min_pairs}+ and 1+)",
-                            decision={"passed": False, "timings": timings})
+                            reason=f"not enough usable preferences: {decisive} decisive training pairs "
+                                   f"(need {config.min_pairs}+)",
+                            decision={"passed": False, "timings": timings, "judgements": snapshot.judgements})
         return
 
     served = registry.served_version() or "sft"
@@ -269,45 +391,46 @@ def _train_and_gate(settings: Settings, registry: Registry, run: Run, config: Jo
     work = settings.runs_dir / run.id / "work"
     work.mkdir(parents=True, exist_ok=True)
 
-    # 1. reward model (warm start from the last one)
+    # 1. two cross-fitted reward models: PPO optimises one, the gate's judge is the other
     t = time.monotonic()
-    reward_cfg = _build(RewardConfig, config.reward)
-    previous = registry.latest_reward_model()
-    init_from = previous["path"] if previous and Path(previous["path"]).exists() else None
-    rm = train_reward_model(sft_path, snapshot.train, snapshot.heldout, str(work / "reward"), reward_cfg,
-                            init_from=init_from, log=run.log)
-    rm_id = f"rm-{run.id}"
-    rm_dir = versions.publish(rm.path, settings.data_path / "reward_models", rm_id)
-    registry.register_reward_model(id=rm_id, parent_id=previous["id"] if previous else None, run_id=run.id,
-                                   path=str(rm_dir), accuracy=rm.accuracy, ci_low=rm.ci_low, ci_high=rm.ci_high,
-                                   margin=rm.margin, n_train=rm.n_train, n_heldout=rm.n_heldout,
-                                   norm_mean=rm.norm_mean, norm_std=rm.norm_std)
-    registry.update_run(run.id, reward_model_id=rm_id, rm_accuracy=rm.accuracy, rm_ci_low=rm.ci_low,
-                        rm_ci_high=rm.ci_high, rm_margin=rm.margin)
+    fitted = train_cross_fitted(sft_path, snapshot, config, registry, run)
+    ids = save_reward_models(fitted, config, registry, run, settings)
+    ev = fitted["eval"]
+    registry.update_run(run.id, reward_model_id=ids["policy"][0], rm_accuracy=ev["accuracy"], rm_ci_low=ev["ci_low"],
+                        rm_ci_high=ev["ci_high"], rm_margin=ev["margin"])
+    judge = fitted["models"]["judge"]
+    del fitted["models"]["policy"]  # PPO loads its own copy (every rank does the same)
     timings["reward_s"] = time.monotonic() - t
 
     # 2. PPO from the served version, KL against the frozen SFT model
     t = time.monotonic()
-    ppo_cfg = _build(PPOConfig, config.ppo)
-    ref_path = sft_path if ppo_cfg.ref == "sft" else served_path
-    plan = {"run_id": run.id, "policy_path": served_path, "ref_path": ref_path, "reward_path": str(rm_dir),
+    ppo_cfg = config.ppo
+    plan = {"run_id": run.id, "policy_path": served_path,
+            "ref_path": sft_path if ppo_cfg.ref == "sft" else served_path, "reward_path": ids["policy"][1],
             "prompts": snapshot.rollout_prompts, "out_dir": str(work / "policy"),
             "ptx_pairs": snapshot.train if ppo_cfg.ptx_coef > 0 else None}  # PPO-ptx: chosen answers, rewrites
     _share_plan(plan)
     shared["sent"] = True
-    result = train_ppo(plan["policy_path"], plan["ref_path"], plan["reward_path"], plan["prompts"], plan["out_dir"],
-                       ppo_cfg, log=run.log, should_stop=should_stop, ptx_pairs=plan["ptx_pairs"])
+    result = run_ppo(plan, ppo_cfg, log=run.log, should_stop=should_stop)
     timings["ppo_s"] = time.monotonic() - t
 
-    # 3. gate on held-out evidence
+    # 3. gate on held-out prompts, judged by the reward model PPO did not optimise
     t = time.monotonic()
-    gate_cfg = _build(GateConfig, config.gate)
-    report = evaluate(result.path, served_path, sft_path, str(rm_dir), snapshot.heldout_prompts, rm, gate_cfg,
-                      log=run.log, previous_rm_accuracy=previous["accuracy"] if previous else None)
+
+    def load(path):
+        return models.load(path, Path(path).parent, device="cpu", dtype="float32")
+
+    candidate, sft = load(plan["out_dir"]), load(sft_path)
+    served_model = sft if served == "sft" else load(served_path)
+    prev = fitted["previous"]["policy"]
+    report = evaluate(candidate, served_model, sft, judge, snapshot.heldout_prompts, ev, config.gate, log=run.log,
+                      previous_rm_accuracy=prev["accuracy"] if prev else None)
     timings["gate_s"] = time.monotonic() - t
     kl = report.metrics.get("kl_candidate_sft")
-    decision = {"passed": report.passed, "reasons": report.reasons, "metrics": report.metrics,
-                "timings": timings, "ppo": result.final}
+    decision = {"passed": report.passed, "reasons": report.reasons, "checks": report.checks,
+                "metrics": report.metrics, "timings": timings, "ppo": result.final, "rm": ev,
+                "policy_reward_model": ids["policy"][0], "judge_reward_model": ids["judge"][0],
+                "judgements": snapshot.judgements}
     registry.mark_used(run.id, snapshot.record_ids)
     if not report.passed:
         registry.update_run(run.id, status="rejected", finished_at=now(), kl=kl, decision=decision,
@@ -316,12 +439,12 @@ def _train_and_gate(settings: Settings, registry: Registry, run: Run, config: Jo
 
     # 4. publish atomically, register with lineage, then tell the server
     version_id = f"v-{run.id.removeprefix('run-')}"
-    final = versions.publish(result.path, settings.versions_dir, version_id, {"run_id": run.id, "parent": served})
+    final = versions.publish(plan["out_dir"], settings.versions_dir, version_id, {"run_id": run.id, "parent": served})
     registry.register_version(
         version_id=version_id, path=str(final), kind="ppo", parent_id=served, base_model=sft_path,
-        run_id=run.id, metrics=report.metrics,
-        config={"reward": _asdict(reward_cfg), "ppo": _asdict(ppo_cfg), "gate": _asdict(gate_cfg)},
-        feedback={"comparisons": snapshot.record_ids, "reward_model": rm_id})
+        run_id=run.id, metrics=report.metrics, config=config.as_dict(),
+        feedback={"comparisons": snapshot.record_ids, "ratings": snapshot.rating_ids,
+                  "reward_model": ids["policy"][0], "judge": ids["judge"][0]})
     registry.update_run(run.id, candidate_version=version_id)
     registry.set_served(version_id, "promote", actor="retrain", reason=f"run {run.id} passed the gate")
     timings["total_s"] = time.monotonic() - t0

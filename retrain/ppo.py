@@ -4,13 +4,16 @@ Objective: maximise E[r(x, y)] - beta * KL(pi || pi_ref), per token (k1 estimato
 
     reward_t = -beta * (logp_policy_t - logp_ref_t)   (+ RM score at the last token)
 
-Recipe (see ``/work/shared/reference/rlhf-recipe.md``) and where it lives below:
+The recipe, each detail and why, with the lessons measured on this project: ``docs/rlhf.md``.
+Where it lives below:
 - rollouts sampled at ``temperature`` and log-probs computed from ``logits / temperature``;
   top-p is off during rollouts (``rollout_top_p=1``) so the sampled distribution is exactly
   the one whose log-probs PPO uses;
 - left-padded prompts with position ids from the attention mask; every token after the
-  first end-of-turn token is masked out; a response that never ends gets the fixed score
-  ``no_eos_score`` instead of the RM score;
+  first end-of-turn token is masked out; a response that never ends (hits the rollout cap,
+  which follows the serving cap) is scored by the RM as if it ended there, minus
+  ``truncation_penalty``: a penalty *relative* to its score, so PPO cannot learn "stop
+  sooner" in place of what users prefer;
 - GAE (gamma 1, lambda 0.95) with a value model initialised from the reward model (so the
   final score reaches early tokens from the first step), advantages whitened per batch;
 - clipped policy loss, clipped value loss, Adam eps 1e-5, linear lr decay, grad clip;
@@ -28,37 +31,23 @@ Multi-GPU: ``accelerate launch -m retrain run ...`` (or any script calling ``tra
 runs one process per device; each process takes its share of every prompt batch, gradients
 of the LoRA / value parameters are averaged across processes, and the main process saves.
 On a CPU it is a single process.
+
+``train_ppo`` takes loaded models and returns metrics; ``retrain.job`` loads and saves.
 """
 
 from __future__ import annotations
 
-import json
 import math
-import os
 import random
-import shutil
-import tempfile
 import time
-from dataclasses import asdict, dataclass
-from pathlib import Path
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from assistant import models
-from retrain.reward import (
-    LORA_TARGETS,
-    Lower,
-    RewardModel,
-    _replace_dir,
-    decoder_of,
-    end_of_turn_id,
-    lower_forward,
-    pad_left,
-    prompt_ids,
-    upper_forward,
-)
+from retrain.backbone import Lower, lower_forward, pad_left, upper_forward
+from retrain.reward import RewardModel
 
 
 @dataclass
@@ -70,11 +59,11 @@ class PPOConfig:
     ppo_epochs: int = 2  # passes over each rollout batch
     seed: int = 0
     # -- sampling
-    temperature: float = 0.7  # serving temperature; log-probs use logits / temperature
+    temperature: float | None = None  # None: the app's --temperature; log-probs use logits / temperature
     rollout_top_p: float = 1.0
-    max_new_tokens: int = 96  # rollout length cap
+    max_new_tokens: int | None = None  # rollout length cap; None: the app's --max-new-tokens (the serving cap)
     max_prompt_length: int = 256  # prompts cut from the left
-    no_eos_score: float = -1.0  # score of a response that never ends (normalised RM units)
+    truncation_penalty: float = 1.0  # subtracted from the RM score of a response that hits the cap
     # -- objective
     beta: float = 0.05  # KL coefficient (k1 per-token penalty)
     adaptive_kl: bool = False
@@ -104,9 +93,9 @@ class PPOConfig:
 
 @dataclass
 class PPOResult:
-    path: str
     steps: int
-    final: dict
+    final: dict  # the last step's metrics (``ppo/...``)
+    wall_s: float = 0.0
 
 
 # ----------------------------------------------------------------------------- pure pieces (tested)
@@ -274,46 +263,6 @@ def _lora_min_layer(cfg) -> int:
 
 
 # ----------------------------------------------------------------------------- training
-def _load_policy(policy_path: str, cfg: PPOConfig, device: str):
-    """The policy as a trainable PEFT model named 'default' on the SFT base.  From an adapter
-    version: that adapter, trained further.  From a full model: a new LoRA on its top layers.
-    Returns (peft model, tokenizer, sft base path)."""
-    from peft import LoraConfig, PeftModel, get_peft_model
-
-    resolved = models.resolve(policy_path, Path(policy_path).parent)
-    if models.is_adapter(resolved):
-        base_path = models.adapter_base(resolved)
-        base = models.load(base_path, Path(base_path).parent, device=device, dtype="float32").model
-        model = PeftModel.from_pretrained(base, resolved, is_trainable=True)
-        tok = models.load_tokenizer(resolved if Path(resolved, "tokenizer_config.json").exists() else base_path)
-    else:
-        base_path = resolved
-        loaded = models.load(resolved, Path(resolved).parent, device=device, dtype="float32")
-        base, tok = loaded.model, loaded.tokenizer
-        n = len(decoder_of(base).layers)
-        k = max(1, min(cfg.lora_layers, n))
-        lcfg = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=0.0, target_modules=LORA_TARGETS,
-                          layers_to_transform=list(range(n - k, n)), bias="none")
-        model = get_peft_model(base, lcfg)
-    model.eval()
-    return model, tok, base_path
-
-
-def _save_policy(model, tok, base_path: str, out_dir: str, meta: dict) -> None:
-    out = Path(out_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".ppo-", dir=out.parent))
-    try:
-        model.peft_config["default"].base_model_name_or_path = str(base_path)
-        model.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
-        (tmp / "training.json").write_text(json.dumps(meta, indent=2, default=str))
-        _replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
 def _allreduce_grads(params, accelerator) -> None:
     if accelerator is None or accelerator.num_processes <= 1:
         return
@@ -325,24 +274,42 @@ def _allreduce_grads(params, accelerator) -> None:
             p.grad /= accelerator.num_processes
 
 
-def train_ppo(policy_path: str, ref_path: str, reward_model_path: str, prompts: list[list[dict]], out_dir: str,
-              cfg: PPOConfig, *, log=None, should_stop=None, ptx_pairs=None, device: str = "auto") -> PPOResult:
-    """Runs ``cfg.steps`` PPO iterations and saves the policy adapter (with tokenizer) to
-    ``out_dir``.  ``should_stop()`` is polled between steps (a stop still saves the policy).
-    ``ref_path`` is the frozen KL reference: pass the SFT path (the recipe's default; it is then
-    the policy's own base with the adapter disabled, no second copy) or the served version's
-    path; when empty, ``cfg.ref`` picks 'sft' (the policy's base) or 'served' (``policy_path``)."""
-    t0 = time.perf_counter()
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    accelerator = None
-    try:
-        from accelerate import Accelerator
+def truncation_scores(rm_scores: torch.Tensor, ended: torch.Tensor, cfg: PPOConfig) -> torch.Tensor:
+    """The score PPO maximises: the clipped RM score, minus ``truncation_penalty`` for a
+    response that never ended (scored as if it ended at the cap)."""
+    score = rm_scores.clamp(-cfg.score_clip, cfg.score_clip)
+    return torch.where(ended, score, score - cfg.truncation_penalty)
 
-        accelerator = Accelerator(cpu=not torch.cuda.is_available())
-        dev = accelerator.device
-    except Exception:  # noqa: BLE001 - accelerate is optional at run time
-        dev = models.pick_device(device)
+
+def with_end_of_turn(ids, pmask, resp, rmask, ended, eot: int, pad_id: int):
+    """Prompt + response + one more column holding end-of-turn for the rows that never ended
+    (masked padding for the others), so the RM reads every row's score at an end-of-turn
+    token, where it was trained to.  Causal attention keeps every earlier position as it was.
+    Returns (full ids, full mask, index of each row's scored token)."""
+    B = ids.shape[0]
+    extra = torch.where(ended, torch.full((B,), pad_id, device=ids.device), torch.full((B,), eot, device=ids.device))
+    full = torch.cat([ids, resp, extra[:, None]], 1)
+    fmask = torch.cat([pmask, rmask, (~ended).long()[:, None]], 1)
+    P, L = ids.shape[1], resp.shape[1]
+    last = torch.where(ended, P + rmask.sum(-1) - 1, torch.full_like(ended, P + L, dtype=torch.long))
+    return full, fmask, last
+
+
+def train_ppo(policy, tok, rm: RewardModel, value: RewardModel, prompts: list[list[dict]], cfg: PPOConfig, *,
+              stop_ids: set[int], eot_id: int, ref_model=None, log=None, should_stop=None, ptx_pairs=None,
+              accelerator=None) -> PPOResult:
+    """Runs ``cfg.steps`` PPO iterations on ``policy`` (a PEFT model whose adapter 'default'
+    is trained in place) and ``value`` (the critic, trained in place) against the frozen
+    ``rm``; returns the metrics.  ``ref_model`` is the frozen KL reference; None means the
+    policy's own base with the adapter disabled (the SFT model, no second copy).
+    ``should_stop()`` is polled between steps.  ``cfg.temperature`` and ``cfg.max_new_tokens``
+    must be set (``retrain.job`` fills them from the app's settings)."""
+    from retrain.backbone import prompt_ids
+
+    t0 = time.perf_counter()
+    if cfg.temperature is None or cfg.max_new_tokens is None:
+        raise ValueError("PPOConfig.temperature and max_new_tokens must be set (the app's settings)")
+    dev = next(policy.parameters()).device
     rank = accelerator.process_index if accelerator else 0
     world = accelerator.num_processes if accelerator else 1
     torch.manual_seed(cfg.seed + rank)
@@ -350,23 +317,7 @@ def train_ppo(policy_path: str, ref_path: str, reward_model_path: str, prompts: 
     gen = torch.Generator(device="cpu").manual_seed(cfg.seed + rank)
     if not prompts:
         raise ValueError("no rollout prompts")
-
-    policy, tok, base_path = _load_policy(policy_path, cfg, str(dev))
-    policy.to(dev)
-    stop_ids = models.stop_token_ids(policy.get_base_model(), tok) | {end_of_turn_id(tok)}
     lm_head = _lm_head(policy)
-    # reference: the SFT base = the policy with its adapter disabled, unless asked otherwise
-    ref_model = None
-    ref_spec = ref_path or (base_path if cfg.ref == "sft" else policy_path)
-    if ref_spec and os.path.realpath(models.resolve(ref_spec, Path(ref_spec).parent)) != os.path.realpath(base_path):
-        ref_model = models.load(ref_spec, Path(ref_spec).parent, device=str(dev), dtype="float32").model
-    rm = RewardModel.load(reward_model_path, device=str(dev))
-    value = RewardModel.load(reward_model_path, device=str(dev), trainable=True)
-    # fold the RM normalisation into the value head so values start in reward units
-    with torch.no_grad():
-        value.head.weight /= value.norm_std
-        value.head.bias.sub_(value.norm_mean).div_(value.norm_std)
-    value.norm_mean, value.norm_std = 0.0, 1.0
     split = min(_lora_min_layer(policy.peft_config["default"]), rm.split, value.split)
     if ref_model is not None:
         split = 0  # another model's layers: no shared lower stack with it
@@ -382,10 +333,9 @@ def train_ppo(policy_path: str, ref_path: str, reward_model_path: str, prompts: 
     enc_prompts = [prompt_ids(tok, p)[-cfg.max_prompt_length:] for p in prompts]
     ptx = []
     if cfg.ptx_coef > 0 and ptx_pairs:  # the chosen answer (or rewrite) closed by end-of-turn
-        eot = end_of_turn_id(tok)
         ptx = [(prompt_ids(tok, p.prompt)[-cfg.max_prompt_length:],
-                (tok(p.chosen, add_special_tokens=False)["input_ids"] + [eot])[:cfg.max_new_tokens])
-               for p in ptx_pairs]
+                (tok(p.chosen, add_special_tokens=False)["input_ids"] + [eot_id])[:cfg.max_new_tokens])
+               for p in ptx_pairs if p.decisive]
     order: list[int] = []
     final: dict = {}
     steps_done = 0
@@ -410,9 +360,8 @@ def train_ppo(policy_path: str, ref_path: str, reward_model_path: str, prompts: 
             policy.unmerge_adapter()
         t_gen = time.perf_counter() - ts
         ended = torch.isin(resp, torch.tensor(sorted(stop_ids), device=resp.device)).any(-1)
-        P = ids.shape[1]
-        full = torch.cat([ids, resp], 1)
-        fmask = torch.cat([pmask, rmask], 1)
+        P, L = ids.shape[1], resp.shape[1]
+        full, fmask, last = with_end_of_turn(ids, pmask, resp, rmask, ended, eot_id, tok.pad_token_id)
         rmaskf = rmask.float()
         with torch.no_grad():
             lower = lower_forward(policy, full, fmask, split)
@@ -423,12 +372,9 @@ def train_ppo(policy_path: str, ref_path: str, reward_model_path: str, prompts: 
             else:
                 ref_lower = lower_forward(ref_model, full, fmask, 0)
                 ref_logp, _ = token_logprobs(ref_model, _lm_head(ref_model), ref_lower, P, resp, cfg.temperature)
-            L = resp.shape[1]
             old_values = value.values(lower, normalized=False)[:, P - 1:P - 1 + L].float()
-            last = P + rmask.sum(-1) - 1
             rm_scores = rm.values(lower, normalized=True).float()[torch.arange(len(last)), last]
-            score = torch.where(ended, rm_scores.clamp(-cfg.score_clip, cfg.score_clip),
-                                torch.full_like(rm_scores, cfg.no_eos_score))
+            score = truncation_scores(rm_scores, ended, cfg)
             rewards, kl = kl_rewards(old_logp, ref_logp, rmaskf, score, beta)
             adv, returns = gae(rewards, old_values, rmaskf, cfg.gamma, cfg.lam)
             if cfg.whiten_advantages:
@@ -469,27 +415,23 @@ def train_ppo(policy_path: str, ref_path: str, reward_model_path: str, prompts: 
                 stats["approx_kl"].append(float(approx_kl))
                 stats["entropy"].append(float(masked_mean(ent, m)))
         sched.step()
-        kl_seq = kl.sum(-1)
-        mean_kl = float(kl_seq.mean())
+        mean_kl = float(kl.sum(-1).mean())
         if kl_ctl is not None:
             kl_ctl.update(mean_kl, n * world)
             beta = kl_ctl.beta
-        lengths = rmask.sum(-1).float()
         early = adv[:, :4]
         final = {
             "score": float(score.mean()), "rm_score": float(rm_scores.mean()), "kl": mean_kl, "beta": beta,
-            "entropy": sum(stats["entropy"]) / len(stats["entropy"]),
-            "clipfrac": sum(stats["clipfrac"]) / len(stats["clipfrac"]),
-            "approx_kl": sum(stats["approx_kl"]) / len(stats["approx_kl"]),
-            "pg_loss": sum(stats["pg_loss"]) / len(stats["pg_loss"]),
-            "value_loss": sum(stats["vf_loss"]) / len(stats["vf_loss"]),
-            "response_length": float(lengths.mean()), "eos_rate": float(ended.float().mean()),
+            "entropy": _mean(stats["entropy"]), "clipfrac": _mean(stats["clipfrac"]),
+            "approx_kl": _mean(stats["approx_kl"]), "pg_loss": _mean(stats["pg_loss"]),
+            "value_loss": _mean(stats["vf_loss"]), "response_length": float(rmask.sum(-1).float().mean()),
+            "eos_rate": float(ended.float().mean()),
             "early_adv_score_corr": float(torch.corrcoef(torch.stack([early[:, 0], score]))[0, 1])
             if n > 2 else float("nan"),
             "gen_s": t_gen, "step_s": time.perf_counter() - ts,
         }
         if stats["ptx_loss"]:
-            final["ptx_loss"] = sum(stats["ptx_loss"]) / len(stats["ptx_loss"])
+            final["ptx_loss"] = _mean(stats["ptx_loss"])
         final = {k: (v if not (isinstance(v, float) and math.isnan(v)) else 0.0) for k, v in final.items()}
         steps_done = step
         if log:
@@ -497,10 +439,8 @@ def train_ppo(policy_path: str, ref_path: str, reward_model_path: str, prompts: 
         bar.update(1)
         bar.set_postfix(score=f"{final['score']:.2f}", kl=f"{mean_kl:.2f}", len=f"{final['response_length']:.0f}")
     bar.close()
-    if rank == 0:
-        _save_policy(policy, tok, base_path, out_dir,
-                     {"config": asdict(cfg), "steps": steps_done, "final": final, "policy_from": policy_path,
-                      "ref": ref_spec, "reward_model": reward_model_path, "wall_s": time.perf_counter() - t0})
-    if accelerator is not None:
-        accelerator.wait_for_everyone()
-    return PPOResult(path=str(out_dir), steps=steps_done, final=final)
+    return PPOResult(steps=steps_done, final=final, wall_s=time.perf_counter() - t0)
+
+
+def _mean(xs: list[float]) -> float:
+    return sum(xs) / len(xs) if xs else float("nan")

@@ -11,6 +11,9 @@ from __future__ import annotations
 
 import os
 import shutil
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from assistant import models
@@ -29,20 +32,42 @@ def _fsync_tree(directory: Path) -> None:
         os.close(fd)
 
 
-def publish(src: Path | str, versions_dir: Path | str, version_id: str, extra: dict | None = None) -> Path:
-    """Copies a finished checkpoint into the versions directory atomically; returns its path."""
-    src, versions_dir = Path(src), Path(versions_dir)
-    versions_dir.mkdir(parents=True, exist_ok=True)
-    final = versions_dir / version_id
-    if final.exists():
-        raise FileExistsError(f"version {version_id} already exists at {final}")
-    tmp = versions_dir / f".tmp-{version_id}"
+@contextmanager
+def atomic_dir(final: Path | str, *, replace: bool = True) -> Iterator[Path]:
+    """Yields an empty temporary directory beside ``final`` to write into; when the block
+    ends without error it is fsynced and renamed to ``final`` (an existing ``final`` is moved
+    aside first and removed, or, with ``replace=False``, is an error); on an error it is
+    removed.  Readers see no directory or a complete one, never a half-written one."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    if final.exists() and not replace:
+        raise FileExistsError(f"{final} already exists")
+    tmp = final.parent / f".tmp-{final.name}"
     shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(src, tmp)
-    (tmp / models.MANIFEST).unlink(missing_ok=True)
-    models.write_manifest(tmp, {"version": version_id})
-    _fsync_tree(tmp)
-    os.replace(tmp, final)
+    tmp.mkdir()
+    try:
+        yield tmp
+        _fsync_tree(tmp)
+        old = None
+        if final.exists():
+            old = final.parent / f".old-{final.name}-{os.getpid()}-{time.time_ns()}"
+            os.replace(final, old)
+        os.replace(tmp, final)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def publish(src: Path | str, versions_dir: Path | str, version_id: str, extra: dict | None = None) -> Path:
+    """Copies a finished checkpoint into the versions directory atomically, with a manifest
+    written last; returns its path."""
+    final = Path(versions_dir) / version_id
+    with atomic_dir(final, replace=False) as tmp:
+        shutil.copytree(src, tmp, dirs_exist_ok=True)
+        (tmp / models.MANIFEST).unlink(missing_ok=True)
+        models.write_manifest(tmp, {"version": version_id})
     return final
 
 
