@@ -69,7 +69,8 @@ def content_words(text: str) -> frozenset[str]:
 
 
 def similarity(a: str, b: str) -> float:
-    """Jaccard similarity of the two prompts' content words (0 when either has none)."""
+    """Jaccard similarity of the two prompts' content words; when either has none, 1.0 for the
+    same normalised text and 0.0 otherwise."""
     wa, wb = content_words(a), content_words(b)
     if not wa or not wb:
         return 1.0 if normalise(a) == normalise(b) and normalise(a) else 0.0

@@ -469,7 +469,7 @@ def _pct(x) -> str:
 def _rate(r: dict | None, with_n: bool = False) -> str:
     if not r or r.get("win_rate") is None:
         return "– (n=0)" if with_n else "–"
-    s = f"{_pct(r['win_rate'])} ({_pct(r['ci_low'])}-{_pct(r['ci_high'])})"
+    s = f"{_pct(r['win_rate'])} ({100 * r['ci_low']:.1f}-{_pct(r['ci_high'])})"
     return f"{s}, n={r['n']}" if with_n else s
 
 
@@ -549,7 +549,7 @@ def failures(reports: list[dict]) -> list[str]:
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--oracle", action="append", default=None,
                    help="built-in name or module:function; comma-separated or repeated, run in turn "
@@ -574,7 +574,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--canary-poll-votes", type=int, default=5, help="re-read the run every N canary votes (default 5)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="", help="write the results as JSON here too")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
 
     import tempfile
 

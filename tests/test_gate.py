@@ -1,11 +1,15 @@
-"""The gate: degeneracy measures by hand and a degenerate candidate rejected with reasons."""
+"""The gate: degeneracy measures by hand, checks relative to the served model, decisions on
+the interval's lower bound, and a degenerate candidate rejected with reasons."""
 
 from __future__ import annotations
 
 import pytest
 
-from retrain.gate import GateConfig, _summary, evaluate, repetition
-from retrain.reward import RewardConfig, RewardReport, train_reward_model
+from assistant import models
+from retrain.gate import Checks, GateConfig, _summary, check_reward_models, evaluate, repetition
+from retrain.reward import RewardConfig, new_reward_model, train_reward_model
+
+SAMPLING = dict(temperature=0.7, top_p=0.9)
 
 
 def test_degeneracy_measures():
@@ -16,25 +20,44 @@ def test_degeneracy_measures():
     assert s["mean_tokens"] == pytest.approx(1.25)
 
 
+def test_reward_model_checks_use_the_interval():
+    cfg = GateConfig()
+    checks = Checks()
+    check_reward_models(checks, {"accuracy": 0.7, "ci_low": 0.45, "n": 20}, cfg, None)
+    assert [r["name"] for r in checks.rows if not r["passed"]] == ["rm_ci_low"]  # 0.7 alone is not evidence
+    checks = Checks()
+    check_reward_models(checks, {"accuracy": 0.8, "ci_low": 0.62, "n": 60}, cfg, previous_accuracy=0.9)
+    assert [r["name"] for r in checks.rows if not r["passed"]] == ["rm_accuracy_vs_previous"]
+    assert all({"value", "threshold", "op"} <= set(r) for r in checks.rows)
+
+
 @pytest.mark.timeout(300)
-def test_gate_rejects_degenerate_candidate(tiny_model_dir, tmp_path):
+def test_gate_rejects_degenerate_candidate(tiny_model_dir):
     from tests.test_reward import _separable
 
-    rep = train_reward_model(str(tiny_model_dir), _separable(4), _separable(2, 10), str(tmp_path / "rm"),
-                             RewardConfig(train_layers=1, epochs=1, batch_size=4))
-    good = RewardReport(path=rep.path, accuracy=0.9, ci_low=0.7, ci_high=0.97, margin=1.0, norm_mean=0.0,
-                        norm_std=1.0, n_train=4, n_heldout=30)
+    rcfg = RewardConfig(train_layers=1, epochs=1, batch_size=4)
+    judge = new_reward_model(str(tiny_model_dir), rcfg, None, "cpu")
+    train_reward_model(judge, _separable(4), [], rcfg)
+    good = {"accuracy": 0.9, "ci_low": 0.7, "ci_high": 0.97, "n": 30}
     prompts = [p.prompt for p in _separable(4, 20)]
-    # the random tiny model never ends its answers: a degenerate candidate
-    cfg = GateConfig(max_new_tokens=6, max_prompts=4)
-    report = evaluate(str(tiny_model_dir), str(tiny_model_dir), str(tiny_model_dir), rep.path, prompts, good, cfg)
+    tiny = models.load(str(tiny_model_dir), tiny_model_dir.parent, device="cpu")
+    # the random tiny model never ends its answers; against a served model that does end them
+    # this is degenerate, against itself it is not (checks are relative to the served model)
+    cfg = GateConfig(max_new_tokens=6, max_prompts=4, **SAMPLING)
+    report = evaluate(tiny, tiny, tiny, judge, prompts, good, cfg)
     assert not report.passed
-    assert any("degenerate" in r and "end" in r for r in report.reasons)
-    assert any("wins" in r for r in report.reasons)  # identical to the served model: no win
-    for key in ("kl_candidate_sft", "candidate_eos_rate", "rm_win_rate", "served_mean_tokens"):
+    assert not any("degenerate" in r for r in report.reasons)  # no worse than what is served
+    assert any("judge" in r and "lower bound" in r for r in report.reasons)  # identical: no evidence of a win
+    for key in ("kl_candidate_sft", "candidate_eos_rate", "judge_win_rate", "served_mean_tokens", "candidate_entropy"):
         assert key in report.metrics
-    bad_rm = RewardReport(path=rep.path, accuracy=0.55, ci_low=0.4, ci_high=0.7, margin=0.1, norm_mean=0.0,
-                          norm_std=1.0, n_train=4, n_heldout=30)
-    report = evaluate(str(tiny_model_dir), str(tiny_model_dir), str(tiny_model_dir), rep.path, prompts, bad_rm, cfg)
-    assert any("reward model held-out accuracy" in r for r in report.reasons)
+    assert report.metrics["kl_candidate_sft"] == pytest.approx(0.0, abs=1e-4)
+    assert {c["name"] for c in report.checks} >= {"kl_candidate_sft", "eos_rate", "entropy", "judge_win_ci_low"}
+    strict = GateConfig(max_new_tokens=6, max_prompts=4, max_eos_drop=-0.5, **SAMPLING)  # demands 50% more endings
+    report = evaluate(tiny, tiny, tiny, judge, prompts, good, strict)
+    assert any("degenerate" in r and "end within" in r for r in report.reasons)
+    bad_rm = {"accuracy": 0.55, "ci_low": 0.4, "ci_high": 0.7, "n": 30}
+    report = evaluate(tiny, tiny, tiny, judge, prompts, bad_rm, cfg)
+    assert any("reward model accuracy" in r for r in report.reasons)
     assert any("CI lower bound" in r for r in report.reasons)
+    with pytest.raises(ValueError, match="must be set"):
+        evaluate(tiny, tiny, tiny, judge, prompts, good, GateConfig())

@@ -10,6 +10,8 @@ import pytest
 import torch
 
 from assistant import models
+from retrain.backbone import prompt_ids
+from retrain.job import run_ppo
 from retrain.ppo import (
     AdaptiveKL,
     PPOConfig,
@@ -18,11 +20,12 @@ from retrain.ppo import (
     policy_loss,
     response_mask,
     sample,
-    train_ppo,
+    truncation_scores,
     value_loss,
     whiten,
+    with_end_of_turn,
 )
-from retrain.reward import RewardConfig, prompt_ids, train_reward_model
+from retrain.reward import RewardConfig, new_reward_model, train_reward_model
 
 
 def test_mask_after_eos():
@@ -84,18 +87,41 @@ def test_sampler_left_padding_matches_unbatched(tiny_model_dir):
     assert both[0].tolist() == alone[0].tolist()
 
 
+def test_truncated_answers_are_penalised_relative_to_their_score():
+    cfg = PPOConfig(truncation_penalty=1.0, score_clip=5.0)
+    rm = torch.tensor([2.0, 2.0, -7.0, 0.5])
+    ended = torch.tensor([True, False, True, False])
+    # a truncated answer keeps its (clipped) score minus the penalty: no fixed score replaces it
+    assert truncation_scores(rm, ended, cfg).tolist() == [2.0, 1.0, -5.0, -0.5]
+
+
+def test_truncated_rows_are_scored_at_an_appended_end_of_turn():
+    ids = torch.tensor([[0, 5], [6, 7]])
+    pmask = torch.tensor([[0, 1], [1, 1]])
+    resp = torch.tensor([[8, 2, 0], [9, 9, 9]])  # row 0 ended with 2; row 1 hit the cap
+    rmask = torch.tensor([[1, 1, 0], [1, 1, 1]])
+    ended = torch.tensor([True, False])
+    full, fmask, last = with_end_of_turn(ids, pmask, resp, rmask, ended, eot=2, pad_id=0)
+    assert full.tolist() == [[0, 5, 8, 2, 0, 0], [6, 7, 9, 9, 9, 2]]
+    assert fmask.tolist() == [[0, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1]]
+    assert last.tolist() == [3, 5]  # row 0 at its own end-of-turn, row 1 at the appended one
+
+
 @pytest.mark.timeout(400)
 def test_ppo_two_steps_saves_loadable_adapter(tiny_model_dir, tmp_path):
     from tests.test_reward import _separable
 
-    train_reward_model(str(tiny_model_dir), _separable(8), _separable(4, 50), str(tmp_path / "rm"),
-                       RewardConfig(train_layers=1, epochs=1, batch_size=4))
+    rcfg = RewardConfig(train_layers=1, epochs=1, batch_size=4)
+    rm = new_reward_model(str(tiny_model_dir), rcfg, None, "cpu")
+    train_reward_model(rm, _separable(8), [], rcfg)
+    rm.save(str(tmp_path / "rm"))
     prompts = [p.prompt for p in _separable(6)]
     logged = []
+    plan = {"policy_path": str(tiny_model_dir), "ref_path": str(tiny_model_dir), "reward_path": str(tmp_path / "rm"),
+            "prompts": prompts, "out_dir": str(tmp_path / "policy"), "ptx_pairs": None}
     cfg = PPOConfig(steps=2, batch_size=4, minibatch_size=2, ppo_epochs=1, max_new_tokens=8, lora_layers=1,
-                    adaptive_kl=True)
-    res = train_ppo(str(tiny_model_dir), str(tiny_model_dir), str(tmp_path / "rm"), prompts,
-                    str(tmp_path / "policy"), cfg, log=lambda ph, st, m: logged.append((ph, st, m)))
+                    adaptive_kl=True, temperature=0.7)
+    res = run_ppo(plan, cfg, log=lambda ph, st, m: logged.append((ph, st, m)))
     assert res.steps == 2 and [s for _, s, _ in logged] == [1, 2]
     for key in ("score", "kl", "entropy", "clipfrac", "approx_kl", "value_loss", "response_length", "eos_rate"):
         assert key in res.final and math.isfinite(res.final[key])
@@ -106,9 +132,12 @@ def test_ppo_two_steps_saves_loadable_adapter(tiny_model_dir, tmp_path):
     again = models.load(str(out), tmp_path, device="cpu")
     assert again.model is not None
     # continue training from the saved adapter (a served version) and stop early on request
-    res2 = train_ppo(str(out), str(tiny_model_dir), str(tmp_path / "rm"), prompts, str(tmp_path / "policy2"),
-                     PPOConfig(steps=3, batch_size=2, minibatch_size=2, ppo_epochs=1, max_new_tokens=4),
-                     should_stop=lambda: len(logged) >= 3, log=lambda ph, st, m: logged.append((ph, st, m)))
+    plan2 = {**plan, "policy_path": str(out), "out_dir": str(tmp_path / "policy2")}
+    res2 = run_ppo(plan2, PPOConfig(steps=3, batch_size=2, minibatch_size=2, ppo_epochs=1, max_new_tokens=4,
+                                    temperature=0.7),
+                   should_stop=lambda: len(logged) >= 3, log=lambda ph, st, m: logged.append((ph, st, m)))
     assert res2.steps == 1
     assert json.loads((tmp_path / "policy2" / "adapter_config.json").read_text())["base_model_name_or_path"] == \
         str(tiny_model_dir)
+    with pytest.raises(ValueError, match="must be set"):  # sampling settings come from the app's settings
+        run_ppo(plan2, PPOConfig(steps=1, max_new_tokens=None, temperature=0.7))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from retrain.data import build_snapshot, load_seed_prompts
+from retrain.data import LabelConfig, build_snapshot, fold_of, load_seed_prompts
 
 SYS = "You are a helpful AI assistant."
 
@@ -33,22 +33,66 @@ def test_seed_prompts_shipped():
     assert len(set(seeds)) == len(seeds)
 
 
-def test_verdicts_become_pairs(store):
+def test_every_kind_of_judgement_contributes(store):
     _vote(store, "s1", "p1", "A1", "B1", "a")
     _vote(store, "s1", "p2", "A2", "B2", "b")
     _vote(store, "s1", "p3", "A3", "B3", "tie")
-    _vote(store, "s1", "p4", "A4", "B4", "both_bad")  # no rewrite -> skipped
+    _vote(store, "s1", "p4", "A4", "B4", "both_bad")  # no rewrite: two bad labels
     conv, ga, _ = _vote(store, "s2", "p5", "A5", "B5", "both_bad")
     store.record_edit(session_id="s2", conversation_id=conv, turn=1, generation_id=ga, rewrite="R5")
+    _vote(store, "s2", "p7", "same", "same", "a")  # identical answers: dropped, with the reason
+    _, g_up, g_down = _turn(store, "s4", "p8", "good", "bad")
+    store.record_rating(session_id="s4", generation_id=g_up, thumb="up")
+    store.record_rating(session_id="s4", generation_id=g_down, thumb="down", reasons=["inaccurate", "too long"])
     _vote(store, "s3", "p6", "A6", "B6", "a")
-    store.set_opt_out("s3", True)  # opted out: never used
+    store.set_opt_out("s3", True)  # opted out: never used, not even counted
     snap = build_snapshot(store, heldout_fraction=0.0)
-    got = sorted((p.prompt[-1]["content"], p.chosen, p.rejected, p.source) for p in snap.train)
-    assert got == [("p1", "A1", "B1", "regenerate"), ("p2", "B2", "A2", "regenerate"),
-                   ("p5", "R5", "A5", "edit"), ("p5", "R5", "B5", "both_bad+edit")]
-    assert snap.stats["ties"] == 1 and snap.stats["both_bad"] == 2 and snap.stats["both_bad_skipped"] == 1
-    assert snap.stats["edits"] == 1
+    got = sorted((p.prompt[-1]["content"], p.chosen, p.rejected, p.source, p.label, p.weight) for p in snap.train)
+    rw = LabelConfig().rewrite_weight
+    assert got == [("p1", "A1", "B1", "regenerate", 1.0, 1.0), ("p2", "B2", "A2", "regenerate", 1.0, 1.0),
+                   ("p3", "B3", "A3", "tie", 0.5, 1.0),
+                   ("p5", "R5", "A5", "edit", 1.0, rw), ("p5", "R5", "B5", "both_bad+edit", 1.0, rw),
+                   ("p8", "good", "bad", "thumbs", 1.0, 1.0)]
+    points = sorted((q.prompt[-1]["content"], q.answer, q.label, q.source, q.weight) for q in snap.train_points)
+    assert points == [("p4", "A4", 0.0, "both_bad", 1.0), ("p4", "B4", 0.0, "both_bad", 1.0),
+                      ("p5", "A5", 0.0, "both_bad", 1.0), ("p5", "B5", 0.0, "both_bad", 1.0),
+                      ("p8", "bad", 0.0, "thumb_down", 1.5), ("p8", "good", 1.0, "thumb_up", 1.0)]
+    j = snap.judgements
+    assert j["preference"] == {"seen": 3, "used": 2, "dropped": {"the two answers are identical or empty": 1}}
+    assert j["tie"] == {"seen": 1, "used": 1, "dropped": {}}
+    assert j["both_bad"] == {"seen": 2, "used": 2, "dropped": {}}
+    assert j["edit"] == {"seen": 1, "used": 1, "dropped": {}}
+    assert j["thumb_up"] == {"seen": 1, "used": 1, "dropped": {}}
+    assert j["thumb_down"] == {"seen": 1, "used": 1, "dropped": {}}
+    # nothing silently dropped: every judgement seen is used or dropped with a reason
+    assert all(r["seen"] == r["used"] + sum(r["dropped"].values()) for r in j.values())
+    assert len(snap.rating_ids) == 2
     assert all(p.prompt[0]["role"] == "system" for p in snap.train)
+
+
+def test_folds_are_stable_and_keep_a_prompt_together(store):
+    for i in range(40):
+        _vote(store, f"s{i % 4}", f"q{i % 20}", f"a{i}", f"b{i}", "a")
+    snap = build_snapshot(store, heldout_fraction=0.0)
+    by_prompt = {}
+    for p in snap.train:
+        by_prompt.setdefault(p.prompt[-1]["content"], set()).add(p.fold)
+        assert p.fold == fold_of(p.prompt)
+    assert all(len(f) == 1 for f in by_prompt.values())  # one prompt, one fold
+    assert 0.25 < sum(p.fold for p in snap.train) / len(snap.train) < 0.75  # both halves are used
+
+
+def test_reference_samples_are_the_reference_models_answers(store):
+    _turn(store, "s1", "r1", "sft answer", None)
+    conv = store.start_conversation("s1", SYS)
+    ctx = [{"role": "system", "content": SYS}, {"role": "user", "content": "r2"}]
+    store.record_generation(session_id="s1", conversation_id=conv, turn=1, context=ctx, content="ppo answer",
+                            model_version="v-1", sampling={}, prompt_tokens=1, completion_tokens=1, ttft_ms=None,
+                            latency_ms=None, finish_reason="stop")
+    _turn(store, "s9", "r3", "opted-out answer", None)
+    store.set_opt_out("s9", True)
+    snap = build_snapshot(store, heldout_fraction=0.0, reference_version="v0")
+    assert [a for _, a in snap.reference] == ["sft answer"]
 
 
 def test_time_split_and_prompts(store):
@@ -86,6 +130,7 @@ def test_thumbs_pair(store):
     store.record_rating(session_id="t", generation_id=gb, thumb="down")
     snap = build_snapshot(store, heldout_fraction=0.0)
     assert [(p.chosen, p.rejected, p.source) for p in snap.train] == [("good", "bad", "thumbs")]
+    assert sorted(q.label for q in snap.train_points) == [0.0, 1.0]
 
 
 def test_time_split_is_exact_when_timestamps_tie():

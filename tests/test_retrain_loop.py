@@ -30,9 +30,9 @@ TINY = {
     "ppo": {"steps": 2, "batch_size": 4, "minibatch_size": 4, "ppo_epochs": 1, "max_new_tokens": 8,
             "lora_layers": 2},
     "gate": {"min_rm_accuracy": 0.0, "min_rm_ci_low": 0.0, "max_rm_drop": 1.0, "kl_budget": 1e9,
-             "min_win_rate": 0.0, "max_empty_rate": 1.0, "min_eos_rate": 0.0, "min_length_ratio": 0.0,
-             "min_mean_tokens": 0.0, "max_duplicate_rate": 1.0, "max_repetition": 1.0, "max_new_tokens": 8,
-             "max_prompts": 4, "batch_size": 4},
+             "min_win_ci_low": -1.0, "max_eos_drop": 1.0, "max_entropy_drop": 1.0, "min_length_ratio": 0.0,
+             "max_empty_increase": 1.0, "max_duplicate_increase": 1.0, "max_repetition_increase": 1.0,
+             "max_new_tokens": 8, "max_prompts": 4, "batch_size": 4},
 }
 
 
@@ -101,7 +101,21 @@ def test_votes_retrain_gate_swap_under_stream_and_rollback(loop):
     assert json.loads(run["decision"])["passed"] is True
     assert run["rm_accuracy"] is not None and run["kl"] is not None
     phases = {m["phase"] for m in registry.metrics(run_id)}
-    assert {"reward", "ppo"} <= phases
+    assert {"rm_policy", "rm_judge", "rm", "ppo", "gate"} <= phases
+    # the gate's judge is never the reward model PPO optimised: another model, other data
+    decision = json.loads(run["decision"])
+    policy_rm, judge_rm = registry.latest_reward_model("policy"), registry.latest_reward_model("judge")
+    assert decision["policy_reward_model"] == policy_rm["id"] == run["reward_model_id"]
+    assert decision["judge_reward_model"] == judge_rm["id"] != policy_rm["id"]
+    assert judge_rm["path"] != policy_rm["path"]
+    trained = json.loads(Path(info["path"], "training.json").read_text())
+    assert trained["reward_model"] == policy_rm["path"]  # what PPO optimised
+    roles = {json.loads(Path(p, "reward_config.json").read_text())["role"] for p in (policy_rm["path"], judge_rm["path"])}
+    assert roles == {"policy", "judge"}
+    assert decision["judgements"]["preference"] == {"seen": 24, "used": 24, "dropped": {}}
+    assert {c["name"] for c in decision["checks"]} >= {"rm_ci_low", "kl_candidate_sft", "judge_win_ci_low"}
+    prompts = json.loads((settings.runs_dir / run_id / "prompts.json").read_text())
+    assert prompts["rollout"] and prompts["gate"]
     ppo_names = {m["name"] for m in registry.metrics(run_id, "ppo")}
     assert {"score", "kl", "entropy", "clipfrac", "approx_kl", "value_loss", "response_length", "eos_rate"} <= ppo_names
     assert store.count_new_preferences() == 0  # consumed by the run
