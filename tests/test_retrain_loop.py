@@ -36,8 +36,9 @@ TINY = {
 }
 
 
-def seed_votes(store: FeedbackStore, n: int, sessions: int = 4) -> list[str]:
-    """n decided comparisons over a few sessions: the short answer always wins."""
+def seed_votes(store: FeedbackStore, n: int, sessions: int = 4, verdict=lambda i: "b") -> list[str]:
+    """n decided comparisons over a few sessions: the short answer (b) wins, unless
+    ``verdict(i)`` says otherwise."""
     ids = []
     for i in range(n):
         sid = f"session-{i % sessions}"
@@ -51,7 +52,7 @@ def seed_votes(store: FeedbackStore, n: int, sessions: int = 4) -> list[str]:
         short = store.record_generation(content=f"{2 * i}.", **common)
         cid = store.open_comparison(session_id=sid, conversation_id=conv, turn=1, a_generation_id=long,
                                     b_generation_id=short)
-        store.decide_comparison(cid, "b", sid)
+        store.decide_comparison(cid, verdict(i), sid)
         ids.append(cid)
     return ids
 
@@ -204,3 +205,22 @@ def test_multi_process_run_under_a_launcher(loop):
     assert run["status"] == "promoted", run["reason"]
     assert proc.stderr.replace("\r", "\n").count("\nppo:   0%") + proc.stderr.startswith("ppo:   0%") == 2
     assert follower.check() is True and holder.version == run["candidate_version"]
+
+
+
+def test_null_control_random_votes_are_rejected(loop):
+    """Votes that carry no preference (half a, half b, in random order) are never promoted:
+    the reward models' cross-fitted accuracy cannot clear chance."""
+    import random
+
+    settings, store, registry, holder, follower, scheduler, config = loop
+    verdicts = ["a"] * 16 + ["b"] * 16
+    random.Random(7).shuffle(verdicts)
+    seed_votes(store, 32, verdict=lambda i: verdicts[i])
+    _write_config(config, gate={"min_rm_accuracy": 0.6, "min_rm_ci_low": 0.5, "min_win_ci_low": 0.5,
+                                "max_prompts": 24})
+    run = registry.run(scheduler.run_now(wait=True))
+    assert run["status"] == "rejected", run["reason"]
+    assert "reward model accuracy" in run["reason"]
+    assert run["rm_ci_low"] < 0.5 and json.loads(run["decision"])["rm"]["n"] >= 24
+    assert registry.served_version() == "sft" and run["candidate_version"] is None
