@@ -53,42 +53,74 @@ from retrain.reward import RewardModel
 @dataclass
 class PPOConfig:
     # -- schedule
-    steps: int = 16  # PPO iterations (rollout batch + update); 16 reached the goal offline
-    batch_size: int = 16  # prompts per rollout batch
+    steps: int = 16
+    """PPO iterations (one rollout batch and its update each)."""
+    batch_size: int = 16
+    """Prompts per rollout batch (shared across processes)."""
     minibatch_size: int = 8
-    ppo_epochs: int = 2  # passes over each rollout batch
+    """Rollouts per gradient step."""
+    ppo_epochs: int = 2
+    """Passes over each rollout batch."""
     seed: int = 0
+    """Prompt order and sampling seed."""
     # -- sampling
-    temperature: float | None = None  # None: the app's --temperature; log-probs use logits / temperature
+    temperature: float | None = None
+    """Rollout temperature; None: the app's --temperature.  Log-probs use logits / temperature."""
     rollout_top_p: float = 1.0
-    max_new_tokens: int | None = None  # rollout length cap; None: the app's --max-new-tokens (the serving cap)
-    max_prompt_length: int = 256  # prompts cut from the left
-    truncation_penalty: float = 1.0  # subtracted from the RM score of a response that hits the cap
+    """Top-p during rollouts: 1 (off), so the sampled distribution is the one PPO scores."""
+    max_new_tokens: int | None = None
+    """Rollout cap; None: the app's --max-new-tokens (the serving cap)."""
+    max_prompt_length: int = 256
+    """Prompts are cut from the left to this many tokens."""
+    truncation_penalty: float = 1.0
+    """Subtracted from the RM score of a rollout that hits the cap (normalised units)."""
     # -- objective
-    beta: float = 0.05  # KL coefficient (k1 per-token penalty)
+    beta: float = 0.05
+    """KL coefficient of the per-token k1 penalty against the reference."""
     adaptive_kl: bool = False
-    target_kl: float = 6.0  # nats per response, adaptive controller target
+    """Ziegler et al.'s adaptive controller for beta."""
+    target_kl: float = 6.0
+    """Adaptive controller target, nats per response."""
     kl_horizon: int = 10000
+    """Adaptive controller horizon, in rollouts."""
     gamma: float = 1.0
+    """GAE discount."""
     lam: float = 0.95
+    """GAE lambda."""
     cliprange: float = 0.2
+    """Policy ratio clip."""
     cliprange_value: float = 0.2
+    """Value prediction clip."""
     vf_coef: float = 0.1
+    """Value loss coefficient."""
     whiten_advantages: bool = True
-    score_clip: float = 5.0  # clip the normalised RM score to +-score_clip
-    ptx_coef: float = 0.0  # PPO-ptx: LM loss on chosen answers (0 = off)
+    """Whiten advantages per rollout batch."""
+    score_clip: float = 5.0
+    """Clip the normalised RM score to +-score_clip."""
+    ptx_coef: float = 0.0
+    """PPO-ptx: LM loss on chosen answers and rewrites (0 = off)."""
     # -- optimisation
-    lr: float = 5e-4  # LoRA learning rate (full fine-tuning would be ~1e-6..3e-6)
+    lr: float = 5e-4
+    """LoRA learning rate (full fine-tuning would be ~1e-6..3e-6)."""
     value_lr: float = 5e-4
+    """Critic learning rate."""
     adam_eps: float = 1e-5
+    """Adam epsilon."""
     grad_clip: float = 1.0
+    """Gradient-norm clip."""
     lr_decay: bool = True
+    """Linear learning-rate decay over the steps."""
     # -- model
-    lora_layers: int = 4  # top decoder layers carrying the policy LoRA (a new adapter)
+    lora_layers: int = 4
+    """Top decoder layers carrying the policy LoRA (a new adapter on a full model)."""
     lora_r: int = 16
+    """LoRA rank."""
     lora_alpha: int = 32
-    ref: str = "sft"  # KL reference when ref_path is empty: 'sft' (policy's base) or 'served' (policy_path)
-    threads: int = 0  # torch threads (0: leave as set by the caller)
+    """LoRA alpha."""
+    ref: str = "sft"
+    """KL reference: 'sft' (the policy's base, adapter disabled) or 'served' (the served version)."""
+    threads: int = 0
+    """Torch threads (0: leave as set by the caller)."""
 
 
 @dataclass
