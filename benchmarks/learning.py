@@ -403,8 +403,11 @@ def run_oracle(name: str, args: argparse.Namespace, heldout: list[str], train_pr
         print(f"  votes: {counts}", flush=True)
 
         t = time.monotonic()
+        # the app's own serving settings, as its scheduler would pass them: rollouts and the
+        # gate sample like the chat does
         cmd = [sys.executable, "-m", "retrain", "run", "--now", "--data-dir", args.data_dir, "--model", args.model,
-               "--retrain-threads", str(args.retrain_threads)]
+               "--retrain-threads", str(args.retrain_threads), "--max-new-tokens", str(args.max_new_tokens),
+               "--temperature", str(args.temperature), "--top-p", str(args.top_p)]
         if args.retrain_config:
             cmd += ["--retrain-config", args.retrain_config]
         subprocess.run(cmd, cwd=ROOT, env=env, check=True)
@@ -568,7 +571,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=0.7)
     p.add_argument("--top-p", type=float, default=0.9)
     p.add_argument("--retrain-threads", type=int, default=2, help="CPU threads of the retrain (app idle then)")
-    p.add_argument("--retrain-config", default="", help="JSON overrides for the retrain (see retrain/job.py)")
+    p.add_argument("--retrain-config", default="", help="JSON overrides for the retrain (see retrain/config.py)")
     p.add_argument("--canary-votes", type=int, default=200, help="most votes while the run is in canary (default 200)")
     p.add_argument("--canary-minutes", type=float, default=10, help="most minutes in canary (default 10)")
     p.add_argument("--canary-poll-votes", type=int, default=5, help="re-read the run every N canary votes (default 5)")
