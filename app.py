@@ -27,7 +27,12 @@ def create_context(settings: Settings) -> AppContext:
 
 
 def start_scheduler(ctx: AppContext) -> None:
-    """The scheduled retrain (retrain/scheduler.py), when enabled."""
+    """The scheduled retrain (retrain/scheduler.py) and the live canary's decisions
+    (retrain/canary.py), each when enabled."""
+    if ctx.settings.canary_enabled:
+        from retrain.canary import CanaryConfig, CanaryWatcher
+
+        ctx.extras["canary"] = CanaryWatcher(ctx.registry, CanaryConfig.from_settings(ctx.settings)).start()
     if not ctx.settings.retrain_enabled:
         return
     from retrain import scheduler
@@ -38,8 +43,9 @@ def start_scheduler(ctx: AppContext) -> None:
 def close_context(ctx: AppContext) -> None:
     if ctx.scheduler is not None:
         ctx.scheduler.shutdown()
-    if "follower" in ctx.extras:
-        ctx.extras["follower"].stop()
+    for name in ("canary", "follower"):
+        if name in ctx.extras:
+            ctx.extras[name].stop()
     ctx.holder.close()
     ctx.store.close()
 

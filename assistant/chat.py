@@ -279,7 +279,8 @@ class ChatService:
         self.message_limit.hit(sess.session_id, "messages")
         turn = len(sess.messages) - 1
         context = kept["context"]
-        answer = yield from self._generate(sess, context, params)
+        share = self.settings.canary_share if self.settings.canary_enabled else 0.0
+        answer = yield from self._generate(sess, context, params, canary_share=share)
         with self._storing():
             b_id = self._record(sess, sess.conversation_id, turn, context, params, answer)
             comp_id = self.store.open_comparison(session_id=sess.session_id, conversation_id=sess.conversation_id,
@@ -309,8 +310,9 @@ class ChatService:
         if self.generating(sess):
             raise ChatError("an answer is still being written: wait for it or press Stop")
 
-    def _generate(self, sess: ChatSession, context: list[dict], params: SamplingParams):
-        """Yields growing text; returns an Answer (generator return value)."""
+    def _generate(self, sess: ChatSession, context: list[dict], params: SamplingParams, canary_share: float = 0.0):
+        """Yields growing text; returns an Answer (generator return value).  ``canary_share``:
+        the chance that a candidate on trial writes it (answers B only)."""
         _, engine = self.holder.current()
         prompt_ids = engine.encode_chat(context)
         try:
@@ -318,7 +320,7 @@ class ChatService:
             with self._lock:
                 if sess.session_id in self._active:
                     raise ChatError("an answer is still being written: wait for it or press Stop")
-                version, engine, request = self.holder.submit(prompt_ids, params)
+                version, engine, request = self.holder.submit(prompt_ids, params, canary_share)
                 self._active[sess.session_id] = request
         except ContextTooLong as exc:
             raise ChatError(str(exc)) from None

@@ -1,4 +1,5 @@
-"""The served version: which model answers new requests, and an atomic swap to another.
+"""The served version: which model answers new requests, and an atomic swap to another;
+plus, during a live canary, the candidate on trial that writes a share of answers B.
 
 A stream binds to the engine that was current when it started and stays on it; ``swap``
 only changes where *new* requests go, then retires the old engine, which finishes its
@@ -9,6 +10,7 @@ sees a half-loaded model: the new engine is fully built before the pointer moves
 from __future__ import annotations
 
 import logging
+import random
 import threading
 from collections.abc import Callable
 
@@ -27,6 +29,9 @@ class ModelHolder:
         self._path = path
         self._lock = threading.Lock()
         self._retired: list[Engine] = []
+        self._canary: Engine | None = None
+        self._canary_version: str | None = None
+        self._rng = random.Random()
 
     def current(self) -> tuple[str, Engine]:
         with self._lock:
@@ -40,12 +45,42 @@ class ModelHolder:
     def path(self) -> str:
         return self._path
 
-    def submit(self, prompt_ids: list[int], params: SamplingParams) -> tuple[str, Engine, Request]:
-        """Submits to the current engine under the lock, so a swap cannot retire the engine
-        between choosing it and handing it the request."""
+    @property
+    def canary_version(self) -> str | None:
         with self._lock:
-            request = self._engine.submit(prompt_ids, params)
-            return self._version, self._engine, request
+            return self._canary_version
+
+    def submit(self, prompt_ids: list[int], params: SamplingParams,
+               canary_share: float = 0.0) -> tuple[str, Engine, Request]:
+        """Submits to the current engine under the lock, so a swap cannot retire the engine
+        between choosing it and handing it the request.  With a canary on trial, the request
+        goes to the candidate with probability ``canary_share`` (answers B only)."""
+        with self._lock:
+            engine, version = self._engine, self._version
+            if self._canary is not None and canary_share > 0 and self._rng.random() < canary_share:
+                engine, version = self._canary, self._canary_version
+            request = engine.submit(prompt_ids, params)
+            return version, engine, request
+
+    def set_canary(self, engine: Engine | None, version: str | None) -> None:
+        """Puts ``engine`` on trial (None: ends the trial); a replaced one finishes its streams."""
+        if engine is not None:
+            engine.version = version
+        with self._lock:
+            old, self._canary, self._canary_version = self._canary, engine, version if engine else None
+        if old is not None and old is not engine:
+            old.retire()
+            self._retired = [e for e in self._retired if not e.finished] + [old]
+        log.info("canary on trial: %s", version if engine else "none")
+
+    def promote_canary(self) -> str:
+        """Serves the engine on trial for every request (no reload); returns the version it replaced."""
+        with self._lock:
+            engine, version = self._canary, self._canary_version
+            self._canary, self._canary_version = None, None
+        if engine is None:
+            raise RuntimeError("no canary to promote")
+        return self.swap(engine, version, self._path)
 
     def swap(self, engine: Engine, version: str, path: str = "") -> str:
         """Makes ``engine`` serve new requests; returns the version it replaced."""
@@ -67,6 +102,6 @@ class ModelHolder:
 
     def close(self) -> None:
         with self._lock:
-            engines = [self._engine, *self._retired]
+            engines = [self._engine, *self._retired] + ([self._canary] if self._canary is not None else [])
         for engine in engines:
             engine.close()

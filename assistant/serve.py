@@ -79,10 +79,19 @@ class VersionFollower:
         self._thread.join(timeout=10)
 
     def check(self) -> bool:
-        """One poll; returns True when it swapped."""
+        """One poll; returns True when it swapped the served version.  Also loads or drops
+        the candidate on trial when the registry's canary changes."""
+        swapped = self._follow_served()
+        self._follow_canary()
+        return swapped
+
+    def _follow_served(self) -> bool:
         wanted = self.registry.served_version()
         if not wanted or wanted == self.holder.version or wanted in self.failed:
             return False
+        if wanted == self.holder.canary_version:  # promoted by its trial: already loaded
+            self.holder.promote_canary()
+            return True
         path = self.registry.version(wanted)["path"]
         try:
             self.holder.load_and_swap(wanted, path, self.factory)
@@ -92,6 +101,21 @@ class VersionFollower:
             self.failed[wanted] = str(exc)
             return False
         return True
+
+    def _follow_canary(self) -> None:
+        state = self.registry.canary()
+        wanted = state["version_id"] if state else None
+        if wanted == self.holder.canary_version or (wanted in self.failed):
+            return
+        if wanted is None:
+            self.holder.set_canary(None, None)
+            return
+        path = self.registry.version(wanted)["path"]
+        try:
+            self.holder.set_canary(self.factory(wanted, path), wanted)
+        except Exception as exc:  # noqa: BLE001 - no trial rather than no chat
+            log.error("could not load the canary %s from %s: %s", wanted, path, exc)
+            self.failed[wanted] = str(exc)
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval_s):

@@ -58,6 +58,12 @@ class Settings:
     retrain_min_preferences: int = _opt(50, "new usable preferences needed to start a run")
     retrain_threads: int = _opt(1, "torch threads a retrain may use on CPU")
     retrain_config: str = _opt("", "JSON file overriding data/reward/ppo/gate training configs")
+    # --- live canary ----------------------------------------------------------------------
+    canary_enabled: bool = _opt(True, "put a gated candidate on trial as answer B before promoting it")
+    canary_share: float = _opt(0.5, "share of regenerate-and-compare turns whose answer B is the candidate")
+    canary_min_votes: int = _opt(10, "decisive votes needed before the canary decides")
+    canary_max_votes: int = _opt(300, "votes after which an undecided canary is rejected")
+    canary_max_minutes: float = _opt(1440.0, "minutes after which an undecided canary is rejected")
 
     # ----------------------------------------------------------------------------------
     @property

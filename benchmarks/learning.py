@@ -102,7 +102,10 @@ class App:
         self.url = f"http://127.0.0.1:{self.port}/"
         cmd = [sys.executable, "app.py", "--data-dir", args.data_dir, "--port", str(self.port), "--model", args.model,
                "--no-retrain-enabled", "--max-new-tokens", str(args.max_new_tokens), "--max-batch", str(args.users),
-               "--rate-messages-per-minute", "100000", "--rate-votes-per-minute", "100000"]
+               "--rate-messages-per-minute", "100000", "--rate-votes-per-minute", "100000",
+               # the live canary decides inside the app, within the benchmark's bounds
+               "--canary-share", str(args.canary_share), "--canary-max-votes", str(args.canary_votes),
+               "--canary-max-minutes", str(args.canary_minutes)]
         self.log = open(Path(args.data_dir) / "app.log", "ab")
         self.proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=self.log, stderr=subprocess.STDOUT)
 
@@ -263,6 +266,10 @@ def canary(collector: Collector, args: argparse.Namespace, run_id: str) -> tuple
     for t in threads:
         t.join()
     run = run_row(args.data_dir, run_id)
+    grace = time.monotonic() + 15  # the app decides every few seconds, also at its own time limit
+    while run["status"] == "canary" and time.monotonic() < grace:
+        time.sleep(1)
+        run = run_row(args.data_dir, run_id)
     summary = {"entered": True, "votes": votes_total(counts), "polls": polls, "final_status": run["status"],
                "decided": run["status"] != "canary", "seconds": round(time.monotonic() - t0, 1)}
     if run["status"] == "canary":
@@ -572,6 +579,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, default=0.9)
     p.add_argument("--retrain-threads", type=int, default=2, help="CPU threads of the retrain (app idle then)")
     p.add_argument("--retrain-config", default="", help="JSON overrides for the retrain (see retrain/config.py)")
+    p.add_argument("--canary-share", type=float, default=0.5,
+                   help="share of regenerates whose answer B is the candidate on trial (default 0.5)")
     p.add_argument("--canary-votes", type=int, default=200, help="most votes while the run is in canary (default 200)")
     p.add_argument("--canary-minutes", type=float, default=10, help="most minutes in canary (default 10)")
     p.add_argument("--canary-poll-votes", type=int, default=5, help="re-read the run every N canary votes (default 5)")

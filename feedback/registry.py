@@ -12,7 +12,8 @@ from typing import Any
 
 from feedback.store import FeedbackStore, NotFound, StoreError, _json, new_id, now
 
-RUN_STATES = ("queued", "running", "promoted", "rejected", "failed")
+RUN_STATES = ("queued", "running", "canary", "promoted", "rejected", "failed")
+CANARY_KEY = "canary"
 
 
 class Registry:
@@ -121,6 +122,50 @@ class Registry:
         rows = self.store.query("SELECT * FROM reward_models WHERE coalesce(role, 'policy') = ? "
                                 "ORDER BY created_at DESC, rowid DESC LIMIT 1", (role,))
         return rows[0] if rows else None
+
+
+    # -- live canary ---------------------------------------------------------------------
+    def start_canary(self, *, run_id: str, version_id: str, parent_id: str) -> dict:
+        """Puts a published, gated version on trial: the app serves it as answer B in a share
+        of regenerate-and-compare turns until users' votes decide (``retrain.canary``)."""
+        self.version(version_id)
+        state = {"run_id": run_id, "version_id": version_id, "parent_id": parent_id, "started_at": now()}
+        with self.store.transaction() as db:
+            db["app_state"].upsert({"key": CANARY_KEY, "value": _json(state), "updated_at": now()}, pk="key")
+            db.execute("UPDATE training_runs SET status = 'canary' WHERE id = ?", [run_id])
+        return state
+
+    def canary(self) -> dict | None:
+        """The version on trial, or None."""
+        return self.store.get_state(CANARY_KEY) or None
+
+    def end_canary(self, run_id: str, *, promote: bool, reason: str, decision: dict) -> None:
+        """Ends the trial in one transaction: the run becomes promoted (and its version is
+        served) or rejected; the canary state is cleared."""
+        state = self.canary()
+        if not state or state["run_id"] != run_id:
+            raise StoreError(f"run {run_id} is not on trial")
+        run = self.run(run_id)
+        merged = {**(loads(run["decision"]) or {}), "canary": decision}
+        with self.store.transaction() as db:
+            db.execute("DELETE FROM app_state WHERE key = ?", [CANARY_KEY])
+            db.execute("UPDATE training_runs SET status = ?, reason = ?, decision = ?, finished_at = ? WHERE id = ?",
+                       ["promoted" if promote else "rejected", reason, _json(merged), now(), run_id])
+            if promote:
+                db["serving_log"].insert({"version_id": state["version_id"], "action": "promote",
+                                          "actor": "canary", "reason": reason, "at": now()})
+
+    def canary_votes(self, version_id: str, parent_id: str, since: str) -> list[dict]:
+        """Users' decided A/B votes between the candidate and its parent since the trial
+        began (not excluded, not from opted-out sessions), with each answer's version."""
+        return self.store.query(
+            "SELECT c.id, c.verdict, c.decided_at, ga.model_version AS a_version, gb.model_version AS b_version "
+            "FROM comparisons c JOIN sessions s ON s.id = c.session_id "
+            "JOIN generations ga ON ga.id = c.a_generation_id JOIN generations gb ON gb.id = c.b_generation_id "
+            "WHERE c.verdict IN ('a', 'b', 'tie', 'both_bad') AND c.excluded = 0 AND s.opt_out = 0 "
+            "AND c.decided_at >= ? AND ((ga.model_version = ? AND gb.model_version = ?) "
+            "OR (ga.model_version = ? AND gb.model_version = ?)) ORDER BY c.decided_at, c.rowid",
+            (since, version_id, parent_id, parent_id, version_id))
 
 
 def loads(text: str | None) -> Any:

@@ -4,8 +4,10 @@ Runs in its own process (see ``scheduler``), holding ``retrain.lock`` for its wh
 runs never overlap; the lock is an ``flock`` that the kernel drops when the process dies,
 even by ``kill -9``.  Everything it makes is written under ``runs/<run_id>/`` first; the
 served model changes only at the very end, by publishing a complete version directory and
-appending one row to ``serving_log``.  A run that dies before that row leaves the server
-and the feedback exactly as they were; ``reap_stale_runs`` marks it failed afterwards.
+appending one row to ``serving_log``, or, with the live canary on (the default), by putting the
+published candidate on trial (``retrain.canary``), where users' votes decide.  A run that
+dies before that leaves the server and the feedback exactly as they were;
+``reap_stale_runs`` marks it failed afterwards.
 """
 
 from __future__ import annotations
@@ -446,7 +448,12 @@ def _train_and_gate(settings: Settings, registry: Registry, run: Run, config: Re
         feedback={"comparisons": snapshot.record_ids, "ratings": snapshot.rating_ids,
                   "reward_model": ids["policy"][0], "judge": ids["judge"][0]})
     registry.update_run(run.id, candidate_version=version_id)
-    registry.set_served(version_id, "promote", actor="retrain", reason=f"run {run.id} passed the gate")
     timings["total_s"] = time.monotonic() - t0
+    if settings.canary_enabled:  # users' own votes have the last word (retrain.canary)
+        registry.update_run(run.id, kl=kl, decision=decision,
+                            reason="passed the offline gate; on trial as answer B until users' votes decide")
+        registry.start_canary(run_id=run.id, version_id=version_id, parent_id=served)
+        return
+    registry.set_served(version_id, "promote", actor="retrain", reason=f"run {run.id} passed the gate")
     registry.update_run(run.id, status="promoted", finished_at=now(), kl=kl, decision=decision,
                         reason="passed the gate")

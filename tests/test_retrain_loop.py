@@ -74,7 +74,7 @@ def loop(tmp_path, tiny_model_dir):
     config = tmp_path / "retrain.json"
     _write_config(config)
     settings = Settings(data_dir=str(tmp_path / "data"), model=str(tiny_model_dir), max_batch=4,
-                        retrain_config=str(config), retrain_threads=1)
+                        retrain_config=str(config), retrain_threads=1, canary_enabled=False)
     store = FeedbackStore(settings.db_path)
     registry = Registry(store)
     holder = serve.start(settings, registry)
