@@ -30,6 +30,7 @@ import pandas as pd
 from assistant.context import AppContext
 from feedback import export, leaderboard, review
 from feedback.auth import AuthError, ConsoleAuth
+from feedback.registry import canary_tally
 from feedback.store import REASON_TAGS, StoreError
 
 log = logging.getLogger(__name__)
@@ -411,9 +412,24 @@ def build(ctx: AppContext) -> None:
 
     def _schedule_text() -> str:
         if ctx.scheduler is None:
-            return "Scheduled retraining: **scheduler not running**."
-        nxt = ctx.scheduler.next_run_time()
-        return f"Next scheduled retrain: **{nxt.isoformat(timespec='minutes') if nxt else 'none scheduled'}**"
+            text = "Scheduled retraining: **scheduler not running**."
+        else:
+            nxt = ctx.scheduler.next_run_time()
+            text = f"Next scheduled retrain: **{nxt.isoformat(timespec='minutes') if nxt else 'none scheduled'}**"
+        return text + "\n\n" + _canary_text()
+
+    def _canary_text() -> str:
+        state = registry.canary()
+        if not state:
+            return "Live canary: **no candidate on trial**" + ("" if ctx.settings.canary_enabled else " (switched off)")
+        votes = registry.canary_votes(state["version_id"], state["parent_id"], state["started_at"])
+        wins, losses, ties = canary_tally(votes, state["version_id"])
+        rate = f"{wins / (wins + losses):.0%}" if wins + losses else "–"
+        return (f"Live canary: **{_esc(state['version_id'])}** on trial against {_esc(state['parent_id'])} since "
+                f"{_esc(state['started_at'][:16])} (run {_esc(state['run_id'])}): **{wins} wins, {losses} losses, "
+                f"{ties} ties** (decisive win rate {rate}; needs {ctx.settings.canary_min_votes}+ decisive votes and "
+                f"a lower bound above 50%, at most {ctx.settings.canary_max_votes} votes / "
+                f"{ctx.settings.canary_max_minutes:.0f} min)")
 
     @guarded
     def training(user):

@@ -168,5 +168,19 @@ class Registry:
             (since, version_id, parent_id, parent_id, version_id))
 
 
+def canary_tally(votes: list[dict], version_id: str) -> tuple[int, int, int]:
+    """(wins, losses, ties) of the candidate in ``canary_votes`` rows; a tie or "both bad"
+    is a tie."""
+    wins = losses = ties = 0
+    for v in votes:
+        if v["verdict"] not in ("a", "b"):
+            ties += 1
+        elif (v["a_version"] if v["verdict"] == "a" else v["b_version"]) == version_id:
+            wins += 1
+        else:
+            losses += 1
+    return wins, losses, ties
+
+
 def loads(text: str | None) -> Any:
     return json.loads(text) if text else None

@@ -27,7 +27,7 @@ import threading
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 
-from feedback.registry import Registry
+from feedback.registry import Registry, canary_tally
 from retrain.reward import wilson
 
 log = logging.getLogger(__name__)
@@ -67,19 +67,6 @@ class CanaryDecision:
     minutes: float
 
 
-def tally(votes: list[dict], version_id: str) -> tuple[int, int, int]:
-    """(wins, losses, ties) of the candidate; a tie or "both bad" is a tie."""
-    wins = losses = ties = 0
-    for v in votes:
-        if v["verdict"] not in ("a", "b"):
-            ties += 1
-        elif (v["a_version"] if v["verdict"] == "a" else v["b_version"]) == version_id:
-            wins += 1
-        else:
-            losses += 1
-    return wins, losses, ties
-
-
 def decide(wins: int, losses: int, ties: int, minutes: float, cfg: CanaryConfig) -> CanaryDecision:
     """The trial's decision from the tallies so far (pure; tested by hand)."""
     n = wins + losses
@@ -108,7 +95,7 @@ def status(registry: Registry, cfg: CanaryConfig, now: datetime | None = None) -
     votes = registry.canary_votes(state["version_id"], state["parent_id"], state["started_at"])
     now = now or datetime.now(timezone.utc)
     minutes = (now - datetime.fromisoformat(state["started_at"])).total_seconds() / 60
-    return decide(*tally(votes, state["version_id"]), minutes, cfg)
+    return decide(*canary_tally(votes, state["version_id"]), minutes, cfg)
 
 
 def check(registry: Registry, cfg: CanaryConfig, now: datetime | None = None) -> CanaryDecision | None:

@@ -13,9 +13,9 @@ from assistant import serve
 from assistant.chat import ChatService
 from assistant.engine import SamplingParams
 from assistant.settings import Settings
-from feedback.registry import Registry
+from feedback.registry import Registry, canary_tally
 from feedback.store import FeedbackStore
-from retrain.canary import CanaryConfig, check, decide, status, tally
+from retrain.canary import CanaryConfig, check, decide, status
 from retrain.scheduler import RetrainScheduler
 from tests.test_retrain_loop import _write_config, seed_votes
 
@@ -43,7 +43,7 @@ def test_tally_reads_which_side_was_the_candidate():
              {"verdict": "b", "a_version": "sft", "b_version": "cand"},
              {"verdict": "tie", "a_version": "sft", "b_version": "cand"},
              {"verdict": "both_bad", "a_version": "sft", "b_version": "cand"}]
-    assert tally(votes, "cand") == (2, 1, 2)
+    assert canary_tally(votes, "cand") == (2, 1, 2)
 
 
 @pytest.fixture

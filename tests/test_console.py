@@ -234,6 +234,13 @@ def test_login_filter_open_exclude_export_rollback(app, tmp_path):
 
     # the other views answer
     assert "scheduler not running" in c.ok("training_tab")[0]
+    assert "no candidate on trial" in c.ok("training_tab")[0]
+    run_id = ctx.registry.create_run("manual")  # a candidate on trial: its progress is shown
+    ctx.registry.start_canary(run_id=run_id, version_id="v2", parent_id="sft")
+    text = c.ok("training_tab")[0]
+    assert "**v2** on trial against sft" in text and "0 wins, 0 losses, 0 ties" in text
+    ctx.registry.end_canary(run_id, promote=False, reason="test over", decision={})
+    assert ctx.registry.run(run_id)["status"] == "rejected" and ctx.registry.served_version() == "sft"
     board = c.ok("leaderboard")[0]
     assert {row[0] for row in board["data"]} == {"sft", "v2"}
     c.ok("charts")
