@@ -18,6 +18,7 @@ as it was and usable.
 from __future__ import annotations
 
 import logging
+import random
 import re
 import sqlite3
 import threading
@@ -154,6 +155,7 @@ class Answer:
     text: str
     version: str
     request: Request
+    style_hint: str | None = None
 
     @property
     def finish_reason(self) -> str | None:
@@ -179,6 +181,22 @@ def sampling(temperature: float | None, top_p: float | None, max_new_tokens: flo
     return SamplingParams(temperature=t, top_p=p, max_new_tokens=n, seed=s)
 
 
+# Hidden hints for answer B of a regenerate: they make the two answers differ in what users
+# care about (measured with simulated users: benchmarks/comparisons.py, docs/rlhf.md).
+STYLE_HINTS = ("Answer briefly.", "Answer in detail.", "Answer with a bulleted list.",
+               "Answer in plain prose, no lists.")
+
+
+def with_style_hint(context: list[dict], hint: str | None) -> list[dict]:
+    """``context`` with ``hint`` added to its system prompt (one is added when there is none)."""
+    if not hint:
+        return context
+    if context and context[0]["role"] == "system":
+        first = {**context[0], "content": f"{context[0]['content'].rstrip()} {hint}".strip()}
+        return [first, *context[1:]]
+    return [{"role": "system", "content": hint}, *context]
+
+
 class ChatService:
     def __init__(self, settings: Settings, store: FeedbackStore, holder: ModelHolder,
                  clock: Callable[[], float] = time.monotonic):
@@ -188,6 +206,7 @@ class ChatService:
         self.message_limit = RateLimiter(settings.rate_messages_per_minute, clock=clock)
         self.vote_limit = RateLimiter(settings.rate_votes_per_minute, clock=clock)
         self._active: dict[str, Request] = {}  # session id -> the request generating now
+        self._rng = random.Random()
         self._lock = threading.Lock()
 
     @contextmanager
@@ -279,9 +298,14 @@ class ChatService:
         self.message_limit.hit(sess.session_id, "messages")
         turn = len(sess.messages) - 1
         context = kept["context"]
-        share = self.settings.canary_share if self.settings.canary_enabled else 0.0
-        answer = yield from self._generate(sess, context, params, canary_share=share)
-        with self._storing():
+        # answer B: from the candidate on trial (the live canary) in a share of turns, else from
+        # the served model with a hidden style hint, so the two answers differ in more than noise
+        on_trial = (self.settings.canary_enabled and self.holder.canary_version is not None
+                    and self._rng.random() < self.settings.canary_share)
+        hint = self._rng.choice(STYLE_HINTS) if self.settings.regenerate_style_hints and not on_trial else None
+        answer = yield from self._generate(sess, with_style_hint(context, hint), params, canary=on_trial,
+                                           style_hint=hint)
+        with self._storing():  # the context the user saw; the hint is kept with the sampling settings
             b_id = self._record(sess, sess.conversation_id, turn, context, params, answer)
             comp_id = self.store.open_comparison(session_id=sess.session_id, conversation_id=sess.conversation_id,
                                                  turn=turn, a_generation_id=kept["generation_id"],
@@ -310,9 +334,10 @@ class ChatService:
         if self.generating(sess):
             raise ChatError("an answer is still being written: wait for it or press Stop")
 
-    def _generate(self, sess: ChatSession, context: list[dict], params: SamplingParams, canary_share: float = 0.0):
-        """Yields growing text; returns an Answer (generator return value).  ``canary_share``:
-        the chance that a candidate on trial writes it (answers B only)."""
+    def _generate(self, sess: ChatSession, context: list[dict], params: SamplingParams, canary: bool = False,
+                  style_hint: str | None = None):
+        """Yields growing text; returns an Answer (generator return value).  ``canary``: the
+        candidate on trial writes it; ``style_hint``: recorded with the answer."""
         _, engine = self.holder.current()
         prompt_ids = engine.encode_chat(context)
         try:
@@ -320,7 +345,7 @@ class ChatService:
             with self._lock:
                 if sess.session_id in self._active:
                     raise ChatError("an answer is still being written: wait for it or press Stop")
-                version, engine, request = self.holder.submit(prompt_ids, params, canary_share)
+                version, engine, request = self.holder.submit(prompt_ids, params, canary)
                 self._active[sess.session_id] = request
         except ContextTooLong as exc:
             raise ChatError(str(exc)) from None
@@ -339,14 +364,15 @@ class ChatService:
             raise ChatError("stopped before the first word; nothing was stored")
         # surrounding whitespace is dropped, as the chat display does, so what is shown,
         # stored and fed back as context are the same text
-        return Answer(text=stream.text.strip(), version=version, request=request)
+        return Answer(text=stream.text.strip(), version=version, request=request, style_hint=style_hint)
 
     def _record(self, sess: ChatSession, conversation_id: str, turn: int, context: list[dict],
                 params: SamplingParams, answer: Answer) -> str:
         request = answer.request
         return self.store.record_generation(
             session_id=sess.session_id, conversation_id=conversation_id, turn=turn, context=context,
-            content=answer.text, model_version=answer.version, sampling=params.as_dict(),
+            content=answer.text, model_version=answer.version,
+            sampling={**params.as_dict(), **({"style_hint": answer.style_hint} if answer.style_hint else {})},
             prompt_tokens=len(request.prompt_ids), completion_tokens=len(request.tokens),
             ttft_ms=request.ttft_ms, latency_ms=request.latency_ms, finish_reason=answer.finish_reason)
 

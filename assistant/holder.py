@@ -10,7 +10,6 @@ sees a half-loaded model: the new engine is fully built before the pointer moves
 from __future__ import annotations
 
 import logging
-import random
 import threading
 from collections.abc import Callable
 
@@ -31,7 +30,6 @@ class ModelHolder:
         self._retired: list[Engine] = []
         self._canary: Engine | None = None
         self._canary_version: str | None = None
-        self._rng = random.Random()
 
     def current(self) -> tuple[str, Engine]:
         with self._lock:
@@ -51,13 +49,13 @@ class ModelHolder:
             return self._canary_version
 
     def submit(self, prompt_ids: list[int], params: SamplingParams,
-               canary_share: float = 0.0) -> tuple[str, Engine, Request]:
+               canary: bool = False) -> tuple[str, Engine, Request]:
         """Submits to the current engine under the lock, so a swap cannot retire the engine
-        between choosing it and handing it the request.  With a canary on trial, the request
-        goes to the candidate with probability ``canary_share`` (answers B only)."""
+        between choosing it and handing it the request.  ``canary``: to the candidate on
+        trial instead, if there still is one (answers B only)."""
         with self._lock:
             engine, version = self._engine, self._version
-            if self._canary is not None and canary_share > 0 and self._rng.random() < canary_share:
+            if canary and self._canary is not None:
                 engine, version = self._canary, self._canary_version
             request = engine.submit(prompt_ids, params)
             return version, engine, request

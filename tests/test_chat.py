@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from assistant.chat import ChatError, ChatService, ChatSession, RateLimited, RateLimiter, sampling
-from assistant.engine import Engine
+from assistant.engine import Engine, SamplingParams
 from assistant.holder import ModelHolder
 from assistant.models import load
 from assistant.settings import Settings
@@ -112,3 +114,29 @@ def test_rewrite_blocks_regenerate_and_rating_of_the_rewrite(service):
         run(service.regenerate(sess, params))
     with pytest.raises(ChatError, match="your own rewrite"):
         service.rate(sess, 0, "up")
+
+
+def test_regenerate_writes_b_with_a_hidden_style_hint(service):
+    from assistant.chat import STYLE_HINTS, with_style_hint
+
+    assert with_style_hint([{"role": "user", "content": "q"}], "Answer briefly.")[0] == {
+        "role": "system", "content": "Answer briefly."}
+    assert with_style_hint([{"role": "system", "content": "Be kind."}], "Answer briefly.")[0]["content"] == \
+        "Be kind. Answer briefly."
+    sess = service.new_session()
+    run(service.chat(sess, "Tell me about tea.", SamplingParams(temperature=0.7, top_p=0.9, max_new_tokens=8, seed=1), "You are nice."))
+    seen = []
+    original = service.holder.submit
+    service.holder.submit = lambda ids, *a, **k: (seen.append(ids), original(ids, *a, **k))[1]
+    try:
+        run(service.regenerate(sess, SamplingParams(temperature=0.7, top_p=0.9, max_new_tokens=8, seed=2)))
+    finally:
+        del service.holder.submit
+    b = service.store.generation(sess.comparison.b_generation_id)
+    hint = json.loads(b["sampling"])["style_hint"]
+    assert hint in STYLE_HINTS
+    # the model saw the hint; the stored context is what the user saw (no hint), the same as A's
+    assert hint in service.holder.current()[1].tokenizer.decode(seen[0])
+    a = service.store.generation(sess.comparison.a_generation_id)
+    assert b["context"] == a["context"] and hint not in b["context"]
+    assert "style_hint" not in json.loads(a["sampling"])

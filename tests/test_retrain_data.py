@@ -89,6 +89,10 @@ def test_reference_samples_are_the_reference_models_answers(store):
     store.record_generation(session_id="s1", conversation_id=conv, turn=1, context=ctx, content="ppo answer",
                             model_version="v-1", sampling={}, prompt_tokens=1, completion_tokens=1, ttft_ms=None,
                             latency_ms=None, finish_reason="stop")
+    conv = store.start_conversation("s1", SYS)
+    store.record_generation(session_id="s1", conversation_id=conv, turn=1, context=ctx, content="hinted answer",
+                            model_version="v0", sampling={"style_hint": "Answer briefly."}, prompt_tokens=1,
+                            completion_tokens=1, ttft_ms=None, latency_ms=None, finish_reason="stop")
     _turn(store, "s9", "r3", "opted-out answer", None)
     store.set_opt_out("s9", True)
     snap = build_snapshot(store, heldout_fraction=0.0, reference_version="v0")
