@@ -10,6 +10,7 @@ import pytest
 from gradio_client import Client
 from gradio_client.exceptions import AppError
 
+from assistant.chat import STYLE_HINTS
 from assistant.client import message_text as text_of
 from tests.apphelpers import app_settings, launch_app
 
@@ -112,7 +113,9 @@ def test_regenerate_and_each_verdict(app, client, verdict):
     assert comp["a_generation_id"] == kept_gen
     b_gen = store.generation(comp["b_generation_id"])
     assert b_gen["content"] == b_text and b_gen["turn"] == 1 and b_gen["context"] == comp["context"]
-    assert json.loads(b_gen["sampling"]) == {"temperature": 0.9, "top_p": 0.9, "max_new_tokens": 12, "seed": 2}
+    b_sampling = json.loads(b_gen["sampling"])
+    assert b_sampling.pop("style_hint") in STYLE_HINTS  # B is written in another style (hidden hint)
+    assert b_sampling == {"temperature": 0.9, "top_p": 0.9, "max_new_tokens": 12, "seed": 2}
 
     history, status = client.predict(verdict, api_name="/vote")
     expected = {"a": "A is better", "b": "B is better", "tie": "tie", "both_bad": "both are bad"}[verdict]
