@@ -181,8 +181,9 @@ def sampling(temperature: float | None, top_p: float | None, max_new_tokens: flo
     return SamplingParams(temperature=t, top_p=p, max_new_tokens=n, seed=s)
 
 
-# Hidden hints for answer B of a regenerate: they make the two answers differ in what users
-# care about (measured with simulated users: benchmarks/comparisons.py, docs/rlhf.md).
+# Hidden hints for answer B of a regenerate (--regenerate-style-hints), meant to make the two
+# answers differ in what users care about; measured in docs/rlhf.md (no gain with the
+# embedded 135M model, hence off by default).
 STYLE_HINTS = ("Answer briefly.", "Answer in detail.", "Answer with a bulleted list.",
                "Answer in plain prose, no lists.")
 
@@ -299,7 +300,7 @@ class ChatService:
         turn = len(sess.messages) - 1
         context = kept["context"]
         # answer B: from the candidate on trial (the live canary) in a share of turns, else from
-        # the served model with a hidden style hint, so the two answers differ in more than noise
+        # the served model, with a hidden style hint when --regenerate-style-hints is on
         on_trial = (self.settings.canary_enabled and self.holder.canary_version is not None
                     and self._rng.random() < self.settings.canary_share)
         hint = self._rng.choice(STYLE_HINTS) if self.settings.regenerate_style_hints and not on_trial else None

@@ -58,8 +58,8 @@ class Settings:
     retrain_min_preferences: int = _opt(50, "new usable preferences needed to start a run")
     retrain_threads: int = _opt(1, "torch threads a retrain may use on CPU")
     retrain_config: str = _opt("", "JSON file overriding data/reward/ppo/gate training configs")
-    regenerate_style_hints: bool = _opt(True, "write answer B with a hidden style hint (brief, detailed, list, "
-                                              "prose) so the two answers differ in more than sampling noise")
+    regenerate_style_hints: bool = _opt(False, "write answer B with a hidden style hint (brief, detailed, list, "
+                                               "prose) so the two answers differ in more than sampling noise")
     # --- live canary ----------------------------------------------------------------------
     canary_enabled: bool = _opt(True, "put a gated candidate on trial as answer B before promoting it")
     canary_share: float = _opt(0.5, "share of regenerate-and-compare turns whose answer B is the candidate")

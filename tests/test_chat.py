@@ -123,6 +123,7 @@ def test_regenerate_writes_b_with_a_hidden_style_hint(service):
         "role": "system", "content": "Answer briefly."}
     assert with_style_hint([{"role": "system", "content": "Be kind."}], "Answer briefly.")[0]["content"] == \
         "Be kind. Answer briefly."
+    service.settings = service.settings.replace(regenerate_style_hints=True)
     sess = service.new_session()
     run(service.chat(sess, "Tell me about tea.", SamplingParams(temperature=0.7, top_p=0.9, max_new_tokens=8, seed=1), "You are nice."))
     seen = []
@@ -140,3 +141,7 @@ def test_regenerate_writes_b_with_a_hidden_style_hint(service):
     a = service.store.generation(sess.comparison.a_generation_id)
     assert b["context"] == a["context"] and hint not in b["context"]
     assert "style_hint" not in json.loads(a["sampling"])
+    service.settings = service.settings.replace(regenerate_style_hints=False)  # the default: no hint
+    run(service.chat(sess, "And coffee?", SamplingParams(temperature=0.7, top_p=0.9, max_new_tokens=8, seed=3)))
+    run(service.regenerate(sess, SamplingParams(temperature=0.7, top_p=0.9, max_new_tokens=8, seed=4)))
+    assert "style_hint" not in json.loads(service.store.generation(sess.comparison.b_generation_id)["sampling"])

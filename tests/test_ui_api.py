@@ -20,6 +20,7 @@ PUBLIC = {"/chat", "/regenerate", "/vote", "/rate", "/edit", "/opt_out", "/new_c
 @pytest.fixture(scope="module")
 def app(tmp_path_factory, tiny_model_dir):
     settings = app_settings(tmp_path_factory.mktemp("app-data"), tiny_model_dir, max_message_chars=12000,
+                            regenerate_style_hints=True,
                             system_prompt="You are a test assistant.")
     url, ctx, close = launch_app(settings)
     yield url, ctx
