@@ -317,9 +317,10 @@ def train_cross_fitted(sft_path: str, snapshot, config: RetrainConfig, registry:
         trained[role].norm["norm_source"] = "reference model answers" if snapshot.reference else "training answers"
         rms[role] = rm
     # out-of-fold evaluation
-    oof = [p for p in snapshot.train if p.fold == 1] + [p for p in snapshot.train if p.fold == 0]
-    margins = [pair_margins(rms["policy"], oof[:sum(p.fold == 1 for p in oof)], cache),
-               pair_margins(rms["judge"], oof[sum(p.fold == 1 for p in oof):], cache)]
+    unseen_by_policy = [p for p in snapshot.train if p.fold == 1]
+    unseen_by_judge = [p for p in snapshot.train if p.fold == 0]
+    oof = unseen_by_policy + unseen_by_judge
+    margins = [pair_margins(rms["policy"], unseen_by_policy, cache), pair_margins(rms["judge"], unseen_by_judge, cache)]
     both = None
     if snapshot.heldout:
         both = (pair_margins(rms["policy"], snapshot.heldout, cache) + pair_margins(rms["judge"], snapshot.heldout,
