@@ -43,7 +43,7 @@ class Settings:
     top_p: float = _opt(0.9, "default nucleus sampling top-p")
     max_batch: int = _opt(8, "most requests decoded together in one batch")
     max_message_chars: int = _opt(4000, "longest user message accepted, in characters")
-    scrub_pii: bool = _opt(True, "replace e-mails, phones, cards and IPs before storing")
+    scrub_pii: bool = _opt(True, "replace e-mails, phone numbers, IBANs, cards and IPs before storing")
     threads: int = _opt(0, "torch CPU threads for serving (0 = torch default)")
     # --- abuse limits ----------------------------------------------------------------
     rate_messages_per_minute: int = _opt(30, "messages one session may send per minute")
