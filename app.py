@@ -11,14 +11,17 @@ from assistant.context import AppContext
 from assistant.settings import Settings
 from feedback.registry import Registry
 from feedback.store import FeedbackStore
+from retrain.job import reap_stale_runs
 
 log = logging.getLogger("assistant.app")
 
 
 def create_context(settings: Settings) -> AppContext:
-    """Opens the store, loads the served version and follows the registry for hot swaps."""
+    """Opens the store, marks failed the runs whose process is gone, loads the served
+    version (or the last one that loads) and follows the registry for hot swaps."""
     store = FeedbackStore(settings.db_path, scrub_pii=settings.scrub_pii)
     registry = Registry(store)
+    reap_stale_runs(registry, settings.data_path, app_starting=True)  # runs a dead app left queued
     holder = serve.start(settings, registry)
     follower = serve.VersionFollower(holder, registry, serve.engine_factory(settings)).start()
     ctx = AppContext(settings=settings, store=store, registry=registry, holder=holder)

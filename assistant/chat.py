@@ -13,6 +13,12 @@ Nothing is written for a message that is refused (empty, too long, over the cont
 limited, engine error): validation and the fit check run before the first write, and the
 answer's rows are written only once it is complete, so a failure leaves the conversation
 as it was and usable.
+
+One session's calls change its state one at a time (``SessionLocks``): each call checks
+and changes the session and its rows under that session's lock.  An answer is streamed
+outside the lock, but the session counts as generating from its start until its rows are
+stored, and calls that would change the conversation meanwhile (vote, edit, regenerate,
+another message, new chat) are refused; ratings and opt-outs are not.
 """
 
 from __future__ import annotations
@@ -24,12 +30,13 @@ import sqlite3
 import threading
 import time
 import uuid
+import weakref
 from collections import deque
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
-from assistant.engine import ContextTooLong, Request, SamplingParams, TextStream
+from assistant.engine import ContextTooLong, Engine, Request, SamplingParams, TextStream
 from assistant.holder import ModelHolder
 from assistant.settings import Settings
 from feedback.store import REASON_TAGS, THUMBS, VERDICTS, FeedbackStore, StoreError
@@ -39,6 +46,7 @@ log = logging.getLogger(__name__)
 VERDICT_TEXT = {"a": "A is better", "b": "B is better", "tie": "tie (A is kept)",
                 "both_bad": "both are bad (A is kept; regenerate again or rewrite it)"}
 MAX_NEW_TOKENS_LIMIT = 4096
+MAX_SEED = 2**64 - 1  # torch generators take unsigned 64-bit seeds; a larger one fails in the engine
 # lone UTF-16 surrogates cannot be encoded as UTF-8, so SQLite (and the tokenizer) refuse them
 _SURROGATE = re.compile("[\ud800-\udfff]")
 
@@ -60,6 +68,22 @@ def check_text(text: object, what: str) -> str:
         raise ChatError(f"the {what} contains invalid characters (unpaired UTF-16 surrogates); "
                         "nothing was stored")
     return text
+
+
+def reason_tags(reasons: object) -> list[str]:
+    """A rating's reasons as each known tag once, in the tags' order: an API client may send
+    a list of any length with repeats, and the row must stay small.  Unknown tags are
+    refused (not dropped: the user meant something), naming a few, shortened, so the
+    refusal does not echo a huge request back."""
+    if reasons is None:
+        return []
+    if not isinstance(reasons, (list, tuple)):
+        raise ChatError(f"reasons must be a list; choose from: {', '.join(REASON_TAGS)}")
+    unknown = [r for r in reasons if r not in REASON_TAGS]
+    if unknown:
+        named = ", ".join(repr(r)[:40] for r in unknown[:3]) + (", …" if len(unknown) > 3 else "")
+        raise ChatError(f"unknown reasons [{named}]; choose from: {', '.join(REASON_TAGS)}")
+    return [tag for tag in REASON_TAGS if tag in reasons]
 
 
 def database_error_message(exc: sqlite3.Error) -> str:
@@ -148,6 +172,35 @@ class RateLimiter:
                     del self._events[k]
 
 
+# ----------------------------------------------------------------------------- one session at a time
+class _Lock:
+    """A lock that can be weakly referenced (``threading.Lock`` cannot)."""
+    __slots__ = ("lock", "__weakref__")
+
+    def __init__(self):
+        self.lock = threading.Lock()
+
+
+class SessionLocks:
+    """One lock per session id, so two calls of one session (a vote during an answer, an edit
+    racing a regenerate) change its state and its rows one after the other, while other
+    sessions never wait.  A lock lives while a thread holds or waits for it (a weak map),
+    so idle sessions cost nothing."""
+
+    def __init__(self):
+        self._locks: weakref.WeakValueDictionary[str, _Lock] = weakref.WeakValueDictionary()
+        self._guard = threading.Lock()
+
+    @contextmanager
+    def hold(self, session_id: str) -> Iterator[None]:
+        with self._guard:
+            held = self._locks.get(session_id)
+            if held is None:
+                held = self._locks[session_id] = _Lock()
+        with held.lock:  # ``held`` keeps the entry alive until this block ends
+            yield
+
+
 # ----------------------------------------------------------------------------- the service
 @dataclass
 class Answer:
@@ -160,6 +213,16 @@ class Answer:
     @property
     def finish_reason(self) -> str | None:
         return self.request.finish_reason
+
+
+@dataclass
+class Running:
+    """A generation handed to an engine for one session (the session counts as generating
+    until its rows are stored or it failed)."""
+    version: str
+    engine: Engine
+    request: Request
+    style_hint: str | None = None
 
 
 def sampling(temperature: float | None, top_p: float | None, max_new_tokens: float | None,
@@ -178,6 +241,8 @@ def sampling(temperature: float | None, top_p: float | None, max_new_tokens: flo
         raise ChatError("top-p must be above 0 and at most 1")
     if not 1 <= n <= MAX_NEW_TOKENS_LIMIT:
         raise ChatError(f"max new tokens must be between 1 and {MAX_NEW_TOKENS_LIMIT}")
+    if s is not None and s > MAX_SEED:  # refused, not clamped: two seeds must not silently give one answer
+        raise ChatError("the seed must be at most 2^64 - 1 (-1 = random)")
     return SamplingParams(temperature=t, top_p=p, max_new_tokens=n, seed=s)
 
 
@@ -206,9 +271,17 @@ class ChatService:
         self.holder = holder
         self.message_limit = RateLimiter(settings.rate_messages_per_minute, clock=clock)
         self.vote_limit = RateLimiter(settings.rate_votes_per_minute, clock=clock)
+        # keyed by the client's address, not the session: a new session is one page load away
+        self.opt_out_limit = RateLimiter(settings.rate_votes_per_minute, clock=clock)
         self._active: dict[str, Request] = {}  # session id -> the request generating now
         self._rng = random.Random()
         self._lock = threading.Lock()
+        self._sessions = SessionLocks()
+
+    def _serialised(self, sess: ChatSession):
+        """Held while a call checks and changes one session's state and rows, so each change
+        is atomic for that session (the streaming of an answer runs outside it)."""
+        return self._sessions.hold(sess.session_id)
 
     @contextmanager
     def _storing(self):
@@ -232,19 +305,24 @@ class ChatService:
         return state if isinstance(state, ChatSession) else self.new_session(client)
 
     def new_chat(self, sess: ChatSession) -> str:
-        self._refuse_while_generating(sess)
-        sess.conversation_id = None
-        sess.messages = []
-        sess.comparison = None
+        with self._serialised(sess):
+            self._refuse_while_generating(sess)
+            sess.conversation_id = None
+            sess.messages = []
+            sess.comparison = None
         return "New chat started."
 
-    def set_opt_out(self, sess: ChatSession, opt_out: bool) -> str:
+    def set_opt_out(self, sess: ChatSession, opt_out: bool, client_address: str | None = None) -> str:
+        """Rate-limited per ``client_address`` (the session when unknown), because sessions
+        are free; the store writes only when the value changes."""
         if not isinstance(opt_out, bool):  # an API client may send "false", which is truthy
             raise ChatError("opt-out must be true or false")
-        with self._storing():
-            self.store.ensure_session(sess.session_id, client=sess.client)
-            self.store.set_opt_out(sess.session_id, bool(opt_out))
-        sess.opt_out = bool(opt_out)
+        self.opt_out_limit.hit(f"address {client_address}" if client_address else sess.session_id,
+                               "opt-out requests")
+        with self._serialised(sess):
+            with self._storing():
+                self.store.set_opt_out(sess.session_id, opt_out, client=sess.client)
+            sess.opt_out = opt_out
         if sess.opt_out:
             return "Recorded: your conversations will not be used for training."
         return "Recorded: your conversations may be used for training."
@@ -264,56 +342,61 @@ class ChatService:
         system = self.settings.system_prompt if system_prompt is None else check_text(system_prompt, "system prompt")
         if len(system) > self.settings.max_message_chars:
             raise ChatError(f"the system prompt is too long: at most {self.settings.max_message_chars} characters")
-        history = [{"role": m["role"], "content": m["content"]} for m in sess.messages]
-        context = ([{"role": "system", "content": system}] if system.strip() else []) + history + [
-            {"role": "user", "content": message}]
-        self._refuse_while_generating(sess)
-        self.message_limit.hit(sess.session_id, "messages")
-        user_turn = len(sess.messages)
-        answer = yield from self._generate(sess, context, params)
-        with self._storing():  # the whole turn or nothing
-            if sess.conversation_id is None:
-                self.store.ensure_session(sess.session_id, client=sess.client)
-            conv = sess.conversation_id or self.store.start_conversation(sess.session_id, system)
-            self.store.set_message(conv, user_turn, "user", message)
-            gen_id = self._record(sess, conv, user_turn + 1, context, params, answer)
-            self.store.set_message(conv, user_turn + 1, "assistant", answer.text, gen_id)
-        sess.conversation_id = conv
-        sess.comparison = None  # an open comparison on an older turn is left undecided
-        sess.messages += [{"role": "user", "content": message, "generation_id": None, "edited": False},
-                          {"role": "assistant", "content": answer.text, "generation_id": gen_id,
-                           "edited": False, "context": context}]
-        sess.model_version, sess.finish_reason = answer.version, answer.finish_reason
+        with self._serialised(sess):  # the context and the claim on the session, together
+            history = [{"role": m["role"], "content": m["content"]} for m in sess.messages]
+            context = ([{"role": "system", "content": system}] if system.strip() else []) + history + [
+                {"role": "user", "content": message}]
+            self._refuse_while_generating(sess)
+            self.message_limit.hit(sess.session_id, "messages")
+            user_turn = len(sess.messages)
+            running = self._start(sess, context, params)
+        answer = yield from self._stream(sess, running)
+        with self._serialised(sess), self._releasing(sess, running):
+            with self._storing():  # the whole turn or nothing
+                if sess.conversation_id is None:
+                    self.store.ensure_session(sess.session_id, client=sess.client)
+                conv = sess.conversation_id or self.store.start_conversation(sess.session_id, system)
+                self.store.set_message(conv, user_turn, "user", message)
+                gen_id = self._record(sess, conv, user_turn + 1, context, params, answer)
+                self.store.set_message(conv, user_turn + 1, "assistant", answer.text, gen_id)
+            sess.conversation_id = conv
+            sess.comparison = None  # an open comparison on an older turn is left undecided
+            sess.messages += [{"role": "user", "content": message, "generation_id": None, "edited": False},
+                              {"role": "assistant", "content": answer.text, "generation_id": gen_id,
+                               "edited": False, "context": context}]
+            sess.model_version, sess.finish_reason = answer.version, answer.finish_reason
 
     def regenerate(self, sess: ChatSession, params: SamplingParams) -> Iterator[str]:
         """Streams answer B to the context of the latest answer (A, the kept one) and opens
         a comparison of the two; the verdict comes from ``vote``."""
-        if not sess.messages or sess.messages[-1]["role"] != "assistant":
-            raise ChatError("there is no answer to regenerate yet: send a message first")
-        kept = sess.messages[-1]
-        if kept["edited"] or not kept.get("generation_id"):
-            raise ChatError("the latest answer is your own rewrite; send a new message to continue")
-        if sess.comparison is not None and sess.comparison.verdict is None:
-            raise ChatError("first say which answer is better (A, B, tie or both bad)")
-        self._refuse_while_generating(sess)
-        self.message_limit.hit(sess.session_id, "messages")
-        turn = len(sess.messages) - 1
-        context = kept["context"]
-        # answer B: from the candidate on trial (the live canary) in a share of turns, else from
-        # the served model, with a hidden style hint when --regenerate-style-hints is on
-        on_trial = (self.settings.canary_enabled and self.holder.canary_version is not None
-                    and self._rng.random() < self.settings.canary_share)
-        hint = self._rng.choice(STYLE_HINTS) if self.settings.regenerate_style_hints and not on_trial else None
-        answer = yield from self._generate(sess, with_style_hint(context, hint), params, canary=on_trial,
-                                           style_hint=hint)
-        with self._storing():  # the context the user saw; the hint is kept with the sampling settings
-            b_id = self._record(sess, sess.conversation_id, turn, context, params, answer)
-            comp_id = self.store.open_comparison(session_id=sess.session_id, conversation_id=sess.conversation_id,
-                                                 turn=turn, a_generation_id=kept["generation_id"],
-                                                 b_generation_id=b_id)
-        sess.comparison = Comparison(id=comp_id, turn=turn, a_generation_id=kept["generation_id"],
-                                     b_generation_id=b_id, a_text=kept["content"], b_text=answer.text)
-        sess.model_version, sess.finish_reason = answer.version, answer.finish_reason
+        with self._serialised(sess):  # the checks and the claim on the session, together
+            if not sess.messages or sess.messages[-1]["role"] != "assistant":
+                raise ChatError("there is no answer to regenerate yet: send a message first")
+            kept = dict(sess.messages[-1])
+            if kept["edited"] or not kept.get("generation_id"):
+                raise ChatError("the latest answer is your own rewrite; send a new message to continue")
+            if sess.comparison is not None and sess.comparison.verdict is None:
+                raise ChatError("first say which answer is better (A, B, tie or both bad)")
+            self._refuse_while_generating(sess)
+            self.message_limit.hit(sess.session_id, "messages")
+            turn = len(sess.messages) - 1
+            context = kept["context"]
+            # answer B: from the candidate on trial (the live canary) in a share of turns, else from
+            # the served model, with a hidden style hint when --regenerate-style-hints is on
+            on_trial = (self.settings.canary_enabled and self.holder.canary_version is not None
+                        and self._rng.random() < self.settings.canary_share)
+            hint = self._rng.choice(STYLE_HINTS) if self.settings.regenerate_style_hints and not on_trial else None
+            running = self._start(sess, with_style_hint(context, hint), params, canary=on_trial, style_hint=hint)
+        answer = yield from self._stream(sess, running)
+        with self._serialised(sess), self._releasing(sess, running):
+            with self._storing():  # the context the user saw; the hint is kept with the sampling settings
+                b_id = self._record(sess, sess.conversation_id, turn, context, params, answer)
+                comp_id = self.store.open_comparison(session_id=sess.session_id,
+                                                     conversation_id=sess.conversation_id, turn=turn,
+                                                     a_generation_id=kept["generation_id"], b_generation_id=b_id)
+            sess.comparison = Comparison(id=comp_id, turn=turn, a_generation_id=kept["generation_id"],
+                                         b_generation_id=b_id, a_text=kept["content"], b_text=answer.text)
+            sess.model_version, sess.finish_reason = answer.version, answer.finish_reason
 
     def stop(self, sess: ChatSession | None) -> bool:
         """Cancels this session's running generation in the engine (its batch slot is freed
@@ -335,10 +418,11 @@ class ChatService:
         if self.generating(sess):
             raise ChatError("an answer is still being written: wait for it or press Stop")
 
-    def _generate(self, sess: ChatSession, context: list[dict], params: SamplingParams, canary: bool = False,
-                  style_hint: str | None = None):
-        """Yields growing text; returns an Answer (generator return value).  ``canary``: the
-        candidate on trial writes it; ``style_hint``: recorded with the answer."""
+    def _start(self, sess: ChatSession, context: list[dict], params: SamplingParams, canary: bool = False,
+               style_hint: str | None = None) -> Running:
+        """Hands the context to an engine and marks the session as generating (called under
+        the session's lock).  ``canary``: the candidate on trial writes it; ``style_hint``:
+        recorded with the answer."""
         _, engine = self.holder.current()
         prompt_ids = engine.encode_chat(context)
         try:
@@ -350,22 +434,43 @@ class ChatService:
                 self._active[sess.session_id] = request
         except ContextTooLong as exc:
             raise ChatError(str(exc)) from None
+        return Running(version=version, engine=engine, request=request, style_hint=style_hint)
+
+    def _stream(self, sess: ChatSession, running: Running):
+        """Yields growing text; returns an Answer (generator return value).  Runs outside the
+        session's lock; the session stays marked as generating until the caller has stored
+        the answer, and is released here if the answer fails or its consumer goes away."""
+        request = running.request
         try:
-            stream = TextStream(engine.tokenizer, request)
+            stream = TextStream(running.engine.tokenizer, request)
             try:
                 yield from stream
             except RuntimeError as exc:
                 raise ChatError(f"the model failed to answer ({exc}); please try again") from None
-        finally:
-            with self._lock:
-                self._active.pop(sess.session_id, None)
-            if request.finished_at is None:  # the consumer went away mid-stream: free the slot
-                request.cancel()
-        if request.finish_reason == "cancelled" and not stream.text.strip():
-            raise ChatError("stopped before the first word; nothing was stored")
+            if request.finish_reason == "cancelled" and not stream.text.strip():
+                raise ChatError("stopped before the first word; nothing was stored")
+        except BaseException:
+            self._release(sess, request)
+            raise
         # surrounding whitespace is dropped, as the chat display does, so what is shown,
         # stored and fed back as context are the same text
-        return Answer(text=stream.text.strip(), version=version, request=request, style_hint=style_hint)
+        return Answer(text=stream.text.strip(), version=running.version, request=request,
+                      style_hint=running.style_hint)
+
+    @contextmanager
+    def _releasing(self, sess: ChatSession, running: Running) -> Iterator[None]:
+        """Releases the session's generation when the block ends, stored or not."""
+        try:
+            yield
+        finally:
+            self._release(sess, running.request)
+
+    def _release(self, sess: ChatSession, request: Request) -> None:
+        with self._lock:
+            if self._active.get(sess.session_id) is request:
+                del self._active[sess.session_id]
+        if request.finished_at is None:  # the consumer went away mid-stream: free the slot
+            request.cancel()
 
     def _record(self, sess: ChatSession, conversation_id: str, turn: int, context: list[dict],
                 params: SamplingParams, answer: Answer) -> str:
@@ -384,21 +489,26 @@ class ChatService:
         verdict = (verdict if isinstance(verdict, str) else "").strip().lower().replace(" ", "_")
         if verdict not in VERDICTS:
             raise ChatError(f"the verdict must be one of {', '.join(VERDICTS)}")
-        comp = sess.comparison
-        if comp is None:
-            raise ChatError("there is no comparison to vote on: regenerate an answer first")
-        self.vote_limit.hit(sess.session_id, "votes")
-        try:
-            with self._storing():  # the verdict and the kept answer together
-                self.store.decide_comparison(comp.id, verdict, sess.session_id)
-                if verdict == "b":
-                    self.store.set_message(sess.conversation_id, comp.turn, "assistant", comp.b_text,
-                                           comp.b_generation_id)
-        except StoreError as exc:
-            raise ChatError(str(exc)) from None
-        comp.verdict = verdict
-        if verdict == "b":
-            sess.messages[comp.turn].update(content=comp.b_text, generation_id=comp.b_generation_id, edited=False)
+        with self._serialised(sess):
+            comp = sess.comparison
+            if comp is None:
+                raise ChatError("there is no comparison to vote on: regenerate an answer first")
+            # an answer being written was conditioned on the kept answer; B replacing it now
+            # would leave that answer stored after a turn it never saw
+            self._refuse_while_generating(sess)
+            self.vote_limit.hit(sess.session_id, "votes")
+            try:
+                with self._storing():  # the verdict and the kept answer together
+                    self.store.decide_comparison(comp.id, verdict, sess.session_id)
+                    if verdict == "b":
+                        self.store.set_message(sess.conversation_id, comp.turn, "assistant", comp.b_text,
+                                               comp.b_generation_id)
+            except StoreError as exc:
+                raise ChatError(str(exc)) from None
+            comp.verdict = verdict
+            if verdict == "b":
+                sess.messages[comp.turn].update(content=comp.b_text, generation_id=comp.b_generation_id,
+                                                edited=False)
         return f"Recorded: {VERDICT_TEXT[verdict]}."
 
     def rate(self, sess: ChatSession, answer: int, thumb: str, reasons: list[str] | None = None,
@@ -411,27 +521,23 @@ class ChatService:
             answer = int(answer or 0)
         except (TypeError, ValueError, OverflowError):
             raise ChatError("the answer number must be a whole number (0 = the latest)") from None
-        if reasons is not None and not isinstance(reasons, (list, tuple)):
-            raise ChatError(f"reasons must be a list; choose from: {', '.join(REASON_TAGS)}")
-        reasons = list(reasons or [])
-        unknown = [r for r in reasons if r not in REASON_TAGS]
-        if unknown:
-            raise ChatError(f"unknown reasons {unknown}; choose from: {', '.join(REASON_TAGS)}")
+        reasons = reason_tags(reasons)
         comment = check_text(comment or "", "comment")
         if len(comment) > self.settings.max_message_chars:
             raise ChatError(f"the comment is too long (at most {self.settings.max_message_chars} characters)")
-        turn = sess.answer_turn(answer)
-        kept = sess.messages[turn]
-        if kept["edited"]:
-            raise ChatError("that answer is your own rewrite; rate the model's answers")
-        self.vote_limit.hit(sess.session_id, "ratings")
-        try:
-            with self._storing():
-                self.store.record_rating(session_id=sess.session_id, generation_id=kept["generation_id"],
-                                         thumb=thumb, reasons=reasons, comment=comment)
-        except StoreError as exc:
-            raise ChatError(str(exc)) from None
-        number = sess.answer_turns().index(turn) + 1
+        with self._serialised(sess):  # rates a stored answer, so allowed while the next is written
+            turn = sess.answer_turn(answer)
+            kept = sess.messages[turn]
+            if kept["edited"]:
+                raise ChatError("that answer is your own rewrite; rate the model's answers")
+            self.vote_limit.hit(sess.session_id, "ratings")
+            try:
+                with self._storing():
+                    self.store.record_rating(session_id=sess.session_id, generation_id=kept["generation_id"],
+                                             thumb=thumb, reasons=reasons, comment=comment)
+            except StoreError as exc:
+                raise ChatError(str(exc)) from None
+            number = sess.answer_turns().index(turn) + 1
         icon = "👍" if thumb == "up" else "👎"
         return f"Recorded: {icon} for answer {number}" + (f" ({', '.join(reasons)})" if reasons else "") + "."
 
@@ -444,22 +550,23 @@ class ChatService:
         if len(rewrite) > self.settings.max_message_chars:
             raise ChatError(f"the rewrite is too long: at most {self.settings.max_message_chars} characters")
         check_text(rewrite, "rewrite")
-        if not sess.messages or sess.messages[-1]["role"] != "assistant":
-            raise ChatError("there is no answer to rewrite yet")
-        self._refuse_while_generating(sess)
-        turn = len(sess.messages) - 1
-        kept = sess.messages[turn]
-        if rewrite == kept["content"]:
-            raise ChatError("the rewrite is the same as the answer")
-        self.vote_limit.hit(sess.session_id, "edits")
-        try:
-            with self._storing():  # the preference and the kept answer together
-                self.store.record_edit(session_id=sess.session_id, conversation_id=sess.conversation_id,
-                                       turn=turn, generation_id=kept["generation_id"], rewrite=rewrite)
-                self.store.set_message(sess.conversation_id, turn, "assistant", rewrite, None)
-        except StoreError as exc:
-            raise ChatError(str(exc)) from None
-        kept.update(content=rewrite, edited=True)
-        if sess.comparison is not None and sess.comparison.turn == turn:
-            sess.comparison = None
+        with self._serialised(sess):
+            if not sess.messages or sess.messages[-1]["role"] != "assistant":
+                raise ChatError("there is no answer to rewrite yet")
+            self._refuse_while_generating(sess)
+            turn = len(sess.messages) - 1
+            kept = sess.messages[turn]
+            if rewrite == kept["content"]:
+                raise ChatError("the rewrite is the same as the answer")
+            self.vote_limit.hit(sess.session_id, "edits")
+            try:
+                with self._storing():  # the preference and the kept answer together
+                    self.store.record_edit(session_id=sess.session_id, conversation_id=sess.conversation_id,
+                                           turn=turn, generation_id=kept["generation_id"], rewrite=rewrite)
+                    self.store.set_message(sess.conversation_id, turn, "assistant", rewrite, None)
+            except StoreError as exc:
+                raise ChatError(str(exc)) from None
+            kept.update(content=rewrite, edited=True)
+            if sess.comparison is not None and sess.comparison.turn == turn:
+                sess.comparison = None
         return "Recorded: your rewrite is stored as better than the model's answer and continues the chat."

@@ -9,17 +9,29 @@ Security model (verified against Gradio 6.x):
   per-browser-session ``gr.State``) with ``feedback.auth.ConsoleAuth.check`` and refuses
   with ``gr.Error`` otherwise.  ``guarded`` below does this for every handler; the handlers
   are also collected in ``ctx.extras["console_handlers"]`` so tests can call each one with
-  a bad token.
-All queries live in ``feedback.review`` / ``feedback.leaderboard`` / ``feedback.export``.
+  a bad token.  Log out revokes the token server-side (``ConsoleAuth.logout``).
+- user text (chats, comments, user names, session ids) is shown through ``_esc``, which
+  makes it inert as HTML *and* as Markdown: a chat line ``![](https://evil.example/p.png)``
+  is shown as those characters, and the maintainer's browser fetches nothing.
+- exports are handed out by ``ExportShelf``: written in a temporary directory that is gone
+  when the handler returns, served from Gradio's cache, and deleted ``EXPORT_TTL_S`` after
+  they were made (Gradio serves a cached file to anyone who has its URL).  The database
+  copy leaves out the console users and opted-out sessions (``export.shareable_db_copy``).
+All queries live in ``feedback.review`` / ``feedback.leaderboard`` / ``feedback.export`` /
+``feedback.auth``.
 """
 
 from __future__ import annotations
 
 import functools
-import html
 import json
 import logging
+import os
+import string
 import tempfile
+import threading
+import time
+import weakref
 from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
@@ -29,9 +41,10 @@ import pandas as pd
 
 from assistant.context import AppContext
 from feedback import export, leaderboard, review
-from feedback.auth import AuthError, ConsoleAuth
+from feedback.auth import AuthError, ConsoleAuth, has_users
 from feedback.registry import canary_tally
 from feedback.store import REASON_TAGS, StoreError
+from retrain import versions as serving
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +53,7 @@ PAGE_SIZE = 50
 LIST_COLUMNS = ["record", "created", "kind", "user / session", "model version", "reasons", "comment",
                 "status", "prompt"]
 CURVES = ("score", "kl", "entropy", "response_length")
+EXPORT_TTL_S = 600.0  # an export's download link works this long
 
 
 def get_auth(ctx: AppContext) -> ConsoleAuth:
@@ -51,8 +65,92 @@ def get_auth(ctx: AppContext) -> ConsoleAuth:
 
 
 # ----------------------------------------------------------------------------- rendering helpers
+# ASCII punctuation (HTML's and Markdown's syntax) as character references: CommonMark never
+# reads a reference as syntax (spec: "entity and numeric character references cannot be used in
+# place of symbols indicating structure"), GFM's autolinks need a literal ":", "." or "@", and
+# the browser shows the character itself.  The HTML five get html.escape's own spelling; "/",
+# "(" and ")" stay readable: without "[", "]", "<" and ":" they start nothing.
+_HTML = {"&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#x27;"}
+_INERT = str.maketrans({c: _HTML.get(c, f"&#{ord(c)};") for c in string.punctuation if c not in "/()"}
+                       | {"\n": "<br>"})
+
+
 def _esc(text: str | None) -> str:
-    return html.escape(text or "").replace("\n", "<br>")
+    """Untrusted text for a ``gr.Markdown``: inert as HTML and as Markdown, so a chat
+    message like ``![](https://evil.example/p.png)`` is shown, not fetched."""
+    return str(text or "").replace("\r\n", "\n").replace("\r", "\n").translate(_INERT)
+
+
+def _client_address(request) -> str:
+    """The caller's address, for the login lockout (behind a proxy on this host, uvicorn
+    takes it from X-Forwarded-For); empty when unknown (a direct call)."""
+    client = getattr(request, "client", None) if request is not None else None
+    return str(getattr(client, "host", "") or "")
+
+
+def _delete_export(path: str) -> None:
+    """Deletes one served export and its (per-file) cache directory."""
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+    try:
+        os.rmdir(os.path.dirname(path))
+    except OSError:
+        pass
+
+
+def _delete_exports(paths: set[str]) -> None:
+    for path in list(paths):
+        _delete_export(path)
+    paths.clear()
+
+
+class ExportShelf:
+    """The export files the console hands out, each deleted ``EXPORT_TTL_S`` after it was
+    made (or touched by an identical export), and all of them when the process exits.
+
+    Why: Gradio serves a file from its cache to anyone who has the URL, with no login, and
+    keeps it forever; we cannot know when the browser has downloaded it, so links expire.
+    The working copy is written in a temporary directory that is removed before the
+    handler returns: only Gradio's cached copy exists, and it is the one deleted."""
+
+    def __init__(self, component: gr.File):
+        self.component = component
+        self._files: set[str] = set()
+        self._lock = threading.Lock()
+        self._at_exit = weakref.finalize(self, _delete_exports, self._files)
+
+    def publish(self, suffix: str, write: Callable[[Path], object]) -> tuple[str, object]:
+        """Runs ``write(path)`` and returns (the served path, what ``write`` returned)."""
+        stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S")
+        with tempfile.TemporaryDirectory(prefix="console-export-") as tmp:
+            path = Path(tmp) / f"feedback-{stamp}{suffix}"
+            result = write(path)
+            served = self.component.move_resource_to_block_cache(path)
+        with self._lock:
+            self._files.add(served)
+        timer = threading.Timer(EXPORT_TTL_S + 1, self.sweep)
+        timer.daemon = True
+        timer.start()
+        return served, result
+
+    def sweep(self, now: float | None = None) -> int:
+        """Deletes the exports older than ``EXPORT_TTL_S``; returns how many."""
+        now = time.time() if now is None else now
+        gone = 0
+        with self._lock:
+            for path in list(self._files):
+                try:
+                    expired = now - os.stat(path).st_ctime >= EXPORT_TTL_S
+                except FileNotFoundError:
+                    expired = True
+                if expired:
+                    _delete_export(path)
+                    self._files.discard(path)
+                    self.component.temp_files.discard(path)
+                    gone += 1
+        return gone
 
 
 def _filters(since, until, kinds, reason, version, session, has_comment, status, search) -> review.Filters:
@@ -85,8 +183,8 @@ def _record_markdown(rec: dict) -> str:
                "up": "Thumbs up", "down": "Thumbs down"}.get(rec["verdict"], rec["verdict"] or "undecided")
     lines = [f"### {rec['record_type']} `{rec['id']}`",
              f"**Verdict:** {_esc(verdict)} &nbsp; **at** {rec['created_at']} &nbsp; **turn** {rec['turn']}",
-             f"**Session:** `{rec['session_id']}` (user: {_esc(rec['user'] or '-')}"
-             f"{', OPTED OUT' if rec['opt_out'] else ''}) &nbsp; **conversation** `{rec['conversation_id']}`"]
+             f"**Session:** <code>{_esc(rec['session_id'])}</code> (user: {_esc(rec['user'] or '-')}"
+             f"{', OPTED OUT' if rec['opt_out'] else ''}) &nbsp; **conversation** <code>{_esc(rec['conversation_id'])}</code>"]
     if rec["reasons"] or rec["comment"]:
         lines.append(f"**Reasons:** {_esc(', '.join(rec['reasons']) or '-')} &nbsp; "
                      f"**Comment:** {_esc(rec['comment'] or '-')}")
@@ -181,17 +279,20 @@ def build(ctx: AppContext) -> None:
     auth = get_auth(ctx)
     store, registry = ctx.store, ctx.registry
     handlers: dict[str, Callable] = ctx.extras.setdefault("console_handlers", {})
-    export_dir = Path(tempfile.mkdtemp(prefix="console-export-"))
+
+    def user_of(token) -> str:
+        """The maintainer behind a session token; refuses (``gr.Error``) otherwise."""
+        try:
+            return auth.check(token)
+        except AuthError as exc:
+            raise gr.Error(str(exc), title="Refused", print_exception=False) from None
 
     def guarded(fn: Callable) -> Callable:
         """The first input of every handler is the session token: checked before anything,
         replaced by the maintainer's name for ``fn``."""
         @functools.wraps(fn)
         def wrapper(token, *args):
-            try:
-                user = auth.check(token)
-            except AuthError as exc:
-                raise gr.Error(str(exc), title="Refused", print_exception=False) from None
+            user = user_of(token)
             try:
                 return fn(user, *args)
             except StoreError as exc:
@@ -207,7 +308,7 @@ def build(ctx: AppContext) -> None:
 
     gr.Markdown("# Maintainers' console")
     with gr.Column(visible=True, elem_id="console-login-box") as login_box:
-        if not (ctx.settings.admin_password or store.query("SELECT 1 FROM users LIMIT 1")):
+        if not (ctx.settings.admin_password or has_users(store)):
             gr.Markdown("No maintainer account is configured: set `--admin-password` "
                         "(`ASSISTANT_ADMIN_PASSWORD`) or run `python -m feedback add-user`.")
         user_in = gr.Textbox(label="User name", elem_id="console-user")
@@ -304,7 +405,9 @@ def build(ctx: AppContext) -> None:
             # -- export -----------------------------------------------------------------------
             with gr.Tab("Export", id="export"):
                 gr.Markdown("Exports the judgements selected by the filters of the Feedback tab. Opted-out "
-                            "sessions are never exported; excluded records only when asked below.")
+                            "sessions are never exported; excluded records only when asked below. The database "
+                            "copy leaves out the console users and opted-out sessions. Download links expire "
+                            f"after {EXPORT_TTL_S / 60:.0f} minutes.")
                 include_excluded = gr.Checkbox(label="Include excluded records (the filters' status then decides)")
                 with gr.Row():
                     trl_btn = gr.Button("TRL JSONL (preference pairs)")
@@ -312,20 +415,25 @@ def build(ctx: AppContext) -> None:
                     db_btn = gr.Button("Copy of the SQLite database")
                 export_msg = gr.Markdown("")
                 export_file = gr.File(label="Download", interactive=False, elem_id="console-export-file")
+    shelf = ctx.extras["console_exports"] = ExportShelf(export_file)
 
     # ------------------------------------------------------------------------- handlers
-    def login(username, password):
+    def login(username, password, request: gr.Request = None):
         try:
-            tok = auth.login(username, password)
+            tok = auth.login(username, password, client=_client_address(request))
         except AuthError as exc:
             raise gr.Error(str(exc), title="Login refused", print_exception=False) from None
         log.info("console: %s logged in", username)
         return tok, gr.update(visible=False), gr.update(visible=True), f"Logged in as **{_esc(username)}**", ""
     handlers["login"] = login
 
-    @guarded
-    def logout(user):
+    def logout(tok, *_):
+        """Revokes the token server-side; forgetting it in the page alone would leave it valid."""
+        user = user_of(tok)
+        auth.logout(tok)
+        log.info("console: %s logged out", user)
         return "", gr.update(visible=True), gr.update(visible=False), ""
+    handlers["logout"] = logout
 
     def _page(f: review.Filters, cursor_stack: list):
         after = tuple(cursor_stack[-1]) if cursor_stack[-1] else None
@@ -442,7 +550,7 @@ def build(ctx: AppContext) -> None:
     def open_run(user, rid):
         d = review.run_detail(store, rid or "")
         run = d["run"]
-        text = (f"### Run `{_esc(run['id'])}`: {run['status']}\n\nTrigger {run['trigger']}, started "
+        text = (f"### Run <code>{_esc(run['id'])}</code>: {run['status']}\n\nTrigger {run['trigger']}, started "
                 f"{run['started_at'] or run['created_at']}, finished {run['finished_at'] or '-'}; "
                 f"{run['n_preferences'] or 0} preferences; RM accuracy {run['rm_accuracy']}; final KL {run['kl']}\n\n"
                 f"**Gate decision:** {_esc(str(run['decision'] or '-'))}: {_esc(run['reason'] or '')}\n\n"
@@ -483,13 +591,13 @@ def build(ctx: AppContext) -> None:
         if action not in ("rollback", "promote"):
             raise StoreError("choose rollback or promote")
         return ({"version": version_id, "action": action, "reason": why or ""}, gr.update(visible=True),
-                f"**{action.title()} to `{_esc(version_id)}`?** New chats will be answered by it within seconds.")
+                f"**{action.title()} to <code>{_esc(version_id)}</code>?** New chats will be answered by it within seconds.")
 
     @guarded
     def confirm_serve(user, wanted):
         if not wanted:
             raise StoreError("nothing to confirm")
-        registry.set_served(wanted["version"], wanted["action"], actor=user, reason=wanted["reason"])
+        serving.serve_version(registry, wanted["version"], wanted["action"], actor=user, reason=wanted["reason"])
         log.info("console: %s %s to %s", user, wanted["action"], wanted["version"])
         return (None, gr.update(visible=False), "", *_versions_view())
 
@@ -502,27 +610,24 @@ def build(ctx: AppContext) -> None:
         rows = leaderboard.leaderboard(store)
         return pd.DataFrame(rows, columns=["version", "rating", "ci_low", "ci_high", "games", "wins", "ties", "losses"])
 
-    def _export_path(suffix: str) -> Path:
-        stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S")
-        d = Path(tempfile.mkdtemp(dir=export_dir))
-        return d / f"feedback-{stamp}{suffix}"
-
     @guarded
     def export_trl(user, with_excluded, *values):
-        path = _export_path(".trl.jsonl")
-        n = export.export_trl(store, path, _filters(*values), include_excluded=bool(with_excluded))
-        return str(path), f"{n} preference pairs exported."
+        f = _filters(*values)
+        path, n = shelf.publish(".trl.jsonl", lambda p: export.export_trl(store, p, f,
+                                                                          include_excluded=bool(with_excluded)))
+        return path, f"{n} preference pairs exported."
 
     @guarded
     def export_csv(user, with_excluded, *values):
-        path = _export_path(".csv")
-        n = export.export_csv(store, path, _filters(*values), include_excluded=bool(with_excluded))
-        return str(path), f"{n} judgements exported."
+        f = _filters(*values)
+        path, n = shelf.publish(".csv", lambda p: export.export_csv(store, p, f, include_excluded=bool(with_excluded)))
+        return path, f"{n} judgements exported."
 
     @guarded
     def export_db(user):
-        path = export.backup_db(store.path, _export_path(".sqlite"))
-        return str(path), f"Consistent copy of the database ({path.stat().st_size // 1024} KiB)."
+        path, _ = shelf.publish(".sqlite", lambda p: export.shareable_db_copy(store.path, p))
+        return path, (f"Consistent copy of the database without console users or opted-out sessions "
+                      f"({os.path.getsize(path) // 1024} KiB).")
 
     # ------------------------------------------------------------------------- wiring
     def ev(trigger, fn, inputs, outputs, name):

@@ -8,7 +8,11 @@ leaves the batch at its end-of-turn token, its stop button or its token limit).
 The KV cache lives in slots: ``k[layer][slot, kv_head, position, dim]``.  Active requests
 always occupy slots ``0..B-1``; when one leaves, the last one is moved into its slot, so the
 batch is a view of the cache and never gathered.  Each slot has its own length; an
-attention mask hides the positions beyond it.
+attention mask hides the positions beyond it.  The cache is sized to the requests in it
+(``SlotDecoder.fit``: each needs its prompt plus its ``max_new_tokens``), not to the model's
+context: one long chat costs one slot of its own length, and the memory is given back when
+it ends (before: every slot grew to the next power of two and kept it, 2.8 GiB for one
+4,200-token chat on SmolLM2-135M; ``benchmarks/kv_memory.py``).
 
 Two decoders implement the same two calls (``prefill`` one request, ``decode`` one token
 for the batch):
@@ -187,6 +191,7 @@ class Decoder(Protocol):
     def decode(self, tokens: list[int]) -> torch.Tensor: ...
     def move(self, src: int, dst: int) -> None: ...
     def release(self, slot: int) -> None: ...
+    def fit(self, needs: list[int]) -> None: ...
 
 
 SUPPORTED_FAST = {"llama", "mistral", "qwen2"}
@@ -328,11 +333,12 @@ class SlotDecoder:
         scale = torch.ones(H + KV, 1, device=self.device, dtype=self.dtype)
         scale[:H] = D ** -0.5  # attention scale folded into q
         self.head_scale = scale
-        self.capacity = 0
-        self.kv: list[torch.Tensor] = []  # per layer [2 (k, v), max_batch, KV, capacity, D]
+        self.capacity = 0  # positions per slot in the cache
+        self.slots = 0  # slots in the cache (at most max_batch)
+        self.kv: list[torch.Tensor] = []  # per layer [2 (k, v), slots, KV, capacity, D]
         self.lengths = [0] * max_batch
         self.active = 0  # slots 0..active-1 hold live sequences
-        self._grow(min(256, max_context))
+        self._resize(*self._target(0, 0))
 
     # The old two-list cache view, for callers that inspect it.
     @property
@@ -343,21 +349,54 @@ class SlotDecoder:
     def v(self) -> list[torch.Tensor]:
         return [kv[1] for kv in self.kv]
 
-    def _grow(self, needed: int) -> None:
-        """Doubles the cache's position capacity until ``needed`` fits (copying old data)."""
-        if needed <= self.capacity:
+    BLOCK = 256  # positions are allocated in blocks of this many
+
+    def _target(self, n: int, need: int) -> tuple[int, int]:
+        """(slots, positions) for ``n`` sequences of at most ``need`` positions: positions
+        rounded up to a block; up to one block, every slot (cheap: the cache at start);
+        beyond it, only the slots in use (rounded up to a power of two), so one long chat
+        does not pay for ``max_batch`` of itself."""
+        block = min(self.BLOCK, self.max_context)
+        positions = min(self.max_context, -(-max(need, 1) // block) * block)
+        slots = self.max_batch if positions <= block else min(self.max_batch, 1 << max(n - 1, 0).bit_length())
+        return slots, positions
+
+    def fit(self, needs: list[int]) -> None:
+        """Sizes the cache to the live sequences, ``needs[i]`` positions for slot ``i``
+        (prompt + answer budget): grows it when they do not fit, shrinks it when it holds more
+        than twice what they need (the slack avoids resizing at every join and leave)."""
+        need = max(needs, default=0)
+        slots, positions = self._target(len(needs), need)
+        fits = len(needs) <= self.slots and need <= self.capacity
+        if fits and self.slots * self.capacity <= 2 * slots * positions:
+            return
+        self._resize(max(slots, len(needs)), max(positions, min(need, self.max_context)))
+
+    def _resize(self, slots: int, capacity: int) -> None:
+        """Reallocates the cache as ``slots`` x ``capacity``, copying what fits of the old one
+        (callers keep every live sequence inside the new size)."""
+        shape = (2, slots, self.n_kv, capacity, self.head_dim)
+        self.kv, old = [], self.kv  # the old cache can go as soon as it is copied
+        keep_slots, keep = min(self.slots, slots), min(self.capacity, capacity)
+        for layer in range(len(self.layers)):
+            kv = torch.zeros(shape, device=self.device, dtype=self.dtype)
+            if keep_slots and keep:
+                kv[:, :keep_slots, :, :keep] = old[layer][:, :keep_slots, :, :keep]
+                old[layer] = None
+            self.kv.append(kv)
+        self.slots, self.capacity = slots, capacity
+
+    def _grow(self, needed: int, slot: int = 0) -> None:
+        """Makes room for ``needed`` positions (and slot ``slot``) when a caller did not ``fit``
+        first: doubles the positions (copying old data)."""
+        if needed <= self.capacity and slot < self.slots:
             return
         if needed > self.max_context:
             raise ContextTooLong(f"{needed} positions exceed the context of {self.max_context}")
-        cap = max(self.capacity, min(256, self.max_context))
+        cap = max(self.capacity, min(self.BLOCK, self.max_context))
         while cap < needed:
             cap *= 2
-        cap = min(cap, self.max_context)
-        shape = (2, self.max_batch, self.n_kv, cap, self.head_dim)
-        new = [torch.zeros(shape, device=self.device, dtype=self.dtype) for _ in self.layers]
-        for old, kv in zip(self.kv, new):
-            kv[..., : self.capacity, :] = old
-        self.kv, self.capacity = new, cap
+        self._resize(max(self.slots, slot + 1), min(cap, self.max_context))
 
     def _norm(self, h: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         return F.rms_norm(h, (self.hidden,), w, self.eps)
@@ -372,15 +411,15 @@ class SlotDecoder:
         H, KV, D, G = self.n_heads, self.n_kv, self.head_dim, self.group
         lengths = self.lengths[:B]
         kv_len = max(lengths) + 1
-        self._grow(kv_len)
+        self._grow(kv_len, B - 1)
         cap = self.capacity
         pos = torch.tensor(lengths, device=self.device)
         cos = self.cos[pos][:, None] * self.head_scale  # [B, H+KV, D]
         sin = self.sin[pos][:, None] * self.head_scale
         mask = torch.zeros(B, 1, 1, kv_len, device=self.device, dtype=self.dtype)
         mask.masked_fill_(torch.arange(kv_len, device=self.device) > pos[:, None, None, None], float("-inf"))
-        # where the new k and v go in the cache viewed as [2 * max_batch, KV * cap, D]
-        rows = (torch.arange(2, device=self.device) * self.max_batch)[None, :, None] \
+        # where the new k and v go in the cache viewed as [2 * slots, KV * cap, D]
+        rows = (torch.arange(2, device=self.device) * self.slots)[None, :, None] \
             + torch.arange(B, device=self.device)[:, None, None]  # [B, 2, 1]
         cols = (torch.arange(KV, device=self.device) * cap)[None, None] + pos[:, None, None]  # [B, 1, KV]
         h = self.embed(torch.tensor(tokens, device=self.device))  # [B, hidden]
@@ -389,7 +428,7 @@ class SlotDecoder:
             qkv = qkv_p(self._norm(h, ln1))  # [B, (H+2KV)*D]
             qk = qkv[:, :nqk].view(B, H + KV, D)
             torch.add(qk * cos, torch.roll(qk, D // 2, -1) * sin, out=qk)
-            kv.view(2 * self.max_batch, KV * cap, D)[rows, cols] = qkv[:, nq:].view(B, 2, KV, D)
+            kv.view(2 * self.slots, KV * cap, D)[rows, cols] = qkv[:, nq:].view(B, 2, KV, D)
             q = qkv[:, :nq].view(B, KV, G, D)
             scores = torch.matmul(q, kv[0, :B, :, :kv_len].transpose(2, 3)) + mask  # [B, KV, G, L]
             attn = torch.matmul(torch.softmax(scores, dim=-1), kv[1, :B, :, :kv_len])
@@ -402,7 +441,7 @@ class SlotDecoder:
     def prefill(self, slot: int, ids: list[int]) -> torch.Tensor:
         """The whole prompt of one slot (causal attention); returns the last position's logits."""
         T = len(ids)
-        self._grow(T + 1)
+        self._grow(T + 1, slot)
         H, KV, D = self.n_heads, self.n_kv, self.head_dim
         cos = self.cos[:T, None] * self.head_scale  # [T, H+KV, D]
         sin = self.sin[:T, None] * self.head_scale
@@ -459,6 +498,9 @@ class LoopDecoder:
 
     def release(self, slot: int) -> None:
         self.caches[slot] = None
+
+    def fit(self, needs: list[int]) -> None:
+        """Nothing to size: each request's DynamicCache grows with it and goes with it."""
 
 
 # ----------------------------------------------------------------------------- engine
@@ -605,6 +647,11 @@ class Engine:
             if isinstance(self.decoder, SlotDecoder):
                 self.decoder.active = len(self._slots)
             self._close_request(req, reason or "error", error)
+        self._fit()
+
+    def _fit(self) -> None:
+        """Sizes the decoder's cache to the requests in the slots (prompt + answer budget)."""
+        self.decoder.fit([len(r.prompt_ids) + r.params.max_new_tokens for r in self._slots])
 
     def _admit(self, block: bool) -> None:
         while len(self._slots) < self.max_batch:
@@ -622,6 +669,7 @@ class Engine:
             self._slots.append(req)
             started = time.perf_counter()
             try:
+                self._fit()
                 logits = self.decoder.prefill(slot, req.prompt_ids)
                 self.stats.model_s += time.perf_counter() - started
                 token = sample_batch(logits[None], [req.params], [req.generator])[0]

@@ -30,6 +30,7 @@ class ModelHolder:
         self._retired: list[Engine] = []
         self._canary: Engine | None = None
         self._canary_version: str | None = None
+        self._canary_path = ""
 
     def current(self) -> tuple[str, Engine]:
         with self._lock:
@@ -60,12 +61,13 @@ class ModelHolder:
             request = engine.submit(prompt_ids, params)
             return version, engine, request
 
-    def set_canary(self, engine: Engine | None, version: str | None) -> None:
+    def set_canary(self, engine: Engine | None, version: str | None, path: str = "") -> None:
         """Puts ``engine`` on trial (None: ends the trial); a replaced one finishes its streams."""
         if engine is not None:
             engine.version = version
         with self._lock:
             old, self._canary, self._canary_version = self._canary, engine, version if engine else None
+            self._canary_path = path if engine else ""
         if old is not None and old is not engine:
             old.retire()
             self._retired = [e for e in self._retired if not e.finished] + [old]
@@ -74,11 +76,11 @@ class ModelHolder:
     def promote_canary(self) -> str:
         """Serves the engine on trial for every request (no reload); returns the version it replaced."""
         with self._lock:
-            engine, version = self._canary, self._canary_version
-            self._canary, self._canary_version = None, None
+            engine, version, path = self._canary, self._canary_version, self._canary_path
+            self._canary, self._canary_version, self._canary_path = None, None, ""
         if engine is None:
             raise RuntimeError("no canary to promote")
-        return self.swap(engine, version, self._path)
+        return self.swap(engine, version, path)
 
     def swap(self, engine: Engine, version: str, path: str = "") -> str:
         """Makes ``engine`` serve new requests; returns the version it replaced."""
@@ -91,12 +93,6 @@ class ModelHolder:
             self._retired = [e for e in self._retired if not e.finished] + [old]
         log.info("now serving version %s (was %s)", version, old_version)
         return old_version
-
-    def load_and_swap(self, version: str, path: str, factory: EngineFactory) -> str:
-        """Builds the new engine first (slow, outside the lock), then swaps (instant).
-        If loading fails, what is served does not change."""
-        engine = factory(version, path)
-        return self.swap(engine, version, path)
 
     def close(self) -> None:
         with self._lock:

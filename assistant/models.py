@@ -62,23 +62,43 @@ def write_manifest(directory: Path | str, extra: dict | None = None) -> dict:
     return manifest
 
 
-def verify_manifest(directory: Path | str) -> None:
-    """Raises CorruptCheckpoint unless every file listed is present with its size and hash.
-    Directories without a manifest (an HF model, the SFT cache) are trusted as they are."""
+def verify_manifest(directory: Path | str, required: bool = False) -> None:
+    """Raises CorruptCheckpoint unless every file listed is present with its size and hash,
+    and no file is there that the manifest does not list (an extra ``adapter_config.json``
+    or weights file would change what loads).  Without a manifest: refused when
+    ``required`` (a published version always has one), else trusted as it is (an HF model,
+    the SFT cache)."""
     directory = Path(directory)
     path = directory / MANIFEST
     if not path.exists():
+        if required:
+            raise CorruptCheckpoint(f"{directory}: no {MANIFEST} (not a complete published version)")
         return
     try:
         manifest = json.loads(path.read_text())
     except (OSError, ValueError) as exc:
         raise CorruptCheckpoint(f"{directory}: unreadable manifest ({exc})") from exc
+    listed = set(manifest.get("files", {}))
+    unlisted = sorted(p.relative_to(directory).as_posix() for p in directory.rglob("*")
+                      if p.is_file() and p.name != MANIFEST and p.relative_to(directory).as_posix() not in listed)
+    if unlisted:
+        raise CorruptCheckpoint(f"{directory}: {', '.join(unlisted)} not in the manifest (added after publishing)")
     for name, info in manifest.get("files", {}).items():
         f = directory / name
         if not f.exists():
             raise CorruptCheckpoint(f"{directory}: {name} is missing")
         if f.stat().st_size != info["bytes"] or _sha256(f) != info["sha256"]:
             raise CorruptCheckpoint(f"{directory}: {name} does not match its manifest (truncated or altered)")
+
+
+def verify_version(path: Path | str, kind: str) -> None:
+    """Raises CorruptCheckpoint unless a registered version may be loaded: a published one
+    (every kind but the base, ``sft``) must still exist and carry a manifest that verifies;
+    the base (the ``--model`` directory, a hub id) is checked only if it has a manifest."""
+    published = kind != "sft"
+    if published and not Path(path).is_dir():
+        raise CorruptCheckpoint(f"{path}: the version's files are gone")
+    verify_manifest(path, required=published)
 
 
 @dataclass

@@ -3,7 +3,9 @@
 The retrain job runs in another process and never touches the server: it writes a version
 directory, registers it and appends a row to ``serving_log``.  The server follows that log
 (``VersionFollower``) and hot-swaps.  A rollback from the CLI or console is the same thing:
-one more row.  So a crashed retrain can never leave the server half-swapped.
+one more row, written by ``retrain.versions.serve_version`` after checking the version.
+So a crashed retrain can never leave the server half-swapped.  What the server could not
+load it writes back to the log, so the log always names what is really served.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from assistant.engine import Engine
 from assistant.holder import EngineFactory, ModelHolder
 from assistant.settings import Settings
 from feedback.registry import Registry
+from feedback.store import StoreError
 
 log = logging.getLogger(__name__)
 
@@ -35,30 +38,52 @@ def base_version_id(settings: Settings) -> str:
     return BASE_VERSION
 
 
+def load_version(registry: Registry, factory: EngineFactory, version: str) -> tuple[Engine, str]:
+    """Builds the engine of a registered version after checking it may be loaded (a
+    published version needs its files and a manifest that verifies; ``models.verify_version``).
+    Returns (engine, path); raises with the reason when it cannot be loaded."""
+    info = registry.version(version)
+    models.verify_version(info["path"], info["kind"])
+    return factory(version, info["path"]), info["path"]
+
+
 def start(settings: Settings, registry: Registry) -> ModelHolder:
-    """Serves the version the registry last chose; on a first start, registers the SFT model
-    given by ``--model`` as the base version and serves it.  If the recorded version cannot
-    be loaded (deleted directory, corrupt weights), falls back to the base and says so."""
+    """Serves the version the registry last chose.  The SFT model given by ``--model`` is
+    (re-)registered as the base version on every start, and served on a first start.  If the
+    recorded version cannot be loaded (deleted directory, corrupt weights, no manifest), the
+    newest earlier version that loads is served instead, and serving_log says so."""
+    base = base_version_id(settings)
     base_path = models.resolve(settings.model, settings.models_dir)
-    registry.register_version(version_id=base_version_id(settings), path=base_path, kind="sft",
-                              base_model=settings.model, note="the SFT model the app was started with")
+    if registry.register_base(base, base_path, settings.model, note="the SFT model the app was started with"):
+        log.info("base version %s is %s (%s)", base, settings.model, base_path)
     if registry.served_version() is None:
-        registry.set_served(base_version_id(settings), "serve", reason="first start")
+        registry.set_served(base, "serve", reason="first start")
     factory = engine_factory(settings)
-    version = registry.served_version() or base_version_id(settings)
-    path = registry.version(version)["path"]
-    try:
-        engine = factory(version, path)
-    except Exception as exc:  # noqa: BLE001 - a broken checkpoint must not stop the app
-        log.error("cannot load served version %s from %s (%s); serving the base model", version, path, exc)
-        version, path = base_version_id(settings), base_path
-        engine = factory(version, path)
-        registry.set_served(version, "rollback", reason=f"served version failed to load: {exc}")
-    return ModelHolder(engine, version, path)
+    wanted = registry.served_version()
+    failures: list[str] = []
+    for version in dict.fromkeys([*registry.last_good_versions(), base]):
+        try:
+            engine, path = load_version(registry, factory, version)
+        except Exception as exc:  # noqa: BLE001 - a broken checkpoint must not stop the app
+            log.error("cannot load version %s (%s)", version, exc)
+            failures.append(f"{version}: {exc}")
+            continue
+        if version != wanted:
+            log.error("serving %s instead of %s, which failed to load", version, wanted)
+            registry.set_served(version, "rollback", actor="server",
+                                reason=f"at start, could not load {'; '.join(failures)}; "
+                                       f"serving the last version that loads")
+        return ModelHolder(engine, version, path)
+    raise RuntimeError(f"no model version can be loaded: {'; '.join(failures)}")
 
 
 class VersionFollower:
-    """Polls the registry and swaps the holder when the served version changes."""
+    """Polls the registry and swaps the holder when the served version changes.
+
+    A version that fails to load is written back: a row in serving_log serving again what
+    the holder serves (actor ``server``), so the log never names a version nobody serves,
+    and choosing the version again later (after a repair) is a new row that is tried anew.
+    A candidate on trial that fails to load ends its trial (rejected)."""
 
     def __init__(self, holder: ModelHolder, registry: Registry, factory: EngineFactory,
                  interval_s: float = 2.0):
@@ -68,7 +93,9 @@ class VersionFollower:
         self.interval_s = interval_s
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="version-follower", daemon=True)
-        self.failed: dict[str, str] = {}  # version -> why it could not be loaded
+        self.failed: dict[str, str] = {}  # version -> why it last failed to load (for the logs and tests)
+        self._failed_rows: set[int] = set()  # serving_log rows already tried and failed
+        self._failed_trials: set[str] = set()  # runs whose candidate failed to load
 
     def start(self) -> VersionFollower:
         self._thread.start()
@@ -86,36 +113,52 @@ class VersionFollower:
         return swapped
 
     def _follow_served(self) -> bool:
-        wanted = self.registry.served_version()
-        if not wanted or wanted == self.holder.version or wanted in self.failed:
+        row = self.registry.served()
+        wanted = row["version_id"] if row else None
+        if not wanted or wanted == self.holder.version or row["id"] in self._failed_rows:
             return False
         if wanted == self.holder.canary_version:  # promoted by its trial: already loaded
             self.holder.promote_canary()
             return True
-        path = self.registry.version(wanted)["path"]
         try:
-            self.holder.load_and_swap(wanted, path, self.factory)
+            engine, path = load_version(self.registry, self.factory, wanted)
         except Exception as exc:  # noqa: BLE001 - keep serving the current version
-            log.error("could not load version %s from %s: %s; still serving %s",
-                      wanted, path, exc, self.holder.version)
-            self.failed[wanted] = str(exc)
+            self._write_back(row, exc)
             return False
+        self.holder.swap(engine, wanted, path)
         return True
+
+    def _write_back(self, row: dict, exc: Exception) -> None:
+        """Records that ``row``'s version could not be loaded by serving the current one
+        again, unless a newer row was written meanwhile (that one is followed next)."""
+        current = self.holder.version
+        log.error("could not load version %s: %s; still serving %s", row["version_id"], exc, current)
+        self.failed[row["version_id"]] = str(exc)
+        self._failed_rows.add(row["id"])
+        self.registry.set_served(current, "rollback", actor="server", only_if_row=row["id"],
+                                 reason=f"could not load {row['version_id']}: {exc}"[:2000])
 
     def _follow_canary(self) -> None:
         state = self.registry.canary()
         wanted = state["version_id"] if state else None
-        if wanted == self.holder.canary_version or (wanted in self.failed):
+        if wanted == self.holder.canary_version or (state and state["run_id"] in self._failed_trials):
             return
         if wanted is None:
             self.holder.set_canary(None, None)
             return
-        path = self.registry.version(wanted)["path"]
         try:
-            self.holder.set_canary(self.factory(wanted, path), wanted)
+            engine, path = load_version(self.registry, self.factory, wanted)
         except Exception as exc:  # noqa: BLE001 - no trial rather than no chat
-            log.error("could not load the canary %s from %s: %s", wanted, path, exc)
+            log.error("could not load the canary %s: %s; ending its trial", wanted, exc)
             self.failed[wanted] = str(exc)
+            self._failed_trials.add(state["run_id"])
+            try:
+                self.registry.end_canary(state["run_id"], promote=False, decision={"load_error": str(exc)},
+                                         reason=f"the candidate could not be loaded by the app: {exc}"[:2000])
+            except StoreError:  # the trial ended meanwhile
+                pass
+            return
+        self.holder.set_canary(engine, wanted, path)
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval_s):

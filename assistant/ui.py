@@ -15,6 +15,10 @@ for each client session, so one ``Client`` drives one conversation):
     /new_chat()                                               -> (chat_history, status)
     /stop()                                                   -> status
 
+``/rate`` stores each reason tag once; ``/opt_out`` is rate-limited per client address and
+writes only a change.  Gradio's upload route takes files up to ``UPLOADS.max_file_bytes``
+and its cache is cleaned hourly (``UploadPolicy``).
+
 Every other event is ``api_visibility="private"``.  Refusals raise ``gr.Error`` (an error
 for API clients, a toast in the browser).  Confirmations ("Recorded: B is better") are
 returned only after the store has committed.
@@ -25,6 +29,7 @@ from __future__ import annotations
 import functools
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import gradio as gr
 
@@ -39,11 +44,38 @@ PRIVATE = "private"
 VERDICT_BUTTONS = (("a", "A is better"), ("b", "B is better"), ("tie", "Tie"), ("both_bad", "Both are bad"))
 
 
+@dataclass(frozen=True)
+class UploadPolicy:
+    """Gradio's upload route (``/gradio_api/upload``) is open to anyone who can reach the
+    page, although no component of this app takes a file; without a size limit and cache
+    cleaning it lets anyone fill the server's disk.  Gradio also keeps files it serves (the
+    console's exports) in that cache, so they too are deleted once ``max_age_s`` old."""
+    max_file_bytes: int = 1024 * 1024
+    clean_every_s: int = 3600
+    max_age_s: int = 3600
+
+    @property
+    def delete_cache(self) -> tuple[int, int]:
+        return (self.clean_every_s, self.max_age_s)
+
+
+UPLOADS = UploadPolicy()
+
+
 def _client(request: gr.Request | None) -> str | None:
     if request is None:
         return None
     try:
         return (request.headers.get("user-agent") or "")[:200] or None
+    except AttributeError:
+        return None
+
+
+def _client_address(request: gr.Request | None) -> str | None:
+    """The caller's network address, for limits that must not reset with a new session
+    (behind a reverse proxy on this host, uvicorn takes it from X-Forwarded-For)."""
+    try:
+        return request.client.host or None
     except AttributeError:
         return None
 
@@ -68,11 +100,12 @@ def _errors_to_gradio(fn: Callable) -> Callable:
     return wrapper
 
 
-def build_app(ctx: AppContext) -> gr.Blocks:
+def build_app(ctx: AppContext, uploads: UploadPolicy = UPLOADS) -> gr.Blocks:
     """The whole web app: the chat page and, when available, the maintainers' console."""
     s = ctx.settings
     service = ChatService(s, ctx.store, ctx.holder)
     ctx.extras["chat_service"] = service
+    ctx.extras["uploads"] = uploads  # ``launch`` sets the size limit, Blocks the cleaning
 
     # -- handlers -----------------------------------------------------------------------
     def chat(message: str, system_prompt: str, temperature: float, top_p: float, max_new_tokens: int,
@@ -133,7 +166,7 @@ def build_app(ctx: AppContext) -> gr.Blocks:
     def opt_out(value: bool, state: ChatSession | None, request: gr.Request):
         """Opts this session out of (or back into) training."""
         sess = service.session(state, _client(request))
-        return service.set_opt_out(sess, value), sess
+        return service.set_opt_out(sess, value, _client_address(request)), sess
 
     @_errors_to_gradio
     def new_chat(state: ChatSession | None, request: gr.Request):
@@ -165,7 +198,7 @@ def build_app(ctx: AppContext) -> gr.Blocks:
                 f"{icon} for answer {number}: add reasons if you like, then press **Send rating**.")
 
     # -- layout -------------------------------------------------------------------------
-    with gr.Blocks(title="Assistant", analytics_enabled=False) as demo:
+    with gr.Blocks(title="Assistant", analytics_enabled=False, delete_cache=uploads.delete_cache) as demo:
         state = gr.State(None)
         with gr.Row(equal_height=True):
             gr.Markdown("## Assistant")
@@ -267,9 +300,10 @@ def launch(demo: gr.Blocks, ctx: AppContext, *, prevent_thread_lock: bool = Fals
     s = ctx.settings
     demo.queue(default_concurrency_limit=None, max_size=512)
     blocking = not prevent_thread_lock
+    uploads: UploadPolicy = ctx.extras.get("uploads", UPLOADS)
     result = demo.launch(server_name=s.host, server_port=s.port if port is None else port,
                          prevent_thread_lock=True, quiet=quiet, show_error=True,
-                         run_history=False, footer_links=["api"])
+                         run_history=False, footer_links=["api"], max_file_size=uploads.max_file_bytes)
     _answer_unknown_endpoints(result[0])
     if blocking:
         demo.block_thread()

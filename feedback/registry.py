@@ -8,11 +8,14 @@ process and the app each open their own ``FeedbackStore`` on the same file.
 from __future__ import annotations
 
 import json
+import os
 from typing import Any
 
 from feedback.store import FeedbackStore, NotFound, StoreError, _json, new_id, now
 
-RUN_STATES = ("queued", "running", "canary", "promoted", "rejected", "failed")
+RUN_STATES = ("queued", "running", "canary", "promoted", "passed", "rejected", "failed")
+"""``passed``: the candidate passed (the gate, or its trial) but was not promoted because the
+served version changed under the run (a maintainer rolled back or promoted another)."""
 CANARY_KEY = "canary"
 
 
@@ -34,6 +37,24 @@ class Registry:
                 "feedback": _json(feedback or {}), "note": note}, ignore=True)
         return version_id
 
+    def register_base(self, version_id: str, path: str, base_model: str, note: str = "") -> bool:
+        """Registers the model the app was started with as ``version_id``, or points the
+        existing row at it when ``--model`` changed since (the base must always be the model
+        the app was given, not the first one it ever saw).  Returns True when it changed."""
+        with self.store.transaction() as db:
+            rows = list(db.query("SELECT path, base_model FROM model_versions WHERE id = ?", [version_id]))
+            if not rows:
+                db["model_versions"].insert({
+                    "id": version_id, "parent_id": None, "kind": "sft", "path": path, "base_model": base_model,
+                    "created_at": now(), "run_id": None, "metrics": "{}", "config": "{}", "feedback": "{}",
+                    "note": note})
+                return True
+            if (rows[0]["path"], rows[0]["base_model"]) == (path, base_model):
+                return False
+            db["model_versions"].update(version_id, {"path": path, "base_model": base_model,
+                                                     "note": f"{note} (was {rows[0]['path']})"})
+            return True
+
     def version(self, version_id: str) -> dict:
         rows = self.store.query("SELECT * FROM model_versions WHERE id = ?", (version_id,))
         if not rows:
@@ -43,15 +64,65 @@ class Registry:
     def versions(self) -> list[dict]:
         return self.store.query("SELECT * FROM model_versions ORDER BY created_at")
 
-    def set_served(self, version_id: str, action: str, actor: str = "system", reason: str = "") -> None:
+    def set_served(self, version_id: str, action: str, actor: str = "system", reason: str = "", *,
+                   only_if_served: str | None = None, only_if_row: int | None = None) -> bool:
         """Records which version serves from now on (serve | promote | rollback); the app
-        follows the last row of serving_log."""
+        follows the last row of serving_log.  The low-level write: people and runs go
+        through ``retrain.versions.serve_version``, which checks the files first.
+
+        ``only_if_served`` / ``only_if_row``: record it only if that version is still the
+        one served / that row is still the last one, checked in the same transaction, so a
+        decision made on what was served a moment ago cannot overwrite a newer one.
+        Returns False (nothing written) when the condition no longer holds."""
         self.version(version_id)
         if action not in ("serve", "promote", "rollback"):
             raise StoreError(f"unknown serving action {action!r}")
         with self.store.transaction() as db:
+            if not self._still_served(db, only_if_served, only_if_row):
+                return False
             db["serving_log"].insert({"version_id": version_id, "action": action, "actor": actor,
                                       "reason": reason, "at": now()})
+        return True
+
+    @staticmethod
+    def _still_served(db, version_id: str | None, row_id: int | None) -> bool:
+        """Inside a transaction: is ``version_id`` still served and ``row_id`` still the last row?"""
+        if version_id is None and row_id is None:
+            return True
+        last = db.execute("SELECT id, version_id FROM serving_log ORDER BY id DESC LIMIT 1").fetchone()
+        if version_id is not None and (last[1] if last else None) != version_id:
+            return False
+        return row_id is None or (last[0] if last else None) == row_id
+
+    def promote_run(self, run_id: str, version_id: str, parent_id: str, *, actor: str, reason: str,
+                    **fields: Any) -> bool:
+        """Ends a run whose candidate passed: in one transaction, serves ``version_id`` and
+        marks the run promoted if ``parent_id`` (what the run trained from and was judged
+        against) is still served; otherwise marks it passed, not promoted, and serves
+        nothing, so a rollback made during the run is never undone.  Returns True when promoted."""
+        self.version(version_id)
+        with self.store.transaction() as db:
+            promoted = self.set_served(version_id, "promote", actor=actor, reason=reason, only_if_served=parent_id)
+            if promoted:
+                self.update_run(run_id, status="promoted", finished_at=now(), reason=reason, **fields)
+            else:
+                self.update_run(run_id, status="passed", finished_at=now(), **fields,
+                                reason=self._not_promoted(db, reason, parent_id, "run"))
+        return promoted
+
+    @staticmethod
+    def _not_promoted(db, reason: str, parent_id: str, during: str) -> str:
+        last = db.execute("SELECT version_id FROM serving_log ORDER BY id DESC LIMIT 1").fetchone()
+        return (f"{reason}; not promoted: the served version changed from {parent_id} to "
+                f"{last[0] if last else None} during the {during}")
+
+    def last_good_versions(self) -> list[str]:
+        """Versions served before, newest first, each once: where a restart falls back to."""
+        seen: list[str] = []
+        for row in reversed(self.serving_history()):
+            if row["version_id"] not in seen:
+                seen.append(row["version_id"])
+        return seen
 
     def served(self) -> dict | None:
         rows = self.store.query("SELECT * FROM serving_log ORDER BY id DESC LIMIT 1")
@@ -66,11 +137,25 @@ class Registry:
 
     # -- runs -------------------------------------------------------------------------------
     def create_run(self, trigger: str, config: dict | None = None) -> str:
+        """A queued run, owned by this process (its pid) until the training process takes
+        it over: if the owner dies first, ``unfinished_runs`` shows it with a dead pid."""
         run_id = f"run-{now()[:19].replace(':', '').replace('-', '')}-{new_id()[:6]}"
         with self.store.transaction() as db:
             db["training_runs"].insert({"id": run_id, "status": "queued", "trigger": trigger,
-                                        "created_at": now(), "config": _json(config or {})})
+                                        "created_at": now(), "config": _json(config or {}), "pid": os.getpid()})
         return run_id
+
+    def unfinished_runs(self) -> list[dict]:
+        """Runs still queued or running (id, status, pid): candidates for reaping."""
+        return self.store.query("SELECT id, status, pid FROM training_runs WHERE status IN ('queued', 'running') "
+                                "ORDER BY created_at")
+
+    def fail_runs(self, run_ids: list[str], reason: str) -> None:
+        """Marks runs failed in one transaction (only those still queued or running)."""
+        with self.store.transaction() as db:
+            for run_id in run_ids:
+                db.execute("UPDATE training_runs SET status = 'failed', finished_at = ?, reason = ? "
+                           "WHERE id = ? AND status IN ('queued', 'running')", [now(), reason, run_id])
 
     def update_run(self, run_id: str, **fields: Any) -> None:
         if "status" in fields and fields["status"] not in RUN_STATES:
@@ -125,23 +210,36 @@ class Registry:
 
 
     # -- live canary ---------------------------------------------------------------------
-    def start_canary(self, *, run_id: str, version_id: str, parent_id: str) -> dict:
+    def start_canary(self, *, run_id: str, version_id: str, parent_id: str, **fields: Any) -> dict | None:
         """Puts a published, gated version on trial: the app serves it as answer B in a share
-        of regenerate-and-compare turns until users' votes decide (``retrain.canary``)."""
+        of regenerate-and-compare turns until users' votes decide (``retrain.canary``).
+        Only while ``parent_id`` is still served (checked in the same transaction): a trial
+        against a version a maintainer has since replaced would promote over their choice, so
+        then the run is marked passed, not promoted, and None is returned.  ``fields``: more
+        columns of the run to write in the same transaction."""
         self.version(version_id)
         state = {"run_id": run_id, "version_id": version_id, "parent_id": parent_id, "started_at": now()}
         with self.store.transaction() as db:
+            if not self._still_served(db, parent_id, None):
+                fields.pop("reason", None)  # it would say "on trial"
+                self.update_run(run_id, status="passed", finished_at=now(), **fields,
+                                reason=self._not_promoted(db, "passed the offline gate, not put on trial",
+                                                          parent_id, "run"))
+                return None
             db["app_state"].upsert({"key": CANARY_KEY, "value": _json(state), "updated_at": now()}, pk="key")
-            db.execute("UPDATE training_runs SET status = 'canary' WHERE id = ?", [run_id])
+            self.update_run(run_id, status="canary", **fields)
         return state
 
     def canary(self) -> dict | None:
         """The version on trial, or None."""
         return self.store.get_state(CANARY_KEY) or None
 
-    def end_canary(self, run_id: str, *, promote: bool, reason: str, decision: dict) -> None:
+    def end_canary(self, run_id: str, *, promote: bool, reason: str, decision: dict) -> bool:
         """Ends the trial in one transaction: the run becomes promoted (and its version is
-        served) or rejected; the canary state is cleared."""
+        served) or rejected; the canary state is cleared.  A promotion happens only if the
+        trial's parent is still served, checked in that transaction: a rollback made after
+        the votes were read is never undone (the run is then passed, not promoted).
+        Returns True when the candidate was promoted."""
         state = self.canary()
         if not state or state["run_id"] != run_id:
             raise StoreError(f"run {run_id} is not on trial")
@@ -149,11 +247,15 @@ class Registry:
         merged = {**(loads(run["decision"]) or {}), "canary": decision}
         with self.store.transaction() as db:
             db.execute("DELETE FROM app_state WHERE key = ?", [CANARY_KEY])
+            status = "promoted" if promote else "rejected"
+            if promote and not self._still_served(db, state["parent_id"], None):
+                status, reason = "passed", self._not_promoted(db, reason, state["parent_id"], "trial")
             db.execute("UPDATE training_runs SET status = ?, reason = ?, decision = ?, finished_at = ? WHERE id = ?",
-                       ["promoted" if promote else "rejected", reason, _json(merged), now(), run_id])
-            if promote:
+                       [status, reason, _json(merged), now(), run_id])
+            if status == "promoted":
                 db["serving_log"].insert({"version_id": state["version_id"], "action": "promote",
                                           "actor": "canary", "reason": reason, "at": now()})
+        return status == "promoted"
 
     def canary_votes(self, version_id: str, parent_id: str, since: str) -> list[dict]:
         """Users' decided A/B votes between the candidate and its parent since the trial

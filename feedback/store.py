@@ -246,14 +246,21 @@ class FeedbackStore:
     def ensure_session(self, session_id: str, user: str | None = None, client: str | None = None) -> None:
         with self.transaction() as db:
             if not db["sessions"].count_where("id = ?", [session_id]):
-                db["sessions"].insert({"id": session_id, "user": user, "client": client, "opt_out": 0,
+                db["sessions"].insert({"id": session_id, "user": user, "client": self._clean(client), "opt_out": 0,
                                        "created_at": now(), "updated_at": now()})
 
-    def set_opt_out(self, session_id: str, opt_out: bool) -> None:
-        """Recorded per session and read by every later export and training snapshot."""
-        self.ensure_session(session_id)
+    def set_opt_out(self, session_id: str, opt_out: bool, client: str | None = None) -> bool:
+        """Recorded per session and read by every later export and training snapshot.
+        Writes only when the value changes (a session without a row has the default, opted
+        in), so repeating a call costs no write; returns whether anything was written."""
         with self.transaction() as db:
+            row = db.execute("SELECT opt_out FROM sessions WHERE id = ?", [session_id]).fetchone()
+            if bool(row[0] if row else 0) == bool(opt_out):
+                return False
+            if row is None:
+                self.ensure_session(session_id, client=client)  # joins this transaction
             db["sessions"].update(session_id, {"opt_out": int(opt_out), "updated_at": now()})
+        return True
 
     def session(self, session_id: str) -> dict | None:
         rows = self.query("SELECT * FROM sessions WHERE id = ?", (session_id,))
@@ -366,8 +373,11 @@ class FeedbackStore:
             raise StoreError(f"thumb must be 'up' or 'down', not {thumb!r}")
         reasons = list(reasons or [])
         unknown = [r for r in reasons if r not in REASON_TAGS]
-        if unknown:
-            raise StoreError(f"unknown reason tags {unknown}: use {', '.join(REASON_TAGS)}")
+        if unknown:  # names a few, shortened: the refusal must not echo a huge request back
+            named = ", ".join(repr(r)[:40] for r in unknown[:3]) + (", …" if len(unknown) > 3 else "")
+            raise StoreError(f"unknown reason tags [{named}]: use {', '.join(REASON_TAGS)}")
+        # each tag once, in the tags' order: a rating row stays small whatever the request
+        reasons = [tag for tag in REASON_TAGS if tag in reasons]
         gen = self.generation(generation_id)
         if gen["session_id"] != session_id:
             raise NotFound("no such answer in this session")
@@ -433,10 +443,18 @@ class FeedbackStore:
                           "WHERE r.excluded = 0 AND s.opt_out = 0 ORDER BY r.created_at, r.rowid")
 
     def user_prompts(self) -> list[dict]:
-        """Conversation contexts of usable generations: the raw material for rollout prompts."""
-        return self.query("SELECT g.session_id, g.context, g.created_at FROM generations g "
-                          "JOIN sessions s ON s.id = g.session_id WHERE s.opt_out = 0 "
-                          "ORDER BY g.created_at")
+        """Conversation contexts of usable generations: the raw material for rollout and gate
+        prompts.  Left out: opted-out sessions, and every answer to a turn whose comparison,
+        rewrite or rating a maintainer excluded (same conversation, same context), because
+        an excluded record must not reach a retrain in any form, its prompt included."""
+        return self.query(
+            "SELECT g.session_id, g.context, g.created_at FROM generations g "
+            "JOIN sessions s ON s.id = g.session_id WHERE s.opt_out = 0 "
+            "AND NOT EXISTS (SELECT 1 FROM comparisons c WHERE c.excluded = 1 "
+            "AND c.conversation_id = g.conversation_id AND c.context = g.context) "
+            "AND NOT EXISTS (SELECT 1 FROM ratings r WHERE r.excluded = 1 "
+            "AND r.conversation_id = g.conversation_id AND r.context = g.context) "
+            "ORDER BY g.created_at")
 
     def answers_of_version(self, version: str, limit: int = 1000) -> list[dict]:
         """The newest answers a model version gave in sessions that allow training (newest

@@ -1,11 +1,14 @@
 """One retrain run, start to finish: snapshot -> reward model -> PPO -> gate -> publish.
 
 Runs in its own process (see ``scheduler``), holding ``retrain.lock`` for its whole life so
-runs never overlap; the lock is an ``flock`` that the kernel drops when the process dies,
-even by ``kill -9``.  Everything it makes is written under ``runs/<run_id>/`` first; the
-served model changes only at the very end, by publishing a complete version directory and
+runs never overlap; the lock is a ``filelock.FileLock`` (an ``flock``) that the kernel drops
+when the process dies, even by ``kill -9``.  Everything it makes is written under
+``runs/<run_id>/`` first; the served model changes only at the very end, by publishing a
+complete version directory and
 appending one row to ``serving_log``, or, with the live canary on (the default), by putting the
-published candidate on trial (``retrain.canary``), where users' votes decide.  A run that
+published candidate on trial (``retrain.canary``), where users' votes decide.  Either happens
+only if the version the run trained from is still served (one transaction): a rollback made
+during the run is never undone; the run is then recorded as passed, not promoted.  A run that
 dies before that leaves the server and the feedback exactly as they were;
 ``reap_stale_runs`` marks it failed afterwards.
 """
@@ -13,7 +16,6 @@ dies before that leaves the server and the feedback exactly as they were;
 from __future__ import annotations
 
 import dataclasses
-import fcntl
 import json
 import logging
 import os
@@ -23,7 +25,10 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from filelock import Timeout
+
 from assistant import models
+from assistant.instance import HeldLock, is_held
 from assistant.settings import Settings
 from feedback.registry import Registry
 from feedback.store import FeedbackStore, now
@@ -32,6 +37,10 @@ from retrain.config import RetrainConfig
 log = logging.getLogger(__name__)
 
 LOCK_NAME = "retrain.lock"
+LOCK_WAIT_S = 5.0
+"""How long a run waits for the lock before it gives up: longer than any ``lock_held`` probe."""
+DIED = "the training process died before finishing (killed or crashed); nothing was published"
+ORPHANED = "the app that queued this run stopped before the training process started; nothing was published"
 
 
 class RunLocked(RuntimeError):
@@ -39,34 +48,24 @@ class RunLocked(RuntimeError):
 
 
 @contextmanager
-def run_lock(data_dir: Path) -> Iterator[None]:
-    data_dir.mkdir(parents=True, exist_ok=True)
-    fh = open(data_dir / LOCK_NAME, "a+")
+def run_lock(data_dir: Path, wait_s: float = LOCK_WAIT_S) -> Iterator[None]:
+    """Holds the run lock for the block.  Waits up to ``wait_s`` for it, so another
+    process's ``lock_held`` probe (which holds it for microseconds) never refuses a run;
+    raises RunLocked when a run still holds it after that."""
+    lock = HeldLock(Path(data_dir) / LOCK_NAME, wait_s=wait_s)
     try:
-        try:
-            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise RunLocked("another retrain run is in progress") from None
-        fh.seek(0)
-        fh.truncate()
-        fh.write(str(os.getpid()))
-        fh.flush()
+        lock.acquire()
+    except Timeout:
+        raise RunLocked(f"another retrain run is in progress (pid {lock.owner()})") from None
+    try:
         yield
     finally:
-        fh.close()  # closing drops the flock
+        lock.release()
 
 
 def lock_held(data_dir: Path) -> bool:
-    path = data_dir / LOCK_NAME
-    if not path.exists():
-        return False
-    with open(path, "a+") as fh:
-        try:
-            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return True
-        fcntl.flock(fh, fcntl.LOCK_UN)
-        return False
+    """Whether a run holds the lock now (a probe that never makes a run fail: see ``run_lock``)."""
+    return is_held(Path(data_dir) / LOCK_NAME)
 
 
 def _pid_alive(pid: int | None) -> bool:
@@ -85,22 +84,32 @@ def _pid_alive(pid: int | None) -> bool:
         return True
 
 
-def reap_stale_runs(registry: Registry, data_dir: Path) -> list[str]:
-    """Marks failed every run recorded as queued/running whose process is gone.
-    Only trusted while nobody holds the run lock (a live run holds it)."""
+def _owner_gone(run: dict, app_starting: bool) -> bool:
+    """A queued or running row's owner (the app that queued it, then the training process;
+    ``Registry.create_run`` records the pid) is gone.  A row without a pid has no owner
+    (older databases).  A starting app has queued nothing yet, so a row naming its own pid
+    is a dead app's whose pid was reused (containers start every app as the same pid)."""
+    pid = run["pid"]
+    if pid is None or (app_starting and pid == os.getpid()):
+        return True
+    return not _pid_alive(pid)
+
+
+def reap_stale_runs(registry: Registry, data_dir: Path, *, app_starting: bool = False) -> list[str]:
+    """Marks failed every run recorded as queued/running whose owner process is gone: the
+    training process that died, or the app that died before its child started.  Only
+    trusted while nobody holds the run lock (a live run holds it).  ``app_starting``: called
+    by an app on start (see ``_owner_gone``)."""
     if lock_held(data_dir):
         return []
-    reaped = []
-    for run in registry.store.query("SELECT id, pid, status FROM training_runs WHERE status IN ('queued','running')"):
-        if run["status"] == "running" and _pid_alive(run["pid"]):
-            continue
-        if run["status"] == "queued" and run["pid"] is None:
-            continue  # created by a scheduler that is about to start it
-        registry.update_run(run["id"], status="failed", finished_at=now(),
-                            reason="the training process died before finishing (killed or crashed); "
-                                   "nothing was published")
-        reaped.append(run["id"])
-    return reaped
+    stale = [run for run in registry.unfinished_runs() if _owner_gone(run, app_starting)]
+    _fail(registry, stale)
+    return [run["id"] for run in stale]
+
+
+def _fail(registry: Registry, runs: list[dict]) -> None:
+    for status, reason in (("running", DIED), ("queued", ORPHANED)):
+        registry.fail_runs([run["id"] for run in runs if run["status"] == status], reason)
 
 
 # ----------------------------------------------------------------------------- the run
@@ -197,11 +206,10 @@ def _run_main(settings: Settings, run_id: str | None, trigger: str, config: Retr
 
 
 def reap_stale_runs_unlocked(registry: Registry) -> None:
-    """Inside the lock every other running row is stale by definition."""
-    for run in registry.store.query("SELECT id FROM training_runs WHERE status = 'running'"):
-        registry.update_run(run["id"], status="failed", finished_at=now(),
-                            reason="the training process died before finishing (killed or crashed); "
-                                   "nothing was published")
+    """Inside the lock every other running row is stale by definition, and so is a queued
+    one whose owner is gone (this run's own row is queued by a live owner: this process)."""
+    _fail(registry, [run for run in registry.unfinished_runs()
+                     if run["status"] == "running" or _owner_gone(run, False)])
 
 
 
@@ -450,11 +458,12 @@ def _train_and_gate(settings: Settings, registry: Registry, run: Run, config: Re
                   "reward_model": ids["policy"][0], "judge": ids["judge"][0]})
     registry.update_run(run.id, candidate_version=version_id)
     timings["total_s"] = time.monotonic() - t0
+    versions.check_servable(registry, version_id)
+    # both ends are conditional on `served` still being served (one transaction each): a
+    # maintainer's rollback during the run wins, and the run is recorded as passed, not promoted
     if settings.canary_enabled:  # users' own votes have the last word (retrain.canary)
-        registry.update_run(run.id, kl=kl, decision=decision,
-                            reason="passed the offline gate; on trial as answer B until users' votes decide")
-        registry.start_canary(run_id=run.id, version_id=version_id, parent_id=served)
+        registry.start_canary(run_id=run.id, version_id=version_id, parent_id=served, kl=kl, decision=decision,
+                              reason="passed the offline gate; on trial as answer B until users' votes decide")
         return
-    registry.set_served(version_id, "promote", actor="retrain", reason=f"run {run.id} passed the gate")
-    registry.update_run(run.id, status="promoted", finished_at=now(), kl=kl, decision=decision,
-                        reason="passed the gate")
+    registry.promote_run(run.id, version_id, served, actor="retrain", reason=f"run {run.id} passed the gate",
+                         kl=kl, decision=decision)

@@ -134,6 +134,7 @@ class RetrainScheduler:
                 stdin=subprocess.DEVNULL, start_new_session=True)
             out.close()
             proc = self._process
+            self.registry.update_run(run_id, pid=proc.pid)  # the child owns the queued row from now on
         watcher = threading.Thread(target=self._watch, args=(proc, run_id, log_path), daemon=True)
         watcher.start()
         if wait:

@@ -3,8 +3,10 @@
 A version directory is written under ``versions/.tmp-<id>``, given a manifest (size and
 SHA-256 of every file, written last), fsynced and renamed to ``versions/<id>``.  A rename
 within one filesystem is atomic, so the server either sees no directory or a complete one;
-``assistant.models.load`` re-checks the manifest, so a checkpoint truncated *after*
-publishing is refused too and the served model stays as it was.
+the manifest is checked again before anything serves the version (``check_servable`` here,
+``assistant.models.verify_version`` in the server), so a checkpoint truncated or added to
+*after* publishing, or a directory without a manifest, is refused and the served model
+stays as it was.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from pathlib import Path
 
 from assistant import models
 from feedback.registry import Registry
+from feedback.store import NotFound, StoreError
 
 
 def _fsync_tree(directory: Path) -> None:
@@ -80,10 +83,35 @@ def clean_partial(versions_dir: Path | str) -> list[Path]:
     return removed
 
 
+class NotServable(StoreError):
+    """A version that must not be served: unknown, its files gone, or its manifest missing
+    or not matching.  A StoreError, so the console shows the message as it is."""
+
+
+def check_servable(registry: Registry, version_id: str) -> dict:
+    """Raises NotServable unless ``version_id`` can be loaded as it was published: its
+    directory exists and, for anything but the base model, carries a manifest that verifies
+    (every listed file intact, nothing unlisted).  Returns the version's row."""
+    try:
+        info = registry.version(version_id)
+    except NotFound as exc:
+        raise NotServable(str(exc)) from None
+    try:
+        models.verify_version(info["path"], info["kind"])
+    except models.CorruptCheckpoint as exc:
+        raise NotServable(f"version {version_id} cannot be served: {exc}") from None
+    return info
+
+
+def serve_version(registry: Registry, version_id: str, action: str, *, actor: str, reason: str = "") -> None:
+    """The one way a person (console, ``retrain rollback``) changes what is served: checks
+    the version (``check_servable``), then appends it to ``serving_log``, which the app
+    follows.  A run's promotion makes the same check, then ``Registry.promote_run`` (or
+    ``start_canary``), which also require the run's parent to still be served."""
+    check_servable(registry, version_id)
+    registry.set_served(version_id, action, actor=actor, reason=reason)
+
+
 def rollback(registry: Registry, version_id: str, actor: str = "cli", reason: str = "") -> None:
     """Serves an earlier version again; recorded in serving_log like any other change."""
-    info = registry.version(version_id)
-    models.verify_manifest(info["path"])
-    if not Path(info["path"]).exists() and info["kind"] != "sft":
-        raise FileNotFoundError(f"version {version_id}'s files are gone: {info['path']}")
-    registry.set_served(version_id, "rollback", actor=actor, reason=reason or "rollback")
+    serve_version(registry, version_id, "rollback", actor=actor, reason=reason or "rollback")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import threading
 
 import pytest
 
@@ -51,6 +52,16 @@ def test_sampling_validation():
     for bad in [(-0.1, 0.9, 10), (2.5, 0.9, 10), (0.7, 0, 10), (0.7, 1.1, 10), (0.7, 0.9, 0), (0.7, 0.9, 10**6)]:
         with pytest.raises(ChatError):
             sampling(*bad, None, defaults)
+
+
+def test_seed_is_refused_beyond_64_bits():
+    """torch seeds are unsigned 64-bit; a larger one used to fail deep in the engine."""
+    defaults = Settings()
+    assert sampling(0, 1, 5, 2**64 - 1, defaults).seed == 2**64 - 1
+    assert sampling(0, 1, 5, -5, defaults).seed is None  # any negative seed: random
+    for seed in (2**64, 10**30, 1e30):
+        with pytest.raises(ChatError, match=r"the seed must be at most 2\^64 - 1 \(-1 = random\)"):
+            sampling(0, 1, 5, seed, defaults)
 
 
 def test_answer_numbers():
@@ -145,3 +156,97 @@ def test_regenerate_writes_b_with_a_hidden_style_hint(service):
     run(service.chat(sess, "And coffee?", SamplingParams(temperature=0.7, top_p=0.9, max_new_tokens=8, seed=3)))
     run(service.regenerate(sess, SamplingParams(temperature=0.7, top_p=0.9, max_new_tokens=8, seed=4)))
     assert "style_hint" not in json.loads(service.store.generation(sess.comparison.b_generation_id)["sampling"])
+
+
+# ----------------------------------------------------------------------------- one session, two calls at once
+RACE_PARAMS = SamplingParams(temperature=0.7, top_p=0.9, max_new_tokens=6, seed=5)
+
+
+def assert_consistent(store, sess: ChatSession) -> None:
+    """The stored conversation is the session's; every stored answer was written from exactly
+    the turns stored before it; an open comparison is about the answer that is kept."""
+    stored = store.conversation_messages(sess.conversation_id)
+    assert [(m["turn"], m["role"], m["content"]) for m in stored] == [
+        (i, m["role"], m["content"]) for i, m in enumerate(sess.messages)]
+    for m in stored:
+        if m["generation_id"]:
+            gen = store.generation(m["generation_id"])
+            seen = [c for c in json.loads(gen["context"]) if c["role"] != "system"]
+            assert seen == [{"role": p["role"], "content": p["content"]} for p in stored[:m["turn"]]], m["turn"]
+            assert (gen["turn"], gen["content"]) == (m["turn"], m["content"])
+    comp = sess.comparison
+    if comp is not None and comp.verdict is None:
+        row, kept = store.comparison(comp.id), stored[comp.turn]
+        assert row["verdict"] is None
+        assert (row["a_generation_id"], row["a_text"]) == (kept["generation_id"], kept["content"])
+        assert (comp.a_generation_id, comp.a_text) == (kept["generation_id"], kept["content"])
+
+
+def race(first, second, pause_in: tuple[object, str]):
+    """Runs ``first`` in a thread; when that thread calls the method ``pause_in`` (object,
+    name) it waits there while ``second`` runs in this thread (1 s at most: where the service
+    serialises the session, ``second`` waits for ``first`` instead).  Returns both outcomes,
+    a value or the ChatError."""
+    obj, name = pause_in
+    original = getattr(obj, name)
+    reached, second_done = threading.Event(), threading.Event()
+    outcomes: dict[str, object] = {}
+
+    def paused(*args, **kwargs):
+        if threading.current_thread() is worker and not reached.is_set():
+            reached.set()
+            second_done.wait(1.0)
+        return original(*args, **kwargs)
+
+    def call(key, fn):
+        try:
+            outcomes[key] = fn()
+        except ChatError as exc:
+            outcomes[key] = exc
+
+    worker = threading.Thread(target=call, args=("first", first))
+    setattr(obj, name, paused)
+    try:
+        worker.start()
+        assert reached.wait(30), outcomes
+        call("second", second)
+        second_done.set()
+        worker.join(60)
+    finally:
+        delattr(obj, name)  # the instance attribute goes; the class's method shows again
+    return outcomes["first"], outcomes["second"]
+
+
+def test_an_edit_racing_a_regenerate_leaves_the_conversation_consistent(service):
+    sess = service.new_session()
+    run(service.chat(sess, "race question one", RACE_PARAMS))
+    regen, edit = race(lambda: run(service.regenerate(sess, RACE_PARAMS)),
+                       lambda: service.edit(sess, "my own better answer"),
+                       pause_in=(service.holder, "current"))  # regenerate: checked, not yet generating
+    assert isinstance(regen, ChatError) or isinstance(edit, ChatError), (regen, edit)
+    assert_consistent(service.store, sess)
+    assert not service.generating(sess)
+
+
+def test_an_edit_racing_the_end_of_an_answer_leaves_the_conversation_consistent(service):
+    sess = service.new_session()
+    run(service.chat(sess, "race question two", RACE_PARAMS))
+    race(lambda: run(service.chat(sess, "race question three", RACE_PARAMS)),
+         lambda: service.edit(sess, "rewritten while the next answer was being stored"),
+         pause_in=(service.store, "transaction"))  # the answer is written, not yet stored
+    assert_consistent(service.store, sess)
+    assert len(sess.messages) == 4
+
+
+def test_a_vote_while_an_answer_is_written_is_refused_and_the_conversation_stays_consistent(service):
+    sess = service.new_session()
+    run(service.chat(sess, "race question four", RACE_PARAMS))
+    run(service.regenerate(sess, RACE_PARAMS))
+    comp_id = sess.comparison.id
+    streaming = service.chat(sess, "race question five", RACE_PARAMS)
+    next(streaming)  # the answer is being written
+    with pytest.raises(ChatError, match="an answer is still being written"):
+        service.vote(sess, "b")
+    run(streaming)
+    assert_consistent(service.store, sess)
+    assert service.store.comparison(comp_id)["verdict"] is None  # left undecided, as the chat moved on

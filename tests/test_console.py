@@ -11,21 +11,32 @@ session hash, exactly as the browser does.
 from __future__ import annotations
 
 import csv
+import html
 import json
+import os
+import re
 import sqlite3
+import tempfile
 import uuid
+from pathlib import Path
 
 import gradio as gr
 import httpx
 import pytest
 
-from tests.apphelpers import app_settings, launch_app
+from assistant import console
+from feedback import auth
+from tests.apphelpers import app_settings, launch_app, wait_for
 
 PASSWORD = "console-test-pw"
 
 
 def populate(store, registry, model_path: str) -> dict:
     """A few judgements through the store API: two versions, comparisons, an edit, ratings."""
+    from retrain.versions import publish
+
+    if Path(model_path).is_dir():  # a version the console may serve is a published one, with its manifest
+        model_path = str(publish(model_path, store.path.parent / "versions", "v2"))
     registry.register_version(version_id="v2", path=model_path, kind="ppo", parent_id="sft", note="test")
     ids: dict[str, str] = {}
     store.ensure_session("sess-alice", user="alice")
@@ -248,3 +259,162 @@ def test_login_filter_open_exclude_export_rollback(app, tmp_path):
     # log out: the session's token no longer works
     c.ok("logout")
     assert not c.call("list", *NO_FILTERS)[0]
+
+
+# ----------------------------------------------------------------------------- hostile input and revocation
+EVIL_IMAGE = "![](https://evil.example/p.png)"
+
+
+def hostile_record(store) -> dict:
+    """A judged turn whose user text carries Markdown that would fetch or link elsewhere."""
+    sid = "sess-mallory"
+    store.ensure_session(sid, user="mallory")
+    conv = store.start_conversation(sid, "You are a helpful AI assistant.")
+    question = f"Describe this {EVIL_IMAGE} please"
+    ctx = [{"role": "system", "content": "You are a helpful AI assistant."}, {"role": "user", "content": question}]
+    store.set_message(conv, 1, "user", question)
+    gens = [store.record_generation(session_id=sid, conversation_id=conv, turn=2, context=ctx, content=text,
+                                    model_version="sft", sampling={"seed": n}, prompt_tokens=5,
+                                    completion_tokens=5, ttft_ms=1.0, latency_ms=2.0, finish_reason="stop")
+            for n, text in enumerate(["[click me](https://evil.example/go) *bold* `code`",
+                                      "<img src=https://evil.example/q.png> # not a heading"])]
+    comp = store.open_comparison(session_id=sid, conversation_id=conv, turn=2, a_generation_id=gens[0],
+                                 b_generation_id=gens[1])
+    store.decide_comparison(comp, "a", sid)
+    rating = store.record_rating(session_id=sid, generation_id=gens[0], thumb="down", reasons=["inaccurate"],
+                                 comment=f"see {EVIL_IMAGE}")
+    return {"comparison": comp, "rating": rating}
+
+
+def _rendered(markdown_text: str) -> str:
+    """HTML as a CommonMark renderer (raw HTML allowed, as in gr.Markdown) makes of it."""
+    from markdown_it import MarkdownIt
+
+    return MarkdownIt("commonmark").render(markdown_text)
+
+
+def test_record_view_renders_user_text_inert(app):
+    url, ctx, _ = app
+    ids = hostile_record(ctx.store)
+    c = RawConsole(url)
+    c.ok("login", "admin", PASSWORD)
+    texts = {}
+    for ref in (f"comparison:{ids['comparison']}", f"rating:{ids['rating']}"):
+        html_out = _rendered(c.ok("open", ref)[0])
+        assert "<img" not in html_out and "<a " not in html_out
+        assert "<em>bold" not in html_out and "<code>code" not in html_out and "<h1" not in html_out
+        texts[ref.split(":")[0]] = html.unescape(re.sub(r"<[^>]+>", "", html_out))
+    # shown literally, as the user typed it
+    assert EVIL_IMAGE in texts["comparison"] and f"see {EVIL_IMAGE}" in texts["rating"]
+    assert "[click me](https://evil.example/go) *bold* `code`" in texts["comparison"]
+    assert "<img src=https://evil.example/q.png> # not a heading" in texts["comparison"]
+
+
+@pytest.mark.skipif(not Path(os.environ.get("CHROMIUM", "/usr/bin/chromium")).exists(), reason="no chromium")
+def test_record_view_fetches_nothing_in_a_real_browser(app):
+    sync_api = pytest.importorskip("playwright.sync_api")
+    url, ctx, _ = app
+    ids = hostile_record(ctx.store)
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=os.environ.get("CHROMIUM", "/usr/bin/chromium"), args=[
+            "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+            "--disable-component-update", "--disable-sync", "--no-first-run"])
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1800})
+            page.set_default_timeout(30_000)
+            fetched: list[str] = []
+            page.on("request", lambda r: fetched.append(r.url))
+            page.goto(url.rstrip("/") + "/console")
+            page.locator("#console-user input, #console-user textarea").first.fill("admin")
+            page.locator("#console-password input").first.fill(PASSWORD)
+            page.locator("#console-login").click()
+            sync_api.expect(page.locator("#console-table")).to_contain_text("comparison:", timeout=30_000)
+            page.locator("#console-ref textarea, #console-ref input").first.fill(f"comparison:{ids['comparison']}")
+            page.locator("#console-open").click()
+            detail = page.locator("#console-detail")
+            sync_api.expect(detail).to_contain_text("Describe this")
+            page.wait_for_timeout(500)
+            assert detail.locator("img").count() == 0 and detail.locator("a").count() == 0
+            assert EVIL_IMAGE in detail.inner_text()
+            assert not [u for u in fetched if "evil.example" in u]
+        finally:
+            browser.close()
+
+
+def test_logout_and_user_removal_revoke_tokens(app):
+    _, ctx, _ = app
+    h = ctx.extras["console_handlers"]
+    token = h["login"]("admin", PASSWORD)[0]
+    h["list_first"](token, *NO_FILTERS)
+    h["logout"](token)
+    with pytest.raises(gr.Error, match="log in"):
+        h["list_first"](token, *NO_FILTERS)
+    auth.add_user(ctx.store, "maria", "long enough pw")
+    token = h["login"]("maria", "long enough pw")[0]
+    h["list_first"](token, *NO_FILTERS)
+    auth.remove_user(ctx.store, "maria")
+    with pytest.raises(gr.Error, match="log in"):
+        h["list_first"](token, *NO_FILTERS)
+
+
+def test_console_lockout_is_per_client_address(app):
+    """Guesses over HTTP (from 127.0.0.1) lock that address out for the name, not the name
+    everywhere: the same login from another address (here a direct call, no address) works."""
+    url, ctx, _ = app
+    auth.add_user(ctx.store, "lena", "long enough pw")
+    c = RawConsole(url)
+    for i in range(auth.MAX_FAILURES):
+        assert not c.call("login", "lena", f"guess {i}")[0]
+    ok, error = c.call("login", "lena", "long enough pw")
+    assert not ok and "too many" in error
+    token = ctx.extras["console_handlers"]["login"]("lena", "long enough pw")[0]
+    assert console.get_auth(ctx).check(token) == "lena"
+    auth.remove_user(ctx.store, "lena")
+
+
+def _export_files() -> set[Path]:
+    return set(Path(tempfile.gettempdir()).glob("console-export-*/**/feedback-*"))
+
+
+def test_exports_expire_and_leave_nothing_behind(app, monkeypatch):
+    url, ctx, _ = app
+    monkeypatch.setattr(console, "EXPORT_TTL_S", 3.0)
+    before = _export_files()
+    c = RawConsole(url)
+    c.ok("login", "admin", PASSWORD)
+    links = []
+    for name, args in (("export_csv", (False, *NO_FILTERS)), ("export_trl", (False, *NO_FILTERS)),
+                       ("export_db", ())):
+        links.append(c.ok(name, *args)[0]["url"])
+        assert httpx.get(links[-1]).status_code == 200  # downloadable at first
+    assert _export_files() <= before  # no working copy left outside what Gradio serves
+    assert wait_for(lambda: all(httpx.get(link).status_code in (403, 404) for link in links), timeout_s=30)
+    assert not [link for link in links if Path(link.split("file=", 1)[1]).exists()]  # deleted, not just hidden
+
+
+def test_database_copy_has_no_password_hashes_or_opted_out_sessions(app, tmp_path):
+    url, ctx, ids = app
+    auth.add_user(ctx.store, "omar", "long enough pw")
+    digest = auth.user_row(ctx.store, "omar")["password_hash"].rsplit("$", 1)[-1]
+    ctx.store.ensure_session("sess-olga", user="olga")
+    conv = ctx.store.start_conversation("sess-olga", "You are a helpful AI assistant.")
+    ctx.store.set_message(conv, 1, "user", "olga's private question about tulips")
+    ctx.store.set_opt_out("sess-olga", True)
+    c = RawConsole(url)
+    c.ok("login", "admin", PASSWORD)
+    copy = tmp_path / "copy.sqlite"
+    copy.write_bytes(httpx.get(c.ok("export_db")[0]["url"]).content)
+    raw = copy.read_bytes()
+    assert digest.encode() not in raw and b"tulips" not in raw and b"sess-olga" not in raw
+    with sqlite3.connect(copy) as conn:
+        assert conn.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+        assert conn.execute("SELECT COUNT(*) FROM users").fetchone() == (0,)
+        assert conn.execute("SELECT COUNT(*) FROM comparisons WHERE id = ?", (ids["comparison1"],)).fetchone() == (1,)
+    auth.remove_user(ctx.store, "omar")
+
+
+def test_console_has_no_sql():
+    """SQL lives in feedback/ behind named functions (the console calls those)."""
+    source = (Path(__file__).resolve().parent.parent / "assistant" / "console.py").read_text()
+    sql = re.compile(r"\b(SELECT|UPDATE|INSERT|DELETE)\b.*\b(FROM|SET|INTO)\b|\.query\(|\.execute\(")
+    assert [line for line in source.splitlines() if sql.search(line)] == []

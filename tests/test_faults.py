@@ -117,6 +117,64 @@ def test_kill_9_in_the_middle_of_votes_loses_no_acknowledged_vote(tmp_path, tiny
         load.stop_process(app)
 
 
+# ----------------------------------------------------------------------------- restart after kill -9
+def served_by_app(db: Path) -> str:
+    """The model version that wrote the newest answer."""
+    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+    try:
+        return conn.execute("SELECT model_version FROM generations ORDER BY created_at DESC LIMIT 1").fetchone()[0]
+    finally:
+        conn.close()
+
+
+def test_restart_after_kill_9_serves_the_last_good_version_and_fails_orphaned_runs(tmp_path, tiny_model_dir):
+    """The app is killed with SIGKILL just as its scheduler queued a run (before the child
+    started); while it is down, the version promoted last is damaged.  The restarted app
+    serves the newest earlier version that loads (not the SFT model), records that in
+    serving_log, and marks the orphaned run failed instead of leaving it queued for ever."""
+    from feedback.registry import Registry
+    from feedback.store import FeedbackStore
+    from retrain import versions
+
+    data, port = tmp_path / "data", free_port()
+    url = f"http://127.0.0.1:{port}/"
+    app = start(data, tiny_model_dir, port, tmp_path / "app.log")
+    store = None
+    try:
+        load.wait_ready(url, app, 180)
+        store = FeedbackStore(data / "feedback.sqlite")
+        registry = Registry(store)
+        for version, parent in (("v-2", "sft"), ("v-3", "v-2")):
+            path = versions.publish(tiny_model_dir, data / "versions", version)
+            registry.register_version(version_id=version, path=str(path), kind="ppo", parent_id=parent)
+        versions.serve_version(registry, "v-2", "promote", actor="test")
+        chat(Client(url, verbose=False), "hello")
+        run_id = registry.create_run("schedule")
+        registry.update_run(run_id, pid=app.pid)  # queued by the app, its child not started yet
+        os.kill(app.pid, signal.SIGKILL)
+        app.wait(30)
+
+        versions.serve_version(registry, "v-3", "promote", actor="cli")  # while the app is down
+        (data / "versions" / "v-3" / "model.safetensors").write_bytes(b"")  # and then damaged
+
+        port = free_port()
+        url = f"http://127.0.0.1:{port}/"
+        app = start(data, tiny_model_dir, port, tmp_path / "app2.log")
+        load.wait_ready(url, app, 180)
+        history, _, _ = chat(Client(url, verbose=False), "after the crash")
+        assert history[-1]["role"] == "assistant"
+        assert served_by_app(data / "feedback.sqlite") == "v-2"
+        last = registry.served()
+        assert (last["version_id"], last["action"], last["actor"]) == ("v-2", "rollback", "server")
+        assert "v-3" in last["reason"]
+        run = registry.run(run_id)
+        assert run["status"] == "failed" and "stopped before the training process started" in run["reason"]
+    finally:
+        if store is not None:
+            store.close()
+        load.stop_process(app)
+
+
 # ----------------------------------------------------------------------------- two apps
 def test_second_app_on_the_same_data_directory_is_refused(tmp_path, tiny_model_dir):
     data, port = tmp_path / "data", free_port()

@@ -1,6 +1,7 @@
 """Hostile input, abuse limits and isolation: NUL bytes, lone surrogates, 1 MB of text,
 deeply nested markdown, HTML and script, prompt injection aimed at the console, wrong
-types, missing fields, unknown ids, replayed votes; per-session rate limits; one session
+types, missing fields, unknown ids, replayed votes, huge reason lists, seeds beyond 64 bits,
+oversized uploads; per-session rate limits and the per-client opt-out limit; one session
 reading or changing another's data.  Each input gets a clear error or is stored verbatim
 (and rendered inert); after each the server still answers a normal chat.
 
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import json
 import uuid
+from pathlib import Path
 
 import httpx
 import pytest
@@ -20,14 +22,15 @@ from hypothesis import strategies as st
 
 from assistant import console
 from assistant.chat import ChatError, ChatService, ChatSession
+from assistant.client import free_port
 from assistant.client import message_text as text_of
 from assistant.engine import Engine, SamplingParams
 from assistant.holder import ModelHolder
 from assistant.models import load
 from assistant.settings import Settings
 from feedback import review
-from feedback.store import FeedbackStore
-from tests.apphelpers import app_settings, launch_app
+from feedback.store import FeedbackStore, StoreError
+from tests.apphelpers import app_settings, launch_app, wait_for
 
 SAMPLING = (0.7, 0.9, 8, -1)
 SURROGATES = ["\ud800", "a\udfffb", "\udc80 text"]
@@ -143,6 +146,51 @@ def test_wrong_types_at_the_service_are_clear_errors(service):
     with pytest.raises(ChatError, match="must be numbers"):
         sampling(0.7, 0.9, float("inf"), -1, Settings())
     assert table_counts(service.store) == before
+
+
+def test_rating_reasons_are_deduplicated_and_unknown_ones_refused_briefly(service):
+    """A reasons list of any length with duplicates used to be stored as it came (one row,
+    tens of MB); an unknown tag's refusal echoed the whole list back."""
+    sess = answered(service)
+    store = service.store
+    note = service.rate(sess, 0, "down", ["too long", "inaccurate"] * 50_000)
+    rows = store.query("SELECT reasons FROM ratings WHERE session_id = ?", (sess.session_id,))
+    assert [json.loads(r["reasons"]) for r in rows] == [["inaccurate", "too long"]]  # in the tags' order
+    assert note == "Recorded: 👎 for answer 1 (inaccurate, too long)."
+    before = table_counts(store)
+    for hostile in (["x" * 1000] * 10_000 + ["other"], [["nested"], {"a": 1}, None]):
+        with pytest.raises(ChatError, match="unknown reasons") as refused:
+            service.rate(sess, 0, "down", hostile)
+        assert len(str(refused.value)) < 400
+    with pytest.raises(StoreError, match="unknown reason tags") as refused:  # the store is the last gate
+        store.record_rating(session_id=sess.session_id, generation_id=sess.messages[1]["generation_id"],
+                            thumb="up", reasons=["y" * 1000] * 10_000)
+    assert len(str(refused.value)) < 400
+    assert table_counts(store) == before
+    rid = store.record_rating(session_id=sess.session_id, generation_id=sess.messages[1]["generation_id"],
+                              thumb="up", reasons=["other", "unsafe", "other"])
+    assert json.loads(store.rating(rid)["reasons"]) == ["unsafe", "other"]
+
+
+def test_opt_out_writes_only_when_the_value_changes(service):
+    sess = service.new_session()
+    store = service.store
+    conn = store.conn  # this thread's connection, which the service writes through
+
+    def rows_written(value: bool) -> int:
+        before = conn.total_changes
+        service.set_opt_out(sess, value)
+        return conn.total_changes - before
+
+    assert rows_written(False) == 0  # the default already: no row at all
+    assert store.session(sess.session_id) is None
+    assert rows_written(True) > 0
+    stamp = store.session(sess.session_id)["updated_at"]
+    assert [rows_written(True) for _ in range(5)] == [0] * 5
+    assert store.session(sess.session_id)["updated_at"] == stamp
+    assert rows_written(False) > 0 and store.session(sess.session_id)["opt_out"] == 0
+    assert rows_written(False) == 0
+    assert sess.opt_out is False
 
 
 # ============================================================================ through the API
@@ -285,6 +333,59 @@ def test_replayed_votes_are_refused_and_stored_once(app):
     still_serving(url)
 
 
+def test_a_seed_beyond_64_bits_is_a_clear_error_and_loses_nothing(app):
+    """It used to reach torch and fail there ("Overflow when unpacking long long")."""
+    url, ctx = app
+    client = Client(url, verbose=False)
+    history, _, _ = chat(client, "seed question")
+    before = table_counts(ctx.store)
+    for seed in (2**64, 10**30):
+        with pytest.raises(AppError, match=r"the seed must be at most 2\^64 - 1"):
+            client.predict("seeded", "", 0.7, 0.9, 8, seed, api_name="/chat")
+        with pytest.raises(AppError, match=r"the seed must be at most 2\^64 - 1"):
+            client.predict(0.7, 0.9, 8, seed, api_name="/regenerate")
+    assert table_counts(ctx.store) == before
+    longer, _, _ = client.predict("seeded", "", 0.7, 0.9, 8, 2**64 - 1, api_name="/chat")  # the largest seed
+    assert [text_of(m) for m in longer[:2]] == [text_of(m) for m in history] and len(longer) == 4
+    client.predict(0.7, 0.9, 8, 2**64 - 1, api_name="/regenerate")  # the conversation goes on
+
+
+def upload(url: str, size: int) -> httpx.Response:
+    """A file of ``size`` bytes to Gradio's upload route, as a browser would send it."""
+    return httpx.post(url.rstrip("/") + "/gradio_api/upload", files={"files": ("f.bin", b"\0" * size)},
+                      timeout=60)
+
+
+def test_an_upload_over_the_limit_is_refused(app):
+    from assistant.ui import UPLOADS
+
+    url, _ = app
+    refused = upload(url, UPLOADS.max_file_bytes + 1)
+    assert refused.status_code == 413, (refused.status_code, refused.text[:200])
+    assert upload(url, 1000).status_code == 200
+    still_serving(url)
+
+
+def test_uploaded_files_are_deleted_once_old(tmp_path, tiny_model_dir):
+    import app as app_module
+    from assistant import ui
+
+    settings = app_settings(tmp_path, tiny_model_dir, port=free_port())
+    ctx = app_module.create_context(settings)
+    demo = ui.build_app(ctx, uploads=ui.UploadPolicy(max_file_bytes=1024, clean_every_s=1, max_age_s=1))
+    try:
+        _, url, _ = ui.launch(demo, ctx, prevent_thread_lock=True, quiet=True)
+        assert upload(url, 1025).status_code == 413
+        stored = upload(url, 100)
+        assert stored.status_code == 200, stored.text
+        path = Path(stored.json()[0])
+        assert path.exists()
+        assert wait_for(lambda: not path.exists(), timeout_s=20)
+    finally:
+        demo.close()
+        app_module.close_context(ctx)
+
+
 def test_console_renders_hostile_records_inert(app):
     url, ctx = app
     client = Client(url, verbose=False)
@@ -360,6 +461,20 @@ def test_one_session_cannot_flood_the_log_or_the_model(limited_app):
     chat(other, "other user")
     other.predict(*SAMPLING, api_name="/regenerate")
     assert other.predict("b", api_name="/vote")[1] == "Recorded: B is better."
+
+
+def test_opt_out_is_rate_limited_per_client_not_per_session(limited_app):
+    """Sessions are free (every new API client is one), so the limit follows the address."""
+    url, ctx = limited_app
+    opted_out = "SELECT count(*) AS n FROM sessions WHERE opt_out = 1"
+    first = Client(url, verbose=False)
+    assert "will not be used" in first.predict(True, api_name="/opt_out")  # 1 of 2
+    assert "will not be used" in Client(url, verbose=False).predict(True, api_name="/opt_out")  # 2 of 2
+    for fresh in (Client(url, verbose=False), first):
+        with pytest.raises(AppError, match="too many opt-out requests: at most 2 per minute"):
+            fresh.predict(False, api_name="/opt_out")
+    assert ctx.store.query(opted_out)[0]["n"] == 2
+    chat(first, "opted-out chat still works")
 
 
 # ============================================================================ isolation

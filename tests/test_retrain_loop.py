@@ -190,6 +190,30 @@ def test_retrain_killed_mid_ppo_changes_nothing_and_next_run_works(loop):
     assert follower.check() is True and holder.version == registry.run(run2)["candidate_version"]
 
 
+def test_a_rollback_during_a_run_is_not_undone_by_its_promotion(loop):
+    """A maintainer rolls back while a run trains from the version served at its start: the
+    run still finishes and publishes its candidate, but does not promote it over the
+    rollback; it is recorded as passed, not promoted."""
+    from retrain import versions
+
+    settings, store, registry, holder, follower, scheduler, config = loop
+    seed_votes(store, 16)
+    other = versions.publish(registry.version("sft")["path"], settings.versions_dir, "v-other")
+    registry.register_version(version_id="v-other", path=str(other), kind="ppo", parent_id="sft")
+    run_id = scheduler.run_now(wait=False)
+    assert wait_for(lambda: any(m["phase"].startswith("rm") for m in registry.metrics(run_id)), timeout_s=300,
+                    interval_s=0.2), "the reward model never started"
+    registry.set_served("v-other", "rollback", actor="maintainer", reason="mid-run")
+    assert wait_for(lambda: registry.run(run_id)["status"] not in ("queued", "running"), 300, 0.5)
+    run = registry.run(run_id)
+    assert run["status"] == "passed", run["reason"]
+    assert "not promoted" in run["reason"] and "v-other" in run["reason"]
+    assert registry.served_version() == "v-other"
+    assert registry.version(run["candidate_version"])["parent_id"] == "sft"  # published, promotable by hand
+    assert [(r["version_id"], r["action"]) for r in registry.serving_history()] == [("sft", "serve"),
+                                                                                   ("v-other", "rollback")]
+
+
 def test_multi_process_run_under_a_launcher(loop):
     """Two processes (torchrun on CPU, gloo; accelerate launch does the same per GPU): rank 0
     snapshots, trains the RM, gates and publishes; both ranks share the PPO batches."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import threading
 
 import pytest
@@ -125,3 +126,41 @@ def test_pii_is_scrubbed_before_storage(store):
     raw.set_message(c2, 0, "user", "jane@example.org")
     assert raw.conversation_messages(c2)[0]["content"] == "jane@example.org"
     raw.close()
+
+
+def _asked(s: FeedbackStore, session: str, question: str) -> tuple[str, list[str]]:
+    """A conversation where ``question`` got three answers; returns (conversation, generation ids)."""
+    conv = s.start_conversation(session, "sys")
+    context = [{"role": "system", "content": "sys"}, {"role": "user", "content": question}]
+    gens = [s.record_generation(session_id=session, conversation_id=conv, turn=1, context=context,
+                                content=f"{question} answer {i}", model_version="sft",
+                                sampling={"temperature": 0.7}, prompt_tokens=3, completion_tokens=2,
+                                ttft_ms=1.0, latency_ms=2.0, finish_reason="stop") for i in range(3)]
+    return conv, gens
+
+
+def test_prompts_of_excluded_judgements_never_reach_training(store):
+    """An excluded comparison, rewrite or rating takes its prompt out of the rollout and gate
+    prompts too (every answer to that context, not only the judged ones)."""
+    from retrain.data import build_snapshot
+
+    kept = {}
+    for question in ("excluded vote", "excluded rewrite", "excluded thumb", "kept question"):
+        kept[question] = _asked(store, "s1", question)
+    conv, (a, b, _) = kept["excluded vote"]
+    vote = store.open_comparison(session_id="s1", conversation_id=conv, turn=1, a_generation_id=a, b_generation_id=b)
+    store.decide_comparison(vote, "a", "s1")
+    conv, (a, _, _) = kept["excluded rewrite"]
+    edit = store.record_edit(session_id="s1", conversation_id=conv, turn=1, generation_id=a, rewrite="better")
+    conv, (a, _, _) = kept["excluded thumb"]
+    thumb = store.record_rating(session_id="s1", generation_id=a, thumb="down")
+    store.set_excluded("comparison", [vote, edit], True, "spam", "admin")
+    store.set_excluded("rating", [thumb], True, "spam", "admin")
+
+    asked = {json.loads(g["context"])[-1]["content"] for g in store.user_prompts()}
+    assert asked == {"kept question"}
+    snap = build_snapshot(store, min_seed_prompts=0, min_heldout_prompts=0)
+    used = {p[-1]["content"] for p in snap.rollout_prompts + snap.heldout_prompts}
+    assert used == {"kept question"}
+    store.set_excluded("comparison", [vote], False, "", "admin")  # restored: its prompt is usable again
+    assert {json.loads(g["context"])[-1]["content"] for g in store.user_prompts()} == {"kept question", "excluded vote"}
