@@ -1,7 +1,7 @@
 """Model versions, what is served, training runs and their metrics: the meeting point of
 the retrain side (writes versions and runs) and the serving side (reads what to serve).
 
-Lives in ``feedback/`` because the store is the only place that writes SQL; the retrain
+Lives in ``feedback/`` because SQL lives only there (see ``feedback.store``); the retrain
 process and the app each open their own ``FeedbackStore`` on the same file.
 """
 

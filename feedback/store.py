@@ -1,4 +1,8 @@
-"""The feedback store: the one module that owns the SQLite schema and writes SQL.
+"""The feedback store: the one module that owns the SQLite schema and its migrations.
+
+SQL lives in ``feedback/`` only (this store, ``registry``, ``review``, ``auth``, ``export``,
+``leaderboard``), behind named methods; ``assistant/``, ``retrain/`` and ``app.py`` call those
+(``tests/integration/test_versions.py::test_no_sql_outside_feedback`` keeps it so).
 
 Why it looks like this:
 - WAL mode and a busy timeout, because the web server's threads, the retrain process and

@@ -1,4 +1,11 @@
-"""Shared fixtures: a tiny random-weight model, the embedded model, a fresh store.
+"""Shared fixtures: a tiny random-weight model, the embedded model, a fresh store; and the
+markers by folder.
+
+Layout: ``unit/`` (functions and models in one process, no server), ``integration/`` (a real
+SQLite file, a real Gradio server in-process), ``system/`` (processes, ``kill -9``, a real
+browser, load).  Each test gets its folder's marker, so ``pytest -m unit`` runs the quick
+ones and ``pytest -m "not system"`` everything but the slowest.  Builders the tests share
+live in ``tests/factories.py``.
 
 The tiny model uses the embedded model's real tokenizer and chat template (so every code
 path sees real special tokens) with a 2-layer, 64-wide Llama body: fast enough for the whole
@@ -11,10 +18,10 @@ import os
 from pathlib import Path
 
 import pytest
-import torch
 
 from assistant import models
 from feedback.store import FeedbackStore
+from tests.factories import build_tiny_model
 
 CACHE = Path(os.environ.get("ASSISTANT_TEST_CACHE", Path.home() / ".cache" / "rlhf-assistant-tests"))
 
@@ -33,21 +40,6 @@ def tokenizer_dir() -> Path:
     return target
 
 
-def build_tiny_model(path: Path, tokenizer_dir: Path, seed: int = 0) -> Path:
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
-    torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
-                         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                         pad_token_id=tok.pad_token_id, tie_word_embeddings=True)
-    model = LlamaForCausalLM(config)
-    model.save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
-
-
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory, tokenizer_dir) -> Path:
     return build_tiny_model(tmp_path_factory.mktemp("tiny-model"), tokenizer_dir)
@@ -64,3 +56,14 @@ def store(tmp_path) -> FeedbackStore:
     s = FeedbackStore(tmp_path / "feedback.sqlite")
     yield s
     s.close()
+
+
+LAYERS = ("unit", "integration", "system")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Marks every test with the layer its folder names."""
+    for item in items:
+        layer = next((part for part in Path(str(item.path)).parts if part in LAYERS), None)
+        if layer:
+            item.add_marker(getattr(pytest.mark, layer))

@@ -21,48 +21,9 @@ from assistant.settings import Settings, to_env
 from feedback.registry import Registry
 from feedback.store import FeedbackStore
 from retrain.scheduler import RetrainScheduler
-from tests.apphelpers import wait_for
+from tests.factories import seed_votes, wait_for, write_config
 
-ROOT = Path(__file__).resolve().parent.parent
-
-TINY = {
-    "reward": {"epochs": 1, "batch_size": 8, "max_length": 96, "train_layers": 2},
-    "ppo": {"steps": 2, "batch_size": 4, "minibatch_size": 4, "ppo_epochs": 1, "max_new_tokens": 8,
-            "lora_layers": 2},
-    "gate": {"min_rm_accuracy": 0.0, "min_rm_ci_low": 0.0, "max_rm_drop": 1.0, "kl_budget": 1e9,
-             "min_win_ci_low": -1.0, "max_eos_drop": 1.0, "max_entropy_drop": 1.0, "min_length_ratio": 0.0,
-             "max_empty_increase": 1.0, "max_duplicate_increase": 1.0, "max_repetition_increase": 1.0,
-             "max_new_tokens": 8, "max_prompts": 4, "batch_size": 4},
-}
-
-
-def seed_votes(store: FeedbackStore, n: int, sessions: int = 4, verdict=lambda i: "b") -> list[str]:
-    """n decided comparisons over a few sessions: the short answer (b) wins, unless
-    ``verdict(i)`` says otherwise."""
-    ids = []
-    for i in range(n):
-        sid = f"session-{i % sessions}"
-        conv = store.start_conversation(sid, "You are a helpful AI assistant.")
-        context = [{"role": "system", "content": "You are a helpful AI assistant."},
-                   {"role": "user", "content": f"Question number {i}: what is {i} plus {i}?"}]
-        common = dict(session_id=sid, conversation_id=conv, turn=1, context=context, model_version="sft",
-                      sampling={"temperature": 0.7}, prompt_tokens=20, completion_tokens=5, ttft_ms=1.0,
-                      latency_ms=2.0, finish_reason="stop")
-        long = store.record_generation(content=f"Well, let me think at length about {i} and {i}. " * 3, **common)
-        short = store.record_generation(content=f"{2 * i}.", **common)
-        cid = store.open_comparison(session_id=sid, conversation_id=conv, turn=1, a_generation_id=long,
-                                    b_generation_id=short)
-        store.decide_comparison(cid, verdict(i), sid)
-        ids.append(cid)
-    return ids
-
-
-def _write_config(path: Path, **changes) -> None:
-    config = json.loads(json.dumps(TINY))
-    for section, values in changes.items():
-        config[section].update(values)
-    path.write_text(json.dumps(config))
-
+ROOT = Path(__file__).resolve().parents[2]
 
 def _table_digest(store: FeedbackStore, table: str) -> str:
     rows = store.query(f"SELECT * FROM {table} ORDER BY rowid")
@@ -72,7 +33,7 @@ def _table_digest(store: FeedbackStore, table: str) -> str:
 @pytest.fixture
 def loop(tmp_path, tiny_model_dir):
     config = tmp_path / "retrain.json"
-    _write_config(config)
+    write_config(config)
     settings = Settings(data_dir=str(tmp_path / "data"), model=str(tiny_model_dir), max_batch=4,
                         retrain_config=str(config), retrain_threads=1, canary_enabled=False)
     store = FeedbackStore(settings.db_path)
@@ -154,7 +115,7 @@ def old_engine_prompt(holder) -> list[int]:
 def test_gate_rejection_is_recorded_and_nothing_is_served(loop):
     settings, store, registry, holder, follower, scheduler, config = loop
     seed_votes(store, 16)
-    _write_config(config, gate={"min_rm_accuracy": 1.01}, ppo={"ptx_coef": 0.5})
+    write_config(config, gate={"min_rm_accuracy": 1.01}, ppo={"ptx_coef": 0.5})
     run_id = scheduler.run_now(wait=True)
     run = registry.run(run_id)
     assert "ptx_loss" in {m["name"] for m in registry.metrics(run_id, "ppo")}  # PPO-ptx on chosen answers
@@ -169,7 +130,7 @@ def test_gate_rejection_is_recorded_and_nothing_is_served(loop):
 def test_retrain_killed_mid_ppo_changes_nothing_and_next_run_works(loop):
     settings, store, registry, holder, follower, scheduler, config = loop
     seed_votes(store, 16)
-    _write_config(config, ppo={"steps": 500})
+    write_config(config, ppo={"steps": 500})
     before = {t: _table_digest(store, t) for t in ("comparisons", "ratings", "generations", "sessions",
                                                    "model_versions", "serving_log")}
     run_id = scheduler.run_now(wait=False)
@@ -184,7 +145,7 @@ def test_retrain_killed_mid_ppo_changes_nothing_and_next_run_works(loop):
     assert not any(p for p in settings.versions_dir.glob("*")) if settings.versions_dir.exists() else True
     assert follower.check() is False
 
-    _write_config(config)
+    write_config(config)
     run2 = scheduler.run_now(wait=True)
     assert registry.run(run2)["status"] == "promoted", registry.run(run2)["reason"]
     assert follower.check() is True and holder.version == registry.run(run2)["candidate_version"]
@@ -241,7 +202,7 @@ def test_null_control_random_votes_are_rejected(loop):
     verdicts = ["a"] * 16 + ["b"] * 16
     random.Random(7).shuffle(verdicts)
     seed_votes(store, 32, verdict=lambda i: verdicts[i])
-    _write_config(config, gate={"min_rm_accuracy": 0.6, "min_rm_ci_low": 0.5, "min_win_ci_low": 0.5,
+    write_config(config, gate={"min_rm_accuracy": 0.6, "min_rm_ci_low": 0.5, "min_win_ci_low": 0.5,
                                 "max_prompts": 24})
     run = registry.run(scheduler.run_now(wait=True))
     assert run["status"] == "rejected", run["reason"]

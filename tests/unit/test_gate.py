@@ -8,6 +8,7 @@ import pytest
 from assistant import models
 from retrain.gate import Checks, GateConfig, _summary, check_reward_models, evaluate, repetition
 from retrain.reward import RewardConfig, new_reward_model, train_reward_model
+from tests.factories import separable_pairs
 
 SAMPLING = dict(temperature=0.7, top_p=0.9)
 
@@ -33,13 +34,12 @@ def test_reward_model_checks_use_the_interval():
 
 @pytest.mark.timeout(300)
 def test_gate_rejects_degenerate_candidate(tiny_model_dir):
-    from tests.test_reward import _separable
 
     rcfg = RewardConfig(train_layers=1, epochs=1, batch_size=4)
     judge = new_reward_model(str(tiny_model_dir), rcfg, None, "cpu")
-    train_reward_model(judge, _separable(4), [], rcfg)
+    train_reward_model(judge, separable_pairs(4), [], rcfg)
     good = {"accuracy": 0.9, "ci_low": 0.7, "ci_high": 0.97, "n": 30}
-    prompts = [p.prompt for p in _separable(4, 20)]
+    prompts = [p.prompt for p in separable_pairs(4, 20)]
     tiny = models.load(str(tiny_model_dir), tiny_model_dir.parent, device="cpu")
     # the random tiny model never ends its answers; against a served model that does end them
     # this is degenerate, against itself it is not (checks are relative to the served model)

@@ -12,11 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.apphelpers import app_settings, launch_app
-from tests.test_console import PASSWORD, populate
+from tests.factories import PASSWORD, app_settings, launch_app, populate
 
 CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
-ARTIFACTS = Path(__file__).resolve().parent.parent / "artifacts"
+ARTIFACTS = Path(__file__).resolve().parents[2] / "artifacts"
 
 sync_api = pytest.importorskip("playwright.sync_api")
 pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(), reason=f"no chromium at {CHROMIUM}")

@@ -26,76 +26,7 @@ import pytest
 
 from assistant import console
 from feedback import auth
-from tests.apphelpers import app_settings, launch_app, wait_for
-
-PASSWORD = "console-test-pw"
-
-
-def populate(store, registry, model_path: str) -> dict:
-    """A few judgements through the store API: two versions, comparisons, an edit, ratings."""
-    from retrain.versions import publish
-
-    if Path(model_path).is_dir():  # a version the console may serve is a published one, with its manifest
-        model_path = str(publish(model_path, store.path.parent / "versions", "v2"))
-    registry.register_version(version_id="v2", path=model_path, kind="ppo", parent_id="sft", note="test")
-    ids: dict[str, str] = {}
-    store.ensure_session("sess-alice", user="alice")
-    store.ensure_session("sess-bob", user="bob")
-    for n, (sid, question) in enumerate([("sess-alice", "What is the capital of France?"),
-                                         ("sess-bob", "Write a haiku about rain"),
-                                         ("sess-alice", "Explain recursion briefly")]):
-        conv = store.start_conversation(sid, "You are a helpful AI assistant.")
-        ctx = [{"role": "system", "content": "You are a helpful AI assistant."}, {"role": "user", "content": question}]
-        store.set_message(conv, 1, "user", question)
-        ga = store.record_generation(session_id=sid, conversation_id=conv, turn=2, context=ctx,
-                                     content=f"answer A{n}", model_version="sft",
-                                     sampling={"temperature": 0.7, "top_p": 0.9, "seed": n}, prompt_tokens=20,
-                                     completion_tokens=8, ttft_ms=12.0, latency_ms=80.0, finish_reason="stop")
-        gb = store.record_generation(session_id=sid, conversation_id=conv, turn=2, context=ctx,
-                                     content=f"answer B{n}", model_version="v2",
-                                     sampling={"temperature": 0.7, "top_p": 0.9, "seed": n + 10}, prompt_tokens=20,
-                                     completion_tokens=9, ttft_ms=11.0, latency_ms=70.0, finish_reason="stop")
-        comp = store.open_comparison(session_id=sid, conversation_id=conv, turn=2, a_generation_id=ga,
-                                     b_generation_id=gb)
-        store.decide_comparison(comp, ["b", "a", "both_bad"][n], sid)
-        ids[f"comparison{n}"] = comp
-        ids[f"rating{n}"] = store.record_rating(session_id=sid, generation_id=ga, thumb=["down", "up", "down"][n],
-                                                reasons=[["inaccurate"], [], ["too long"]][n],
-                                                comment=["wrong city", "", ""][n])
-        if n == 1:
-            ids["edit"] = store.record_edit(session_id=sid, conversation_id=conv, turn=2, generation_id=ga,
-                                            rewrite="Rain on the window")
-    return ids
-
-
-class RawConsole:
-    """What the browser does: POSTs to the private endpoints with one session hash."""
-
-    def __init__(self, url: str):
-        self.url = url.rstrip("/")
-        self.session_hash = uuid.uuid4().hex
-        self.http = httpx.Client(timeout=60)
-        cfg = self.http.get(self.url + "/config").json()
-        states = {c["id"] for c in cfg["components"] if c.get("type") == "state"}
-        self.inputs = {d["api_name"]: [i in states for i in d["inputs"]] for d in cfg["dependencies"]}
-
-    def call(self, name: str, *data) -> tuple[bool, list | str]:
-        """``data``: the values of the non-State inputs; State inputs are sent as null, as the
-        browser does (the server keeps their values per session)."""
-        values = iter(data)
-        full = [None if is_state else next(values) for is_state in self.inputs[f"console_{name}"]]
-        r = self.http.post(f"{self.url}/gradio_api/run/console_{name}",
-                           json={"data": full, "session_hash": self.session_hash})
-        body = r.json()
-        if r.status_code == 200 and "data" in body:
-            return True, body["data"]
-        return False, str(body.get("error") or body)
-
-    def ok(self, name: str, *data) -> list:
-        ok, out = self.call(name, *data)
-        assert ok, f"{name} failed: {out}"
-        return out
-
+from tests.factories import PASSWORD, RawConsole, app_settings, launch_app, populate, wait_for
 
 NO_FILTERS = ["", "", [], "", "", "", "any", "all", ""]
 
@@ -415,6 +346,6 @@ def test_database_copy_has_no_password_hashes_or_opted_out_sessions(app, tmp_pat
 
 def test_console_has_no_sql():
     """SQL lives in feedback/ behind named functions (the console calls those)."""
-    source = (Path(__file__).resolve().parent.parent / "assistant" / "console.py").read_text()
+    source = (Path(__file__).resolve().parents[2] / "assistant" / "console.py").read_text()
     sql = re.compile(r"\b(SELECT|UPDATE|INSERT|DELETE)\b.*\b(FROM|SET|INTO)\b|\.query\(|\.execute\(")
     assert [line for line in source.splitlines() if sql.search(line)] == []

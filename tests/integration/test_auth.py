@@ -17,7 +17,7 @@ import pytest
 from feedback import auth
 from feedback.store import StoreError
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 PW = "long enough pw"
 
 

@@ -26,6 +26,7 @@ from retrain.ppo import (
     with_end_of_turn,
 )
 from retrain.reward import RewardConfig, new_reward_model, train_reward_model
+from tests.factories import separable_pairs
 
 
 def test_mask_after_eos():
@@ -109,13 +110,12 @@ def test_truncated_rows_are_scored_at_an_appended_end_of_turn():
 
 @pytest.mark.timeout(400)
 def test_ppo_two_steps_saves_loadable_adapter(tiny_model_dir, tmp_path):
-    from tests.test_reward import _separable
 
     rcfg = RewardConfig(train_layers=1, epochs=1, batch_size=4)
     rm = new_reward_model(str(tiny_model_dir), rcfg, None, "cpu")
-    train_reward_model(rm, _separable(8), [], rcfg)
+    train_reward_model(rm, separable_pairs(8), [], rcfg)
     rm.save(str(tmp_path / "rm"))
-    prompts = [p.prompt for p in _separable(6)]
+    prompts = [p.prompt for p in separable_pairs(6)]
     logged = []
     plan = {"policy_path": str(tiny_model_dir), "ref_path": str(tiny_model_dir), "reward_path": str(tmp_path / "rm"),
             "prompts": prompts, "out_dir": str(tmp_path / "policy"), "ptx_pairs": None}

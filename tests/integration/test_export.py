@@ -12,9 +12,9 @@ from pathlib import Path
 
 from feedback import export
 from feedback.registry import Registry
-from tests.test_console import populate
+from tests.factories import populate
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def filled(store):

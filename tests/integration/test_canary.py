@@ -17,7 +17,7 @@ from feedback.registry import Registry, canary_tally
 from feedback.store import FeedbackStore
 from retrain.canary import CanaryConfig, check, decide, status
 from retrain.scheduler import RetrainScheduler
-from tests.test_retrain_loop import _write_config, seed_votes
+from tests.factories import seed_votes, write_config
 
 CFG = CanaryConfig(min_votes=10, max_votes=40, max_minutes=60)
 
@@ -50,7 +50,7 @@ def test_tally_reads_which_side_was_the_candidate():
 def trial(tmp_path, tiny_model_dir):
     """A retrain whose candidate passed the offline gate and is now on trial."""
     config = tmp_path / "retrain.json"
-    _write_config(config)
+    write_config(config)
     settings = Settings(data_dir=str(tmp_path / "data"), model=str(tiny_model_dir), max_batch=4,
                         retrain_config=str(config), retrain_threads=1, canary_share=1.0,
                         canary_min_votes=6, canary_max_votes=30, max_new_tokens=6)

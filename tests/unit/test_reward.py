@@ -24,6 +24,7 @@ from retrain.reward import (
     train_reward_model,
     wilson,
 )
+from tests.factories import separable_pairs
 
 SYS = {"role": "system", "content": "You are a helpful AI assistant."}
 
@@ -93,15 +94,6 @@ def test_left_padding_positions_and_mask():
     assert allowed[0] == [1, 0, 0, 0, 0]  # a pad query sees itself only (no empty softmax row)
 
 
-def _separable(n, offset=0):
-    out = []
-    for i in range(n):
-        prompt = [SYS, {"role": "user", "content": f"Tell me about thing {i + offset}."}]
-        out.append(Pair(f"p{i + offset}", f"s{i % 3}", f"2024-01-01T00:00:{i:02d}", prompt,
-                        "Sure.", "No no no no no no no no no no no no.", "regenerate"))
-    return out
-
-
 def _ties(n, offset=0):
     """Tied pairs whose answers differ only in length: the evidence that length does not matter."""
     return [Pair(f"t{i + offset}", f"s{i % 3}", f"2024-01-02T00:00:{i:02d}",
@@ -112,7 +104,7 @@ def _ties(n, offset=0):
 @pytest.mark.timeout(300)
 def test_reward_model_learns_separable_preference(tiny_model_dir, tmp_path):
     cfg = RewardConfig(train_layers=2, lr=2e-3, head_lr=5e-3, epochs=2, batch_size=4)
-    train, held = _separable(16), _separable(6, offset=100)
+    train, held = separable_pairs(16), separable_pairs(6, offset=100)
     points = [Point(f"q{i}", "s", "t", p.prompt, p.rejected, 0.0, "thumb_down") for i, p in enumerate(train[:4])]
     ref = [(p.prompt, p.chosen) for p in train[:4]] + [(p.prompt, p.rejected) for p in train[:4]]
     logged = []

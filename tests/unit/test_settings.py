@@ -50,7 +50,7 @@ def test_bool_flags_and_bad_values():
 
 
 def test_app_help_lists_every_setting():
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     out = subprocess.run([sys.executable, "app.py", "--help"], cwd=root, capture_output=True, text=True,
                          timeout=120, check=True).stdout
     for f in fields(Settings):

@@ -5,7 +5,7 @@ oversized uploads; per-session rate limits and the per-client opt-out limit; one
 reading or changing another's data.  Each input gets a clear error or is stored verbatim
 (and rendered inert); after each the server still answers a normal chat.
 
-Console login refusal for anonymous calls is covered by tests/test_console.py."""
+Console login refusal for anonymous calls is covered by tests/integration/test_console.py."""
 
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ from assistant.models import load
 from assistant.settings import Settings
 from feedback import review
 from feedback.store import FeedbackStore, StoreError
-from tests.apphelpers import app_settings, launch_app, wait_for
+from tests.factories import app_settings, launch_app, wait_for
 
 SAMPLING = (0.7, 0.9, 8, -1)
 SURROGATES = ["\ud800", "a\udfffb", "\udc80 text"]

@@ -12,7 +12,7 @@ from gradio_client.exceptions import AppError
 
 from assistant.chat import STYLE_HINTS
 from assistant.client import message_text as text_of
-from tests.apphelpers import app_settings, launch_app
+from tests.factories import app_settings, launch_app
 
 PUBLIC = {"/chat", "/regenerate", "/vote", "/rate", "/edit", "/opt_out", "/new_chat", "/stop"}
 

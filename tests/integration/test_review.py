@@ -7,7 +7,7 @@ import pytest
 from feedback import auth, leaderboard, review
 from feedback.registry import Registry
 from feedback.store import StoreError
-from tests.test_console import populate
+from tests.factories import populate
 
 
 @pytest.fixture

@@ -17,7 +17,7 @@ import torch
 from assistant import models
 from assistant.engine import ContextTooLong, Engine, LoopDecoder, SamplingParams, SlotDecoder, TextStream, sample_batch
 from assistant.holder import ModelHolder
-from tests.conftest import build_tiny_model
+from tests.factories import build_tiny_model
 
 GREEDY = SamplingParams(temperature=0, max_new_tokens=12)
 PROMPTS = ["Hello there", "What is the capital of France?", "Tell me a story about a very small cat",

@@ -2,8 +2,8 @@
 writer past the busy timeout, the disk full, and a second app on the same data directory.
 
 (A retrain killed mid-run and a truncated checkpoint are covered by
-tests/test_retrain_loop.py::test_retrain_killed_mid_ppo_changes_nothing_and_next_run_works and
-tests/test_versions.py::test_truncated_checkpoint_is_refused / ..._released_by_kill_9.)"""
+tests/system/test_retrain_loop.py::test_retrain_killed_mid_ppo_changes_nothing_and_next_run_works and
+tests/integration/test_versions.py::test_truncated_checkpoint_is_refused / ..._released_by_kill_9.)"""
 
 from __future__ import annotations
 
@@ -21,10 +21,11 @@ import pytest
 from gradio_client import Client
 from gradio_client.exceptions import AppError
 
+from assistant.client import free_port
 from benchmarks import load
-from tests.apphelpers import app_settings, free_port, launch_app
+from tests.factories import app_settings, launch_app
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 SAMPLING = (0.7, 0.9, 8, -1)
 
 
