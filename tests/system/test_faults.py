@@ -51,17 +51,19 @@ def verdicts(db: Path) -> list:
         conn.close()
 
 
-def start(data: Path, model: Path, port: int, log: Path) -> subprocess.Popen:
-    return load.start_app(data, str(model), port, log, ["--max-new-tokens", "8", "--max-batch", "4",
-                                                         "--threads", "1", "--rate-votes-per-minute", "0",
-                                                         "--rate-messages-per-minute", "0"])
+def start(data: Path, model: Path, log: Path) -> tuple[subprocess.Popen, str]:
+    """``app.py`` as a process on a free port and ``data``; returns it and its URL."""
+    port = free_port()
+    app = load.start_app(data, str(model), port, log, ["--max-new-tokens", "8", "--max-batch", "4",
+                                                        "--threads", "1", "--rate-votes-per-minute", "0",
+                                                        "--rate-messages-per-minute", "0"])
+    return app, f"http://127.0.0.1:{port}/"
 
 
 # ----------------------------------------------------------------------------- kill -9
 def test_kill_9_in_the_middle_of_votes_loses_no_acknowledged_vote(tmp_path, tiny_model_dir):
-    data, port = tmp_path / "data", free_port()
-    url = f"http://127.0.0.1:{port}/"
-    app = start(data, tiny_model_dir, port, tmp_path / "app.log")
+    data = tmp_path / "data"
+    app, url = start(data, tiny_model_dir, tmp_path / "app.log")
     try:
         load.wait_ready(url, app, 180)
         results = [load.UserResult(i) for i in range(3)]
@@ -107,9 +109,7 @@ def test_kill_9_in_the_middle_of_votes_loses_no_acknowledged_vote(tmp_path, tiny
         assert load.verify(db, results) == []  # every acknowledged vote is there, exactly once
 
         # the flock died with the process: a restart on the same data directory serves again
-        port = free_port()
-        url = f"http://127.0.0.1:{port}/"
-        app = start(data, tiny_model_dir, port, tmp_path / "app2.log")
+        app, url = start(data, tiny_model_dir, tmp_path / "app2.log")
         load.wait_ready(url, app, 180)
         history, _, _ = chat(Client(url, verbose=False), "after the crash")
         assert history[-1]["role"] == "assistant"
@@ -137,9 +137,8 @@ def test_restart_after_kill_9_serves_the_last_good_version_and_fails_orphaned_ru
     from feedback.store import FeedbackStore
     from retrain import versions
 
-    data, port = tmp_path / "data", free_port()
-    url = f"http://127.0.0.1:{port}/"
-    app = start(data, tiny_model_dir, port, tmp_path / "app.log")
+    data = tmp_path / "data"
+    app, url = start(data, tiny_model_dir, tmp_path / "app.log")
     store = None
     try:
         load.wait_ready(url, app, 180)
@@ -158,9 +157,7 @@ def test_restart_after_kill_9_serves_the_last_good_version_and_fails_orphaned_ru
         versions.serve_version(registry, "v-3", "promote", actor="cli")  # while the app is down
         (data / "versions" / "v-3" / "model.safetensors").write_bytes(b"")  # and then damaged
 
-        port = free_port()
-        url = f"http://127.0.0.1:{port}/"
-        app = start(data, tiny_model_dir, port, tmp_path / "app2.log")
+        app, url = start(data, tiny_model_dir, tmp_path / "app2.log")
         load.wait_ready(url, app, 180)
         history, _, _ = chat(Client(url, verbose=False), "after the crash")
         assert history[-1]["role"] == "assistant"
@@ -178,9 +175,8 @@ def test_restart_after_kill_9_serves_the_last_good_version_and_fails_orphaned_ru
 
 # ----------------------------------------------------------------------------- two apps
 def test_second_app_on_the_same_data_directory_is_refused(tmp_path, tiny_model_dir):
-    data, port = tmp_path / "data", free_port()
-    url = f"http://127.0.0.1:{port}/"
-    first = start(data, tiny_model_dir, port, tmp_path / "first.log")
+    data = tmp_path / "data"
+    first, url = start(data, tiny_model_dir, tmp_path / "first.log")
     try:
         load.wait_ready(url, first, 180)
         second = subprocess.run([sys.executable, str(ROOT / "app.py"), "--data-dir", str(data), "--port",
