@@ -36,7 +36,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
-from assistant.engine import ContextTooLong, Engine, Request, SamplingParams, TextStream
+from assistant.engine import Busy, ContextTooLong, Engine, Request, SamplingParams, TextStream
 from assistant.holder import ModelHolder
 from assistant.settings import Settings
 from feedback.store import REASON_TAGS, THUMBS, VERDICTS, FeedbackStore, StoreError
@@ -120,6 +120,13 @@ class ChatSession:
     model_version: str = ""
     finish_reason: str | None = None  # of the latest generation
     client: str | None = None  # user agent, recorded with the session row
+    address: str | None = None  # the caller's network address, as of its latest call
+
+    @property
+    def client_key(self) -> str:
+        """Whom limits and fair scheduling count this session against: its address, since a
+        new session is one page load away (the session itself only when the address is unknown)."""
+        return f"address {self.address}" if self.address else f"session {self.session_id}"
 
     def history(self) -> list[dict]:
         """The conversation as Chatbot messages."""
@@ -271,7 +278,7 @@ class ChatService:
         self.holder = holder
         self.message_limit = RateLimiter(settings.rate_messages_per_minute, clock=clock)
         self.vote_limit = RateLimiter(settings.rate_votes_per_minute, clock=clock)
-        # keyed by the client's address, not the session: a new session is one page load away
+        # all keyed by the client (its address), not the session: a new session is one page load away
         self.opt_out_limit = RateLimiter(settings.rate_votes_per_minute, clock=clock)
         self._active: dict[str, Request] = {}  # session id -> the request generating now
         self._rng = random.Random()
@@ -295,14 +302,20 @@ class ChatService:
             raise ChatError(database_error_message(exc)) from None
 
     # -- sessions -------------------------------------------------------------------------
-    def new_session(self, client: str | None = None) -> ChatSession:
+    def new_session(self, client: str | None = None, address: str | None = None) -> ChatSession:
         """A fresh anonymous session; its id is random and never derived from the client."""
-        return ChatSession(session_id=uuid.uuid4().hex, client=client)
+        return ChatSession(session_id=uuid.uuid4().hex, client=client, address=address)
 
-    def session(self, state: ChatSession | None, client: str | None = None) -> ChatSession:
+    def session(self, state: ChatSession | None, client: str | None = None,
+                address: str | None = None) -> ChatSession:
         """The caller's session, created on its first call (its row is written with its
-        first stored message or opt-out, so refused calls leave no rows)."""
-        return state if isinstance(state, ChatSession) else self.new_session(client)
+        first stored message or opt-out, so refused calls leave no rows).  ``address``: the
+        caller's network address for this call, which limits count against."""
+        if not isinstance(state, ChatSession):
+            return self.new_session(client, address)
+        if address:
+            state.address = address
+        return state
 
     def new_chat(self, sess: ChatSession) -> str:
         with self._serialised(sess):
@@ -312,13 +325,12 @@ class ChatService:
             sess.comparison = None
         return "New chat started."
 
-    def set_opt_out(self, sess: ChatSession, opt_out: bool, client_address: str | None = None) -> str:
-        """Rate-limited per ``client_address`` (the session when unknown), because sessions
-        are free; the store writes only when the value changes."""
+    def set_opt_out(self, sess: ChatSession, opt_out: bool) -> str:
+        """Rate-limited per client (``ChatSession.client_key``); the store writes only when
+        the value changes."""
         if not isinstance(opt_out, bool):  # an API client may send "false", which is truthy
             raise ChatError("opt-out must be true or false")
-        self.opt_out_limit.hit(f"address {client_address}" if client_address else sess.session_id,
-                               "opt-out requests")
+        self.opt_out_limit.hit(sess.client_key, "opt-out requests")
         with self._serialised(sess):
             with self._storing():
                 self.store.set_opt_out(sess.session_id, opt_out, client=sess.client)
@@ -347,7 +359,7 @@ class ChatService:
             context = ([{"role": "system", "content": system}] if system.strip() else []) + history + [
                 {"role": "user", "content": message}]
             self._refuse_while_generating(sess)
-            self.message_limit.hit(sess.session_id, "messages")
+            self.message_limit.hit(sess.client_key, "messages")
             user_turn = len(sess.messages)
             running = self._start(sess, context, params)
         answer = yield from self._stream(sess, running)
@@ -378,7 +390,7 @@ class ChatService:
             if sess.comparison is not None and sess.comparison.verdict is None:
                 raise ChatError("first say which answer is better (A, B, tie or both bad)")
             self._refuse_while_generating(sess)
-            self.message_limit.hit(sess.session_id, "messages")
+            self.message_limit.hit(sess.client_key, "messages")
             turn = len(sess.messages) - 1
             context = kept["context"]
             # answer B: from the candidate on trial (the live canary) in a share of turns, else from
@@ -430,9 +442,9 @@ class ChatService:
             with self._lock:
                 if sess.session_id in self._active:
                     raise ChatError("an answer is still being written: wait for it or press Stop")
-                version, engine, request = self.holder.submit(prompt_ids, params, canary)
+                version, engine, request = self.holder.submit(prompt_ids, params, canary, client=sess.client_key)
                 self._active[sess.session_id] = request
-        except ContextTooLong as exc:
+        except (ContextTooLong, Busy) as exc:
             raise ChatError(str(exc)) from None
         return Running(version=version, engine=engine, request=request, style_hint=style_hint)
 
@@ -496,7 +508,7 @@ class ChatService:
             # an answer being written was conditioned on the kept answer; B replacing it now
             # would leave that answer stored after a turn it never saw
             self._refuse_while_generating(sess)
-            self.vote_limit.hit(sess.session_id, "votes")
+            self.vote_limit.hit(sess.client_key, "votes")
             try:
                 with self._storing():  # the verdict and the kept answer together
                     self.store.decide_comparison(comp.id, verdict, sess.session_id)
@@ -530,7 +542,7 @@ class ChatService:
             kept = sess.messages[turn]
             if kept["edited"]:
                 raise ChatError("that answer is your own rewrite; rate the model's answers")
-            self.vote_limit.hit(sess.session_id, "ratings")
+            self.vote_limit.hit(sess.client_key, "ratings")
             try:
                 with self._storing():
                     self.store.record_rating(session_id=sess.session_id, generation_id=kept["generation_id"],
@@ -558,7 +570,7 @@ class ChatService:
             kept = sess.messages[turn]
             if rewrite == kept["content"]:
                 raise ChatError("the rewrite is the same as the answer")
-            self.vote_limit.hit(sess.session_id, "edits")
+            self.vote_limit.hit(sess.client_key, "edits")
             try:
                 with self._storing():  # the preference and the kept answer together
                     self.store.record_edit(session_id=sess.session_id, conversation_id=sess.conversation_id,

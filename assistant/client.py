@@ -12,6 +12,14 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def as_client(number: int) -> dict[str, str]:
+    """Headers that make simulated user ``number`` a client of its own: the app counts limits
+    and fair scheduling per client address, and trusts X-Forwarded-For from loopback (its
+    default ``--trusted-proxies``).  Addresses from 198.18.0.0/15, the range reserved for
+    benchmarks (RFC 2544)."""
+    return {"X-Forwarded-For": f"198.18.{number // 250 % 256}.{number % 250 + 1}"}
+
+
 def message_text(message: dict) -> str:
     """The text of one Chatbot message as the API returns it: Gradio 6 sends content either
     as a string or as a list of typed parts (``[{"type": "text", "text": ...}]``)."""

@@ -50,15 +50,16 @@ class ModelHolder:
             return self._canary_version
 
     def submit(self, prompt_ids: list[int], params: SamplingParams,
-               canary: bool = False) -> tuple[str, Engine, Request]:
+               canary: bool = False, client: str = "") -> tuple[str, Engine, Request]:
         """Submits to the current engine under the lock, so a swap cannot retire the engine
         between choosing it and handing it the request.  ``canary``: to the candidate on
-        trial instead, if there still is one (answers B only)."""
+        trial instead, if there still is one (answers B only).  ``client``: whom the engine's
+        fairness counts it against; raises ``Busy`` when that client or the queue is full."""
         with self._lock:
             engine, version = self._engine, self._version
             if canary and self._canary is not None:
                 engine, version = self._canary, self._canary_version
-            request = engine.submit(prompt_ids, params)
+            request = engine.submit(prompt_ids, params, client=client)
             return version, engine, request
 
     def set_canary(self, engine: Engine | None, version: str | None, path: str = "") -> None:

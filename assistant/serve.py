@@ -14,7 +14,7 @@ import logging
 import threading
 
 from assistant import models
-from assistant.engine import Engine
+from assistant.engine import Engine, Limits
 from assistant.holder import EngineFactory, ModelHolder
 from assistant.settings import Settings
 from feedback.registry import Registry
@@ -30,8 +30,14 @@ def engine_factory(settings: Settings) -> EngineFactory:
         loaded = models.load(path, settings.models_dir, device=settings.device, dtype=settings.dtype,
                              base_model=settings.base_model)
         return Engine(loaded.model, loaded.tokenizer, version=version, max_batch=settings.max_batch,
-                      threads=settings.threads)
+                      threads=settings.threads, limits=engine_limits(settings), prefill_chunk=settings.prefill_chunk)
     return build
+
+
+def engine_limits(settings: Settings) -> Limits:
+    """The app's per-client fairness limits, as the engine's scheduler takes them."""
+    return Limits(per_client_running=settings.client_max_streams, per_client_waiting=settings.client_max_waiting,
+                  max_waiting=settings.max_waiting)
 
 
 def base_version_id(settings: Settings) -> str:

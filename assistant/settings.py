@@ -46,8 +46,17 @@ class Settings:
     scrub_pii: bool = _opt(True, "replace e-mails, phone numbers, IBANs, cards and IPs before storing")
     threads: int = _opt(0, "torch CPU threads for serving (0 = torch default)")
     # --- abuse limits ----------------------------------------------------------------
-    rate_messages_per_minute: int = _opt(30, "messages one session may send per minute")
-    rate_votes_per_minute: int = _opt(60, "votes and ratings one session may send per minute")
+    rate_messages_per_minute: int = _opt(30, "messages one client (address) may send per minute")
+    rate_votes_per_minute: int = _opt(60, "votes, ratings, edits and opt-outs one client (address) may send "
+                                          "per minute")
+    # --- fairness: per client (the connection's address, or what a trusted proxy names) ----
+    trusted_proxies: str = _opt("127.0.0.1,::1", "comma-separated addresses or networks of reverse proxies whose "
+                                                 "X-Forwarded-For header names the client ('' = trust none)")
+    client_max_streams: int = _opt(2, "answers one client may have decoding at once")
+    client_max_waiting: int = _opt(4, "answers one client may have waiting for a slot; more are refused at once")
+    max_waiting: int = _opt(32, "answers waiting for a slot in all; more are refused at once ('busy, try again')")
+    prefill_chunk: int = _opt(256, "prompt tokens fed per decoding step, so a long prompt never freezes the "
+                                   "answers being streamed")
     # --- maintainers' console --------------------------------------------------------
     admin_user: str = _opt("admin", "maintainer login name")
     admin_password: str = _opt("", "maintainer password (empty: console disabled)")

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -72,8 +73,9 @@ def _client(request: gr.Request | None) -> str | None:
 
 
 def _client_address(request: gr.Request | None) -> str | None:
-    """The caller's network address, for limits that must not reset with a new session
-    (behind a reverse proxy on this host, uvicorn takes it from X-Forwarded-For)."""
+    """The caller's network address, for limits and fair scheduling that must not reset with
+    a new session.  Behind a reverse proxy listed in ``--trusted-proxies``, uvicorn takes it
+    from the proxy's X-Forwarded-For (the right-most address not itself a trusted proxy)."""
     try:
         return request.client.host or None
     except AttributeError:
@@ -111,7 +113,7 @@ def build_app(ctx: AppContext, uploads: UploadPolicy = UPLOADS) -> gr.Blocks:
     def chat(message: str, system_prompt: str, temperature: float, top_p: float, max_new_tokens: int,
              seed: int, state: ChatSession | None, request: gr.Request):
         """Sends a user message; streams the conversation with the growing answer."""
-        sess = service.session(state, _client(request))
+        sess = service.session(state, _client(request), _client_address(request))
         try:
             params = sampling(temperature, top_p, max_new_tokens, seed, s)
             shown = sess.history() + [{"role": "user", "content": message}]
@@ -124,7 +126,7 @@ def build_app(ctx: AppContext, uploads: UploadPolicy = UPLOADS) -> gr.Blocks:
     def regenerate(temperature: float, top_p: float, max_new_tokens: int, seed: int,
                    state: ChatSession | None, request: gr.Request):
         """Writes a second answer (B) to the latest answer's context and shows A and B."""
-        sess = service.session(state, _client(request))
+        sess = service.session(state, _client(request), _client_address(request))
         try:
             params = sampling(temperature, top_p, max_new_tokens, seed, s)
             a_text = sess.messages[-1]["content"] if sess.messages else ""
@@ -139,7 +141,7 @@ def build_app(ctx: AppContext, uploads: UploadPolicy = UPLOADS) -> gr.Blocks:
     @_errors_to_gradio
     def vote(verdict: str, state: ChatSession | None, request: gr.Request):
         """Says which of the compared answers is better: a, b, tie or both_bad."""
-        sess = service.session(state, _client(request))
+        sess = service.session(state, _client(request), _client_address(request))
         note = service.vote(sess, verdict)
         return sess.history(), note, sess
 
@@ -152,26 +154,26 @@ def build_app(ctx: AppContext, uploads: UploadPolicy = UPLOADS) -> gr.Blocks:
     def rate(answer: int, thumb: str, reasons: list[str], comment: str, state: ChatSession | None,
              request: gr.Request):
         """Thumbs up or down on an answer (1-based number, 0 = latest), optional reasons and comment."""
-        sess = service.session(state, _client(request))
+        sess = service.session(state, _client(request), _client_address(request))
         return service.rate(sess, answer, thumb, reasons, comment), sess
 
     @_errors_to_gradio
     def edit(rewrite: str, state: ChatSession | None, request: gr.Request):
         """Replaces the latest answer with the user's rewrite (stored as preferred)."""
-        sess = service.session(state, _client(request))
+        sess = service.session(state, _client(request), _client_address(request))
         note = service.edit(sess, rewrite)
         return sess.history(), note, sess
 
     @_errors_to_gradio
     def opt_out(value: bool, state: ChatSession | None, request: gr.Request):
         """Opts this session out of (or back into) training."""
-        sess = service.session(state, _client(request))
-        return service.set_opt_out(sess, value, _client_address(request)), sess
+        sess = service.session(state, _client(request), _client_address(request))
+        return service.set_opt_out(sess, value), sess
 
     @_errors_to_gradio
     def new_chat(state: ChatSession | None, request: gr.Request):
         """Starts a new conversation (same session, same opt-out)."""
-        sess = service.session(state, _client(request))
+        sess = service.session(state, _client(request), _client_address(request))
         return [], service.new_chat(sess), sess
 
     def stop(state: ChatSession | None):
@@ -301,8 +303,12 @@ def launch(demo: gr.Blocks, ctx: AppContext, *, prevent_thread_lock: bool = Fals
     demo.queue(default_concurrency_limit=None, max_size=512)
     blocking = not prevent_thread_lock
     uploads: UploadPolicy = ctx.extras.get("uploads", UPLOADS)
+    os.environ["FORWARDED_ALLOW_IPS"] = s.trusted_proxies  # read by uvicorn's proxy-headers middleware
+    # a stream holds a worker thread while it waits for tokens; the engine's limits bound how
+    # many can (decoding + waiting), and the rest of the pool is kept for votes and the console
+    threads = s.max_batch + s.max_waiting + 40
     result = demo.launch(server_name=s.host, server_port=s.port if port is None else port,
-                         prevent_thread_lock=True, quiet=quiet, show_error=True,
+                         prevent_thread_lock=True, quiet=quiet, show_error=True, max_threads=threads,
                          run_history=False, footer_links=["api"], max_file_size=uploads.max_file_bytes)
     _answer_unknown_endpoints(result[0])
     if blocking:

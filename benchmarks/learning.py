@@ -136,10 +136,14 @@ class User:
     """One simulated user: one gradio_client session.  ``opt_out=True`` for evaluation
     sessions: the app's store then leaves them out of every training snapshot."""
 
+    _addresses = itertools.count()  # each simulated user is a client of its own (``as_client``)
+
     def __init__(self, url: str, args: argparse.Namespace, seed: int, opt_out: bool = False):
         from gradio_client import Client
 
-        self.client = Client(url, verbose=False)
+        from assistant.client import as_client
+
+        self.client = Client(url, verbose=False, headers=as_client(next(User._addresses)))
         self.args = args
         self.seed = seed
         self.opt_out = opt_out

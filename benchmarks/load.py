@@ -23,6 +23,15 @@ is stopped at the end unless it finished).
     python benchmarks/load.py                              # 32 users x 3 turns, embedded model
     python benchmarks/load.py --users 6 --turns 2 --model /path/to/tiny-model
     python benchmarks/load.py --during-retrain --retrain-config retrain.json
+
+``--flood N`` adds one abusive client: N sessions from a single address, each streaming
+``--flood-tokens``-token answers over and over (retrying a refusal after a second) for as
+long as the users run.  The users' time to first token is then what fairness buys them
+(per-client caps, round-robin admission, a bounded queue: ``assistant/engine/scheduler.py``);
+``--no-fairness`` lifts the app's per-client limits, for the figure without them:
+
+    python benchmarks/load.py --users 1 --turns 5 --flood 24 --flood-tokens 1024
+    python benchmarks/load.py --users 1 --turns 5 --flood 24 --flood-tokens 1024 --no-fairness
 """
 
 from __future__ import annotations
@@ -46,7 +55,7 @@ from urllib.parse import urlparse
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from assistant.client import free_port  # noqa: E402
+from assistant.client import as_client, free_port  # noqa: E402
 
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 VERDICTS = ("a", "b", "tie", "both_bad")
@@ -186,7 +195,7 @@ def run_user(url: str, user: int, turns: int, max_new_tokens: int, deadline: flo
             res.errors.append(f"user {user} {what}: {type(exc).__name__}: {exc}"[:300])
             return False, None
 
-    ok, client = call("connect", Client, url, verbose=False)
+    ok, client = call("connect", Client, url, verbose=False, headers=as_client(user))
     if not ok:
         return res
     rng = random.Random(user)
@@ -224,6 +233,48 @@ def run_user(url: str, user: int, turns: int, max_new_tokens: int, deadline: flo
             res.acked_edits.append(rewrite)
         res.turns_done += 1
     return res
+
+
+FLOOD_CLIENT = 1_000_000  # the flooder's address number (``as_client``): one client, many sessions
+NO_FAIRNESS = ["--client-max-streams", "100000", "--client-max-waiting", "100000", "--max-waiting", "100000"]
+
+
+@dataclass
+class FloodResult:
+    answered: int = 0
+    refused_busy: int = 0  # "busy, try again in about N s" (the bounded queue)
+    refused_rate: int = 0  # "too many messages" (the per-client rate limit)
+    failed: list[str] = field(default_factory=list)
+
+
+def run_flooder(url: str, session: int, tokens: int, stop: threading.Event, res: FloodResult,
+                lock: threading.Lock) -> None:
+    """One of the flooding client's sessions: long answers back to back until ``stop``."""
+    from gradio_client import Client
+
+    client = Client(url, verbose=False, headers=as_client(FLOOD_CLIENT))
+    while not stop.is_set():
+        job = client.submit(f"Write a very long story about {TOPICS[session % len(TOPICS)]} ({tag()}).",
+                            SYSTEM, 0.7, 0.9, tokens, -1, api_name="/chat")
+        while not job.done() and not stop.is_set():
+            time.sleep(0.05)
+        if not job.done():
+            client.predict(api_name="/stop")
+            return
+        try:
+            job.result(timeout=60)
+            outcome = "answered"
+        except Exception as exc:  # noqa: BLE001 - refusals are the point; other failures are reported
+            text = str(exc)
+            outcome = "refused_busy" if "try again in about" in text and "too many" not in text else \
+                "refused_rate" if "too many messages" in text else text[:200]
+        with lock:
+            if outcome in ("answered", "refused_busy", "refused_rate"):
+                setattr(res, outcome, getattr(res, outcome) + 1)
+            else:
+                res.failed.append(outcome)
+        if outcome != "answered":
+            stop.wait(1.0)
 
 
 # ----------------------------------------------------------------------------- checks
@@ -295,7 +346,7 @@ def run(args: argparse.Namespace) -> dict:
         url = f"http://127.0.0.1:{port}/"
         log_path = data_dir / "app.log"
         extra = ["--max-new-tokens", str(args.max_new_tokens), "--max-batch", str(args.max_batch),
-                 "--threads", str(args.threads)]
+                 "--threads", str(args.threads), *(NO_FAIRNESS if args.no_fairness else [])]
         app = start_app(data_dir, args.model, port, log_path, extra)
     db_path = data_dir / "feedback.sqlite"
     report: dict = {"users": args.users, "turns": args.turns, "model": args.model, "url": url}
@@ -310,6 +361,14 @@ def run(args: argparse.Namespace) -> dict:
             retrain = subprocess.Popen(cmd, cwd=ROOT, stdout=open(data_dir / "retrain.log", "ab"),
                                        stderr=subprocess.STDOUT, start_new_session=True)
             report["retrain_running_at_start"] = _wait_run_started(db_path, retrain, 120)
+        flood, flood_stop, flood_lock = FloodResult(), threading.Event(), threading.Lock()
+        flooders = [threading.Thread(target=run_flooder, args=(url, i, args.flood_tokens, flood_stop, flood,
+                                                                flood_lock), daemon=True)
+                    for i in range(args.flood)]
+        for th in flooders:
+            th.start()
+        if flooders:
+            time.sleep(args.flood_head_start)  # the flood is on before the users arrive
         t0 = time.monotonic()
         deadline = t0 + args.max_seconds
         results: list[UserResult] = [UserResult(i) for i in range(args.users)]
@@ -324,6 +383,13 @@ def run(args: argparse.Namespace) -> dict:
         for th in threads:
             th.join(max(1.0, deadline + 600 - time.monotonic()))
         duration = time.monotonic() - t0
+        flood_stop.set()
+        for th in flooders:
+            th.join(120)
+        if flooders:
+            report["flood"] = {"sessions": args.flood, "tokens": args.flood_tokens, "fairness": not args.no_fairness,
+                               "answered": flood.answered, "refused_busy": flood.refused_busy,
+                               "refused_rate": flood.refused_rate, "failed": flood.failed[:5]}
         if retrain is not None:
             report["retrain_running_at_end"] = retrain.poll() is None
             if retrain.poll() is None and args.retrain_wait:
@@ -350,6 +416,7 @@ def run(args: argparse.Namespace) -> dict:
             "acknowledged_ratings": sum(len(r.acked_ratings) for r in results),
             "acknowledged_edits": sum(len(r.acked_edits) for r in results),
             "ttft_p50_s": percentile(ttft, 0.5), "ttft_p95_s": percentile(ttft, 0.95),
+            "ttft_max_s": max(ttft, default=None),
             "vote_p50_s": percentile(votes, 0.5), "vote_p95_s": percentile(votes, 0.95),
             "duration_s": round(duration, 1),
         })
@@ -359,7 +426,8 @@ def run(args: argparse.Namespace) -> dict:
         report["db_problems"] = verify(db_path, results)
         report["server_errors"] = server_errors(log_path)[:10]
         report["ok"] = (report["errors"] == 0 and not report["db_problems"] and not report["server_errors"]
-                        and report["turns_done"] == args.users * args.turns)
+                        and report["turns_done"] == args.users * args.turns
+                        and not report.get("flood", {}).get("failed"))
         return report
     finally:
         for proc in (retrain, app):
@@ -399,10 +467,16 @@ def format_report(r: dict) -> str:
              f"duration {r['duration_s']} s",
              f"votes acknowledged {r['acknowledged_votes']} (failed {r['failed_votes']})  ratings "
              f"{r['acknowledged_ratings']}  rewrites {r['acknowledged_edits']}",
-             f"time to first token p50 {ms(r['ttft_p50_s'])}  p95 {ms(r['ttft_p95_s'])}",
+             f"time to first token p50 {ms(r['ttft_p50_s'])}  p95 {ms(r['ttft_p95_s'])}  "
+             f"max {ms(r.get('ttft_max_s'))}",
              f"vote latency        p50 {ms(r['vote_p50_s'])}  p95 {ms(r['vote_p95_s'])}",
              f"database: {'every acknowledged judgement stored exactly once, integrity ok' if not r['db_problems'] else r['db_problems']}",
              f"server log errors: {len(r['server_errors'])}"]
+    if "flood" in r:
+        f = r["flood"]
+        lines.append(f"flood: one client, {f['sessions']} sessions x {f['tokens']} tokens, fairness "
+                     f"{'on' if f['fairness'] else 'off'}: {f['answered']} answered, {f['refused_busy']} refused "
+                     f"busy, {f['refused_rate']} refused by the rate limit, {len(f['failed'])} failed")
     if "retrain" in r:
         lines.append(f"retrain: running at start {r.get('retrain_running_at_start')}; {r['retrain']}; "
                      f"runs {r['retrain_runs']}")
@@ -431,6 +505,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--seed-votes", type=int, default=40, help="decided comparisons seeded for the retrain")
     p.add_argument("--retrain-config", default="", help="JSON retrain config passed to the retrain")
     p.add_argument("--retrain-wait", type=float, default=0, help="seconds to let the retrain finish after the load")
+    p.add_argument("--flood", type=int, default=0, help="sessions of one abusive client streaming long answers")
+    p.add_argument("--flood-tokens", type=int, default=1024, help="max new tokens of each flood answer")
+    p.add_argument("--flood-head-start", type=float, default=10, help="seconds the flood runs before the users start")
+    p.add_argument("--no-fairness", action="store_true", help="lift the app's per-client limits (for comparison)")
     p.add_argument("--keep", action="store_true", help="keep the temporary data directory")
     p.add_argument("--json", default="", help="also write the report as JSON here")
     return p

@@ -29,9 +29,11 @@ SYS = {"role": "system", "content": "You are a helpful AI assistant."}
 
 
 def app_settings(data_dir: Path | str, model: Path | str, **changes) -> Settings:
-    """Settings for a test app: its own data directory, no scheduled retrain, loopback."""
+    """Settings for a test app: its own data directory, no scheduled retrain, loopback.  No
+    rate limits: every test client comes from 127.0.0.1, so they would all share one budget
+    (the limits have their own apps in test_hostile.py)."""
     base = Settings(data_dir=str(data_dir), model=str(model), host="127.0.0.1", retrain_enabled=False,
-                    max_new_tokens=16, threads=1, max_batch=4)
+                    max_new_tokens=16, threads=1, max_batch=4, rate_messages_per_minute=0, rate_votes_per_minute=0)
     return base.replace(**changes)
 
 

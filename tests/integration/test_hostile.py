@@ -424,7 +424,7 @@ def limited_app(tmp_path_factory, tiny_model_dir):
     close()
 
 
-def test_one_session_cannot_flood_the_log_or_the_model(limited_app):
+def test_one_client_cannot_flood_the_log_or_the_model(limited_app):
     url, ctx = limited_app
     store = ctx.store
     flood = Client(url, verbose=False)
@@ -456,24 +456,33 @@ def test_one_session_cannot_flood_the_log_or_the_model(limited_app):
     assert store.db["ratings"].count_where("session_id = ?", [session_id]) == 1
     assert store.query("SELECT count(*) AS n FROM messages m JOIN conversations c ON c.id = m.conversation_id "
                        "WHERE c.session_id = ? AND m.role = 'user'", (session_id,))[0]["n"] == 2
-    # another session is unaffected
-    other = Client(url, verbose=False)
+    # a fresh session from the same address is not a way round the limit (sessions are free)
+    with pytest.raises(AppError, match="too many messages: at most 3 per minute"):
+        chat(Client(url, verbose=False), "flood from a new session")
+    # another client (here: named by the trusted proxy on loopback) is unaffected
+    other = Client(url, verbose=False, headers={"X-Forwarded-For": "203.0.113.7"})
     chat(other, "other user")
     other.predict(*SAMPLING, api_name="/regenerate")
     assert other.predict("b", api_name="/vote")[1] == "Recorded: B is better."
 
 
 def test_opt_out_is_rate_limited_per_client_not_per_session(limited_app):
-    """Sessions are free (every new API client is one), so the limit follows the address."""
+    """Sessions are free (every new API client is one), so the limit follows the address
+    (here one named by the trusted proxy on loopback, so earlier tests' limits don't count)."""
     url, ctx = limited_app
+
+    def client() -> Client:
+        return Client(url, verbose=False, headers={"X-Forwarded-For": "198.51.100.9"})
+
     opted_out = "SELECT count(*) AS n FROM sessions WHERE opt_out = 1"
-    first = Client(url, verbose=False)
+    before = ctx.store.query(opted_out)[0]["n"]
+    first = client()
     assert "will not be used" in first.predict(True, api_name="/opt_out")  # 1 of 2
-    assert "will not be used" in Client(url, verbose=False).predict(True, api_name="/opt_out")  # 2 of 2
-    for fresh in (Client(url, verbose=False), first):
+    assert "will not be used" in client().predict(True, api_name="/opt_out")  # 2 of 2
+    for fresh in (client(), first):
         with pytest.raises(AppError, match="too many opt-out requests: at most 2 per minute"):
             fresh.predict(False, api_name="/opt_out")
-    assert ctx.store.query(opted_out)[0]["n"] == 2
+    assert ctx.store.query(opted_out)[0]["n"] == before + 2
     chat(first, "opted-out chat still works")
 
 

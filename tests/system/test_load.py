@@ -67,3 +67,21 @@ def test_help_and_loopback_only(capsys):
     assert exc.value.code == 0 and "--during-retrain" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="only sends traffic to loopback"):
         load.main(["--url", "http://192.0.2.1:7860/", "--data-dir", "x"])
+
+
+def test_flood_mode_runs_and_the_user_is_served(tmp_path, tiny_model_dir):
+    """``--flood``: one client with 6 sessions streams long answers while a normal user does
+    2 full turns; the user's every request succeeds and the flood is accounted for (answered
+    or refused, never a server error).  Which flood requests are refused depends on timing,
+    so the refusal itself is asserted in tests/integration/test_fairness.py."""
+    out = tmp_path / "report.json"
+    rc = load.main(["--users", "1", "--turns", "2", "--model", str(tiny_model_dir), "--max-new-tokens", "12",
+                    "--max-batch", "4", "--threads", "1", "--data-dir", str(tmp_path / "data"),
+                    "--flood", "6", "--flood-tokens", "300", "--flood-head-start", "3", "--json", str(out)])
+    report = json.loads(out.read_text())
+    assert report["errors"] == 0, report["error_samples"]
+    assert report["turns_done"] == 2 and report["server_errors"] == []
+    flood = report["flood"]
+    assert flood["sessions"] == 6 and flood["fairness"] and flood["failed"] == []
+    assert flood["answered"] + flood["refused_busy"] + flood["refused_rate"] >= 1
+    assert rc == 0 and report["ok"]

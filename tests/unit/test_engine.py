@@ -61,9 +61,9 @@ def gate_prefill(engine: Engine) -> threading.Event:
     gate = threading.Event()
     prefill = engine.decoder.prefill
 
-    def held(slot, ids):
+    def held(slot, ids, start=0):
         gate.wait(10)
-        return prefill(slot, ids)
+        return prefill(slot, ids, start)
 
     engine.decoder.prefill = held
     return gate
@@ -190,7 +190,7 @@ def test_cancel_stops_promptly_and_frees_the_slot(make_engine):
     rest = list(it)
     assert req.finish_reason == "cancelled"
     assert len(rest) <= 1 and len(req.tokens) < 10  # at most the token already in flight
-    assert engine.load == 0 and engine.decoder.active == 0
+    assert engine.load == 0 and not any(engine.decoder.lengths)  # the slot is free
     # a request cancelled before it is admitted never runs
     gate = gate_prefill(engine)
     blocker = engine.submit(chat_ids(engine, "x"), SamplingParams(max_new_tokens=2))
@@ -257,7 +257,7 @@ def test_engine_error_fails_the_request_not_the_engine(make_engine):
     assert req.finish_reason == "error" and engine.load == 0
     engine.decoder.decode = decode
     prefill = engine.decoder.prefill
-    engine.decoder.prefill = lambda slot, ids: (_ for _ in ()).throw(ValueError("bad prompt"))
+    engine.decoder.prefill = lambda slot, ids, start=0: (_ for _ in ()).throw(ValueError("bad prompt"))
     req = engine.submit(chat_ids(engine, "hi"), SamplingParams(max_new_tokens=5))
     with pytest.raises(RuntimeError, match="bad prompt"):
         list(req)
@@ -272,12 +272,12 @@ def test_dead_engine_thread_fails_waiting_requests(make_engine):
     first = engine.submit(chat_ids(engine, "a"), SamplingParams(max_new_tokens=30))
     waiting = engine.submit(chat_ids(engine, "b"), SamplingParams(max_new_tokens=30))
 
-    def fatal(block):  # something outside the per-request guards breaks
+    def fatal(wait):  # something outside the per-request guards breaks
         raise SystemError("thread broke")
 
-    engine._admit = fatal  # noqa: SLF001 - simulating an engine bug; the thread is inside the old one
+    engine._begin_prefill = fatal  # noqa: SLF001 - simulating an engine bug; the thread is inside the old one
     gate.set()
-    for req in (first, waiting):  # both were admitted; neither may hang
+    for req in (first, waiting):  # one is prefilling, one waits; neither may hang
         with pytest.raises(RuntimeError, match="thread broke"):
             list(req)
         assert req.finish_reason == "error"
@@ -341,3 +341,46 @@ def test_embedded_model_greedy_matches_hf_and_batches(embedded_model_dir, tmp_pa
         assert engine.stats.peak_batch == 3
     finally:
         engine.close()
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_chunked_prefill_equals_whole_prefill(make_engine, fast):
+    """A prompt fed in chunks of 5 tokens gives exactly the answer of one fed at once."""
+    whole = make_engine(stop_ids=set(), fast=fast)
+    chunked = make_engine(stop_ids=set(), fast=fast, prefill_chunk=5)
+    ids = chat_ids(whole, PROMPTS[2] + " and a dog, told slowly")
+    assert len(ids) > 15
+    expected = list(whole.submit(ids, GREEDY))
+    assert whole.stats.prefill_chunks == 1
+    assert list(chunked.submit(ids, GREEDY)) == expected
+    assert chunked.stats.prefill_chunks == -(-len(ids) // 5)
+
+
+def test_a_long_prompt_does_not_freeze_the_streams(make_engine):
+    """While a long prompt is fed chunk by chunk, the running stream keeps getting a token
+    every step: between two chunks of the prompt there is a decode step."""
+    engine = make_engine(stop_ids=set(), prefill_chunk=8)
+    events: list[str] = []
+    prefill, decode = engine.decoder.prefill, engine.decoder.decode
+
+    def logged_prefill(slot, ids, start=0):
+        events.append(f"P{slot}")
+        return prefill(slot, ids, start)
+
+    def logged_decode(tokens):
+        events.append(f"D{len(tokens)}")
+        return decode(tokens)
+
+    engine.decoder.prefill, engine.decoder.decode = logged_prefill, logged_decode
+    running = engine.submit(chat_ids(engine, "hi"), SamplingParams(temperature=0, max_new_tokens=200))
+    stream = iter(running)
+    next(stream)
+    long_ids = chat_ids(engine, " ".join(["word"] * 60))
+    late = engine.submit(long_ids, GREEDY)
+    assert len(list(late)) == GREEDY.max_new_tokens
+    running.cancel()
+    list(stream)
+    trace = "".join(e[0] for e in events[events.index("P1"):])  # from the long prompt's first chunk (slot 1)
+    chunks = -(-len(long_ids) // 8)
+    assert trace.startswith("PD" * chunks)  # each chunk followed by a decode of the running stream
+    assert late.finish_reason == "length"
