@@ -147,6 +147,62 @@ def clients_round(submit, engine: Engine, prompts: list[list[int]], n_clients: i
             "ttft_ms_median": statistics.median(ttfts), "ttft_ms_max": ttfts[-1]}
 
 
+def ttft_under_load(model, tokenizer, prompts: list[list[int]], streams: int, threads: int,
+                    repeats: int = 3) -> dict:
+    """Time to first token of a short prompt while ``streams`` long answers are being decoded
+    (an engine with room for one more), and the longest pause of those streams meanwhile."""
+    engine = Engine(model, tokenizer, version="ttft", max_batch=streams + 1, threads=threads)
+    try:
+        long = SamplingParams(temperature=0.7, max_new_tokens=1000, ignore_eos=True)
+        running = [engine.submit(prompts[i % len(prompts)], long) for i in range(streams)]
+        while engine.stats.peak_batch < streams:
+            time.sleep(0.01)
+        ttfts = []
+        for _ in range(repeats):
+            time.sleep(0.2)
+            short = engine.submit(prompts[0][:16] + prompts[0][-4:], SamplingParams(temperature=0, max_new_tokens=2))
+            list(short)
+            ttfts.append(short.ttft_ms)
+        for r in running:
+            r.cancel()
+        return {"streams": streams, "ttft_ms": statistics.median(ttfts), "ttft_ms_max": max(ttfts)}
+    finally:
+        engine.close()
+
+
+def swap_pause(holder: ModelHolder, build, prompt: list[int]) -> dict:
+    """A hot swap while a stream is being written: how long new requests wait on the swap (the
+    holder's lock), the longest gap between the stream's tokens while the new version loads
+    and swaps in (loading shares the CPU), and whether the stream finished on the old weights."""
+    old_version, old_engine = holder.current()
+    req = holder.submit(prompt, SamplingParams(temperature=0.7, max_new_tokens=1000, ignore_eos=True))[2]
+    stamps: list[float] = []
+
+    def reader():
+        for _ in req:
+            stamps.append(time.perf_counter())
+
+    t = threading.Thread(target=reader, daemon=True)
+    t.start()
+    while len(stamps) < 50:
+        time.sleep(0.01)
+    load_start = time.perf_counter()
+    new_engine = build()
+    swap_start = time.perf_counter()
+    holder.swap(new_engine, "swapped")
+    swap_end = time.perf_counter()
+    probe = holder.submit(prompt, SamplingParams(temperature=0, max_new_tokens=2))
+    list(probe[2])
+    t.join()
+    gaps_before = [b - a for a, b in zip(stamps, stamps[1:]) if b <= load_start]
+    gaps_during = [b - a for a, b in zip(stamps, stamps[1:]) if load_start < b <= swap_end + 0.5]
+    return {"load_s": swap_start - load_start, "swap_lock_ms": 1000 * (swap_end - swap_start),
+            "gap_ms_median_before": 1000 * statistics.median(gaps_before),
+            "gap_ms_max_during_load_and_swap": 1000 * max(gaps_during, default=0.0),
+            "stream_tokens": len(req.tokens), "stream_finished_on_old": req.finish_reason == "length",
+            "new_request_version": probe[0], "new_request_ttft_ms": probe[2].ttft_ms}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -164,6 +220,11 @@ def main(argv: list[str] | None = None) -> int:
                          "slows some rounds, never speeds one up)")
     ap.add_argument("--no-hf", action="store_true", help="skip the plain model.generate reference")
     ap.add_argument("--via-holder", action="store_true", help="clients submit through a ModelHolder")
+    ap.add_argument("--ttft-streams", type=int, default=8,
+                    help="TTFT of a short prompt while this many answers stream (0 = skip)")
+    ap.add_argument("--swap", nargs="?", const="same", default=None, metavar="VERSION_DIR",
+                    help="measure a hot swap under a stream, to this version (a LoRA adapter dir; default: "
+                         "the same model loaded again)")
     ap.add_argument("--json", help="also write the results to this JSON file")
     args = ap.parse_args(argv)
 
@@ -242,6 +303,24 @@ def main(argv: list[str] | None = None) -> int:
               f"TTFT median {res['ttft_ms_median']:.0f} ms, max {res['ttft_ms_max']:.0f} ms; "
               f"{100 * res['model_share']:.0f}% of engine time in the model")
     print("(x bound: to one stream's bound; N clients could reach N x bound if compute allowed)")
+    if args.ttft_streams:
+        res = out["ttft_under_load"] = ttft_under_load(model, tokenizer, prompts, args.ttft_streams, args.threads)
+        print(f"TTFT of a short prompt while {res['streams']} answers stream: median {res['ttft_ms']:.0f} ms, "
+              f"max {res['ttft_ms_max']:.0f} ms (goal <= 500 ms)")
+    if args.swap:
+        holder = holder or ModelHolder(engine, "bench")
+        target = args.model if args.swap == "same" else args.swap
+
+        def build() -> Engine:
+            new = models.load(target, Path(args.data_dir).expanduser() / "models", dtype=args.dtype)
+            return Engine(new.model, new.tokenizer, version="swapped", max_batch=args.max_batch, threads=args.threads)
+
+        res = out["swap"] = swap_pause(holder, build, prompts[1])
+        print(f"hot swap to {target}: new requests waited {res['swap_lock_ms']:.3f} ms on the swap (goal <= 100 ms); "
+              f"loading took {res['load_s']:.1f} s, during which the running stream's longest gap was "
+              f"{res['gap_ms_max_during_load_and_swap']:.0f} ms (median {res['gap_ms_median_before']:.0f} ms before); "
+              f"the stream finished on the old weights: {res['stream_finished_on_old']}; "
+              f"the next request ran on '{res['new_request_version']}'")
     (holder or engine).close()
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=2))
