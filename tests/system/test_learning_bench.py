@@ -282,13 +282,15 @@ class FakeWorld:
         self.canary_after = canary_after
         self.leak = leak
         self.sessions = 0
+        self.addresses: set[str | None] = set()  # X-Forwarded-For of each client session
 
     def client_class(world):
         class Client:
-            def __init__(self, url, verbose=False):
+            def __init__(self, url, verbose=False, headers=None):
                 with world.lock:
                     world.sessions += 1
                     self.sid = world.sessions
+                    world.addresses.add((headers or {}).get("X-Forwarded-For"))
 
             def predict(self, *args, api_name):
                 with world.lock:
@@ -375,6 +377,8 @@ def test_run_oracle_opts_out_evaluation_and_follows_the_canary(fake_world, tmp_p
     assert sum(report["votes_canary"][k] for k in ("a", "b", "tie")) >= 4
     assert report["votes"]["b"] == len(fake_world.votes)  # concise always prefers B (5 vs 30 words)
     assert len(vote_sessions) <= 2
+    # every simulated user is a client of its own (per-client limits must not serialise them)
+    assert len(fake_world.addresses) == fake_world.sessions and None not in fake_world.addresses
     assert report["judgements"] == {"a": {"seen": 2, "used": 2, "dropped": {}}}
     assert report["leak_check"]["message"] == "leak check: 0 of 3 held-out prompts among 1 rollout / 2 gate prompts"
     # the new version answers short: concise prefers it every time, never length-matched
