@@ -41,7 +41,7 @@ class Settings:
     max_new_tokens: int = _opt(256, "default maximum new tokens per answer")
     temperature: float = _opt(0.7, "default sampling temperature (0 = greedy)")
     top_p: float = _opt(0.9, "default nucleus sampling top-p")
-    max_batch: int = _opt(8, "most requests decoded together in one batch")
+    max_batch: int = _opt(16, "most requests decoded together in one batch (a new chat waits only when all are taken)")
     max_message_chars: int = _opt(4000, "longest user message accepted, in characters")
     scrub_pii: bool = _opt(True, "replace e-mails, phone numbers, IBANs, cards and IPs before storing")
     threads: int = _opt(0, "torch CPU threads for serving (0 = torch default)")
