@@ -343,11 +343,18 @@ def test_embedded_model_greedy_matches_hf_and_batches(embedded_model_dir, tmp_pa
         engine.close()
 
 
+@pytest.fixture(scope="module")
+def embedded(embedded_model_dir, tmp_path_factory):
+    """The real model, for tests where the answer must depend on the whole context (the tiny
+    random model's greedy answers hardly do)."""
+    return models.load(str(embedded_model_dir), tmp_path_factory.mktemp("embedded"))
+
+
 @pytest.mark.parametrize("fast", [True, False])
-def test_chunked_prefill_equals_whole_prefill(make_engine, fast):
+def test_chunked_prefill_equals_whole_prefill(make_engine, embedded, fast):
     """A prompt fed in chunks of 5 tokens gives exactly the answer of one fed at once."""
-    whole = make_engine(stop_ids=set(), fast=fast)
-    chunked = make_engine(stop_ids=set(), fast=fast, prefill_chunk=5)
+    whole = make_engine(embedded, stop_ids=set(), fast=fast)
+    chunked = make_engine(embedded, stop_ids=set(), fast=fast, prefill_chunk=5)
     ids = chat_ids(whole, PROMPTS[2] + " and a dog, told slowly")
     assert len(ids) > 15
     expected = list(whole.submit(ids, GREEDY))
@@ -384,3 +391,20 @@ def test_a_long_prompt_does_not_freeze_the_streams(make_engine):
     chunks = -(-len(long_ids) // 8)
     assert trace.startswith("PD" * chunks)  # each chunk followed by a decode of the running stream
     assert late.finish_reason == "length"
+
+
+def test_a_request_ending_while_a_prompt_is_fed_keeps_that_prompt_intact(make_engine, embedded):
+    """When a decoding request ends mid-prefill, the partly fed prompt moves down a slot with
+    its cache; every answer is still exactly the answer it gets alone."""
+    engine = make_engine(embedded, stop_ids=set(), prefill_chunk=4)
+    enc = engine.tokenizer.encode  # raw text, no chat template: no two prompts share a prefix
+    # the first ends (3 tokens) while the second prompt is still being fed, 4 tokens a step
+    jobs = [(enc("Hi there, how are you today?"), SamplingParams(temperature=0, max_new_tokens=3)),
+            (enc("The three longest rivers in Europe are"), SamplingParams(temperature=0, max_new_tokens=24)),
+            (enc("A short poem about the sea at night:"), GREEDY)]
+    alone = [list(engine.submit(ids, params)) for ids, params in jobs]
+    gate = gate_prefill(engine)
+    together = [engine.submit(ids, params) for ids, params in jobs]
+    gate.set()
+    assert [list(r) for r in together] == alone
+    assert all(len(ids) > 4 for ids, _ in jobs)  # every prompt took several steps to feed
