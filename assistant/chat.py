@@ -19,13 +19,22 @@ and changes the session and its rows under that session's lock.  An answer is st
 outside the lock, but the session counts as generating from its start until its rows are
 stored, and calls that would change the conversation meanwhile (vote, edit, regenerate,
 another message, new chat) are refused; ratings and opt-outs are not.
+
+Past chats: every session belongs to a browser's secret key (``ChatSession.key``), made here
+with ``secrets.token_urlsafe`` and kept by the browser; the store records only its hash.
+Listing, reopening and deleting go through the store's owner-scoped queries with the key of
+the caller's own session, never with an id or key the caller merely names, so no call can
+reach another key's chats.  Reopening a chat continues it in the session that wrote it (so a
+conversation's rows always belong to one session).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import random
 import re
+import secrets
 import sqlite3
 import threading
 import time
@@ -39,7 +48,8 @@ from dataclasses import dataclass, field
 from assistant.engine import Busy, ContextTooLong, Engine, Request, SamplingParams, TextStream
 from assistant.holder import ModelHolder
 from assistant.settings import Settings
-from feedback.store import REASON_TAGS, THUMBS, VERDICTS, FeedbackStore, StoreError
+from feedback.registry import Registry
+from feedback.store import REASON_TAGS, THUMBS, VERDICTS, FeedbackStore, NotFound, StoreError, owner_hash
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +59,29 @@ MAX_NEW_TOKENS_LIMIT = 4096
 MAX_SEED = 2**64 - 1  # torch generators take unsigned 64-bit seeds; a larger one fails in the engine
 # lone UTF-16 surrogates cannot be encoded as UTF-8, so SQLite (and the tokenizer) refuse them
 _SURROGATE = re.compile("[\ud800-\udfff]")
+# what ``new_key`` makes: 32 random bytes, URL-safe base64 without padding
+_KEY = re.compile(r"[A-Za-z0-9_-]{43}")
+TITLE_CHARS = 60
+
+
+def new_key() -> str:
+    """A browser's secret key: random, never derived from anything the client sends."""
+    return secrets.token_urlsafe(32)
+
+
+def valid_key(key: object) -> bool:
+    """Whether ``key`` has the form of a key ``new_key`` makes (anything else is replaced)."""
+    return isinstance(key, str) and _KEY.fullmatch(key) is not None
+
+
+def chat_title(text: str | None) -> str:
+    """A chat's one-line title: its first message, shortened."""
+    line = " ".join((text or "").split())
+    return (line[:TITLE_CHARS - 1].rstrip() + "…") if len(line) > TITLE_CHARS else (line or "Untitled chat")
+
+
+def plural(n: int, word: str) -> str:
+    return f"{n} {word}" + ("" if n == 1 else "s")
 
 
 class ChatError(Exception):
@@ -121,6 +154,15 @@ class ChatSession:
     finish_reason: str | None = None  # of the latest generation
     client: str | None = None  # user agent, recorded with the session row
     address: str | None = None  # the caller's network address, as of its latest call
+    key: str | None = field(default=None, repr=False)  # the browser's secret (``new_key``)
+    seen_version: str | None = None  # the served version this user last chatted with
+    update_noticed: bool = False  # the "assistant was updated" notice is shown once per session
+    notice: str = ""  # that notice, until the UI takes it (``ChatService.take_notice``)
+
+    @property
+    def owner(self) -> str | None:
+        """What the store keeps of the key (``owner_hash``)."""
+        return owner_hash(self.key) if self.key else None
 
     @property
     def client_key(self) -> str:
@@ -302,9 +344,34 @@ class ChatService:
             raise ChatError(database_error_message(exc)) from None
 
     # -- sessions -------------------------------------------------------------------------
-    def new_session(self, client: str | None = None, address: str | None = None) -> ChatSession:
-        """A fresh anonymous session; its id is random and never derived from the client."""
-        return ChatSession(session_id=uuid.uuid4().hex, client=client, address=address)
+    def new_session(self, client: str | None = None, address: str | None = None,
+                    key: str | None = None) -> ChatSession:
+        """A fresh anonymous session; its id is random and never derived from the client.
+        ``key``: the browser's key (``attach``); an API client's session gets a new one."""
+        return ChatSession(session_id=uuid.uuid4().hex, client=client, address=address, key=key or new_key())
+
+    def attach(self, state: ChatSession | None, key: object, client: str | None = None,
+               address: str | None = None) -> ChatSession:
+        """The page's session, bound to the key its browser keeps: one this server made
+        before, or a new one when the browser has none or sends anything that is not such
+        a key (so no client picks a weak key).  A session bound to another key is replaced
+        by a fresh one: a session's rows always belong to one key.  Prepares the
+        "assistant was updated" notice for a returning user; a browser that opted out stays
+        opted out."""
+        key = key if valid_key(key) else new_key()
+        sess = self.session(state, client, address)
+        if sess.key != key:
+            if self.generating(sess):
+                raise ChatError("an answer is still being written: wait for it or press Stop")
+            sess = self.new_session(client, address, key)
+            if self.store.owner_opted_out(sess.owner):  # the browser's choice holds for the new page
+                with self._storing():
+                    self.store.set_opt_out(sess.session_id, True, client=client, owner=sess.owner)
+                sess.opt_out = True
+        if sess.seen_version is None:
+            sess.seen_version = self.store.owner_last_version(sess.owner)
+        self._note_version(sess, self.holder.version)
+        return sess
 
     def session(self, state: ChatSession | None, client: str | None = None,
                 address: str | None = None) -> ChatSession:
@@ -333,11 +400,117 @@ class ChatService:
         self.opt_out_limit.hit(sess.client_key, "opt-out requests")
         with self._serialised(sess):
             with self._storing():
-                self.store.set_opt_out(sess.session_id, opt_out, client=sess.client)
+                self.store.set_opt_out(sess.session_id, opt_out, client=sess.client, owner=sess.owner)
             sess.opt_out = opt_out
         if sess.opt_out:
             return "Recorded: your conversations will not be used for training."
         return "Recorded: your conversations may be used for training."
+
+    # -- past chats (the browser's key) ---------------------------------------------------------
+    def conversations(self, sess: ChatSession) -> list[dict]:
+        """This browser's chats, most recently active first: id, title, updated_at, messages."""
+        return [{"id": c["id"], "title": chat_title(c["title"]), "updated_at": c["updated_at"],
+                 "messages": c["messages"]} for c in self.store.owner_conversations(sess.owner)]
+
+    def open_conversation(self, sess: ChatSession, conversation_id: str) -> str:
+        """Reopens one of this browser's chats to continue it: the session switches to the
+        one that wrote it (its opt-out included); the open comparison, if any, is left."""
+        if not isinstance(conversation_id, str) or not conversation_id.strip() or len(conversation_id) > 100:
+            raise ChatError("choose one of your chats to open")
+        with self._serialised(sess):
+            self._refuse_while_generating(sess)
+            try:
+                conv = self.store.owner_conversation(sess.owner, conversation_id)
+            except NotFound:
+                raise ChatError("there is no such chat among yours") from None
+            messages = []
+            for i, m in enumerate(conv["messages"]):
+                role = "user" if i % 2 == 0 else "assistant"
+                if (m["turn"], m["role"]) != (i, role):
+                    raise ChatError("this chat is incomplete and cannot be continued; start a new chat")
+                entry = {"role": role, "content": m["content"], "generation_id": m["generation_id"],
+                         "edited": role == "assistant" and not m["generation_id"]}
+                if role == "assistant" and m["generation_id"]:
+                    entry["context"] = json.loads(m["context"])
+                messages.append(entry)
+            if not messages or messages[-1]["role"] != "assistant":
+                raise ChatError("this chat is incomplete and cannot be continued; start a new chat")
+            sess.session_id, sess.conversation_id = conv["session_id"], conv["id"]
+            sess.messages, sess.comparison, sess.opt_out = messages, None, bool(conv["opt_out"])
+            sess.model_version = next((m["model_version"] for m in reversed(conv["messages"]) if m["model_version"]), "")
+            sess.finish_reason = None
+        return "Reopened the chat: continue where you left off."
+
+    def delete_my_data(self, sess: ChatSession, confirm: bool) -> str:
+        """Deletes for good every chat, answer, vote, rating and rewrite stored for this
+        browser's key (all its sessions), so no later export or training snapshot has them;
+        says how many and what earlier training had already used.  The key stays: later chats
+        are listed and deletable as before; an opt-out stays in force."""
+        if confirm is not True:
+            raise ChatError("confirm the deletion first: it removes all your chats and votes for good")
+        with self._serialised(sess):
+            self._refuse_while_generating(sess)
+            self.vote_limit.hit(sess.client_key, "deletions")
+            with self._storing():
+                result = self.store.delete_owner_data(sess.owner)
+                if sess.opt_out:
+                    self.store.set_opt_out(sess.session_id, True, client=sess.client, owner=sess.owner)
+            sess.conversation_id, sess.messages, sess.comparison = None, [], None
+        try:
+            self.store.checkpoint()
+        except sqlite3.Error as exc:  # the rows are deleted; the log is copied later anyway
+            log.info("checkpoint after a deletion skipped: %s", exc)
+        return self.deleted_note(result)
+
+    @staticmethod
+    def deleted_note(result: dict) -> str:
+        chats, judgements = result["conversations"], result["judgements"]
+        if not (chats or judgements or result["answers"]):
+            return "There was nothing to delete: no chats or votes of yours are stored."
+        parts = [f"{plural(chats, 'chat')} ({plural(result['messages'], 'message')})"] if chats else []
+        parts += [plural(judgements, "vote")] if judgements else []
+        note = f"Deleted for good: {' and '.join(parts) or plural(result['answers'], 'answer')}."
+        if result["used"]:
+            versions = result["used_by_versions"]
+            where = (f"to train {'version' if len(versions) == 1 else 'versions'} {', '.join(versions)}" if versions
+                     else f"in {plural(len(result['used_by_runs']), 'training run')} (no version came of "
+                          f"{'it' if len(result['used_by_runs']) == 1 else 'them'})")
+            return (f"{note} {result['used']} of {plural(judgements, 'vote')} had already been used {where}; "
+                    "what a trained version learned stays in it, but nothing of yours will be used again.")
+        since = result["versions_since"]
+        if since:
+            return (f"{note} None of your votes had been used for training yet; "
+                    f"{'version' if len(since) == 1 else 'versions'} {', '.join(since)}, trained since your "
+                    "first chat, may have practised on your questions.")
+        return f"{note} None of it had been used for training yet."
+
+    # -- the "assistant was updated" notice -------------------------------------------------------
+    def _note_version(self, sess: ChatSession, version: str) -> None:
+        """Once per session: when ``version`` (served now) is not the one this user last
+        chatted with, prepares the notice; then remembers ``version``."""
+        if sess.seen_version and version and version != sess.seen_version and not sess.update_noticed:
+            sess.notice, sess.update_noticed = self.version_note(version), True
+        if version:
+            sess.seen_version = version
+
+    def take_notice(self, sess: ChatSession | None) -> str:
+        """The pending "assistant was updated" notice ("" when none), shown once."""
+        if sess is None:
+            return ""
+        notice, sess.notice = sess.notice, ""
+        return notice
+
+    def version_note(self, version: str) -> str:
+        """"The assistant was updated (v3), trained on 212 votes from its users." """
+        try:
+            row = Registry(self.store).version(version)
+            feedback = json.loads(row["feedback"] or "{}")
+        except (NotFound, ValueError):
+            return f"The assistant was updated ({version})."
+        votes = len(feedback.get("comparisons") or []) + len(feedback.get("ratings") or [])
+        if row["kind"] == "sft" or not votes:
+            return f"The assistant now runs version {version}."
+        return f"The assistant was updated ({version}), trained on {plural(votes, 'vote')} from its users."
 
     # -- generation ---------------------------------------------------------------------------
     def chat(self, sess: ChatSession, message: str, params: SamplingParams,
@@ -359,14 +532,16 @@ class ChatService:
             context = ([{"role": "system", "content": system}] if system.strip() else []) + history + [
                 {"role": "user", "content": message}]
             self._refuse_while_generating(sess)
+            self._refuse_if_changed_elsewhere(sess)
             self.message_limit.hit(sess.client_key, "messages")
             user_turn = len(sess.messages)
             running = self._start(sess, context, params)
         answer = yield from self._stream(sess, running)
         with self._serialised(sess), self._releasing(sess, running):
             with self._storing():  # the whole turn or nothing
+                self._refuse_if_changed_elsewhere(sess)
                 if sess.conversation_id is None:
-                    self.store.ensure_session(sess.session_id, client=sess.client)
+                    self.store.ensure_session(sess.session_id, client=sess.client, owner=sess.owner)
                 conv = sess.conversation_id or self.store.start_conversation(sess.session_id, system)
                 self.store.set_message(conv, user_turn, "user", message)
                 gen_id = self._record(sess, conv, user_turn + 1, context, params, answer)
@@ -377,6 +552,7 @@ class ChatService:
                               {"role": "assistant", "content": answer.text, "generation_id": gen_id,
                                "edited": False, "context": context}]
             sess.model_version, sess.finish_reason = answer.version, answer.finish_reason
+            self._note_version(sess, answer.version)
 
     def regenerate(self, sess: ChatSession, params: SamplingParams) -> Iterator[str]:
         """Streams answer B to the context of the latest answer (A, the kept one) and opens
@@ -429,6 +605,13 @@ class ChatService:
     def _refuse_while_generating(self, sess: ChatSession) -> None:
         if self.generating(sess):
             raise ChatError("an answer is still being written: wait for it or press Stop")
+
+    def _refuse_if_changed_elsewhere(self, sess: ChatSession) -> None:
+        """A chat reopened in two windows, or deleted in another one, must not be continued
+        from a stale copy (it would overwrite turns the other window stored)."""
+        if sess.conversation_id is not None and self.store.conversation_length(sess.conversation_id) != len(sess.messages):
+            raise ChatError("this chat was changed or deleted in another window: reopen it from your chats "
+                            "or start a new chat")
 
     def _start(self, sess: ChatSession, context: list[dict], params: SamplingParams, canary: bool = False,
                style_hint: str | None = None) -> Running:

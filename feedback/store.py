@@ -18,10 +18,16 @@ Why it looks like this:
 Schema (see ``MIGRATIONS``): sessions, conversations, messages, generations, comparisons
 (pairwise verdicts and edits), ratings (thumbs), review_log (maintainer actions),
 model_versions, serving_log, training_runs, run_metrics, reward_models, app_state, users.
+
+Owners: a browser keeps a random secret key (``secrets.token_urlsafe``, made by the server);
+``sessions.owner`` holds its SHA-256 (``owner_hash``), never the key itself, so the list of
+a user's past chats, reopening one and "delete my data" are each one query scoped by that
+hash, and neither the database nor a copy of it lets anyone act as the browser.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import sqlite3
 import threading
@@ -65,6 +71,15 @@ def new_id() -> str:
 
 def _json(value: Any) -> str:
     return json.dumps(value, ensure_ascii=False)
+
+
+def owner_hash(key: str) -> str:
+    """What the database keeps of a browser's secret key: its SHA-256 (hex)."""
+    return hashlib.sha256(key.encode("utf-8")).hexdigest()
+
+
+# runs whose snapshot went into trained reward models (and, when they passed, a version)
+TRAINED_RUN_STATES = ("canary", "promoted", "passed", "rejected")
 
 
 # ----------------------------------------------------------------------------- migrations
@@ -135,8 +150,19 @@ def _m3_reward_model_roles(db: sqlite_utils.Database) -> None:
     db["reward_models"].add_column("role", str)
 
 
+def _m4_owners(db: sqlite_utils.Database) -> None:
+    """Past chats per browser: ``sessions.owner`` is the SHA-256 of the browser's secret key
+    (``owner_hash``).  Older sessions have none: no browser can list or delete them."""
+    db["sessions"].add_column("owner", str)
+    db["sessions"].create_index(["owner"])
+    db["conversations"].create_index(["session_id"])
+    db["generations"].create_index(["session_id"])
+    db["ratings"].create_index(["session_id"])
+    db["comparisons"].create_index(["b_generation_id"])  # "which answers were a B" (the update notice)
+
+
 MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_m1_core, _m2_review_and_training,
-                                                            _m3_reward_model_roles]
+                                                            _m3_reward_model_roles, _m4_owners]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
@@ -247,22 +273,30 @@ class FeedbackStore:
         return [{"role": m["role"], "content": self._clean(m["content"])} for m in messages]
 
     # -- sessions and conversations -----------------------------------------------------------
-    def ensure_session(self, session_id: str, user: str | None = None, client: str | None = None) -> None:
+    def ensure_session(self, session_id: str, user: str | None = None, client: str | None = None,
+                       owner: str | None = None) -> None:
+        """Writes the session's row once; ``owner``: ``owner_hash`` of the browser's key."""
         with self.transaction() as db:
             if not db["sessions"].count_where("id = ?", [session_id]):
                 db["sessions"].insert({"id": session_id, "user": user, "client": self._clean(client), "opt_out": 0,
-                                       "created_at": now(), "updated_at": now()})
+                                       "created_at": now(), "updated_at": now(), "owner": owner})
 
-    def set_opt_out(self, session_id: str, opt_out: bool, client: str | None = None) -> bool:
-        """Recorded per session and read by every later export and training snapshot.
-        Writes only when the value changes (a session without a row has the default, opted
-        in), so repeating a call costs no write; returns whether anything was written."""
+    def set_opt_out(self, session_id: str, opt_out: bool, client: str | None = None,
+                    owner: str | None = None) -> bool:
+        """Recorded per session and read by every later export and training snapshot; with
+        ``owner``, for every session of that browser too ("my conversations": its past
+        chats included).  Writes only when a value changes (a session without a row has the
+        default, opted in), so repeating a call costs no write; returns whether anything was
+        written."""
         with self.transaction() as db:
             row = db.execute("SELECT opt_out FROM sessions WHERE id = ?", [session_id]).fetchone()
+            others = db.execute("UPDATE sessions SET opt_out = ?, updated_at = ? WHERE owner = ? AND id != ? "
+                                "AND opt_out != ?", [int(opt_out), now(), owner, session_id, int(opt_out)]
+                                ).rowcount if owner else 0
             if bool(row[0] if row else 0) == bool(opt_out):
-                return False
+                return others > 0
             if row is None:
-                self.ensure_session(session_id, client=client)  # joins this transaction
+                self.ensure_session(session_id, client=client, owner=owner)  # joins this transaction
             db["sessions"].update(session_id, {"opt_out": int(opt_out), "updated_at": now()})
         return True
 
@@ -291,6 +325,144 @@ class FeedbackStore:
     def conversation_messages(self, conversation_id: str) -> list[dict]:
         return self.query("SELECT turn, role, content, generation_id FROM messages "
                           "WHERE conversation_id = ? ORDER BY turn", (conversation_id,))
+
+    # -- a browser's own chats: every query is scoped by the owner hash -------------------------
+    def owner_conversations(self, owner: str, limit: int = 200) -> list[dict]:
+        """The owner's conversations that hold a message, most recently active first: id,
+        title (the first user message), created_at, updated_at (latest message), messages."""
+        if not owner:
+            return []
+        return self.query(
+            "SELECT c.id, c.created_at, "
+            "(SELECT m.content FROM messages m WHERE m.conversation_id = c.id AND m.role = 'user' "
+            "ORDER BY m.turn LIMIT 1) AS title, "
+            "(SELECT max(m.created_at) FROM messages m WHERE m.conversation_id = c.id) AS updated_at, "
+            "(SELECT count(*) FROM messages m WHERE m.conversation_id = c.id) AS messages "
+            "FROM conversations c JOIN sessions s ON s.id = c.session_id "
+            "WHERE s.owner = ? AND EXISTS (SELECT 1 FROM messages m WHERE m.conversation_id = c.id) "
+            "ORDER BY updated_at DESC, c.rowid DESC LIMIT ?", (owner, int(limit)))
+
+    def owner_conversation(self, owner: str, conversation_id: str) -> dict:
+        """One of the owner's conversations (id, session_id, system_prompt, opt_out) with its
+        kept messages, each assistant answer with the context and model version of the
+        generation that wrote it (none for a user's rewrite).  Any conversation that is not
+        the owner's is NotFound, exactly like one that does not exist."""
+        rows = self.query("SELECT c.id, c.session_id, c.system_prompt, s.opt_out FROM conversations c "
+                          "JOIN sessions s ON s.id = c.session_id WHERE c.id = ? AND s.owner = ?",
+                          (conversation_id, owner)) if owner else []
+        if not rows:
+            raise NotFound("no such conversation")
+        conv = rows[0]
+        conv["messages"] = self.query(
+            "SELECT m.turn, m.role, m.content, m.generation_id, g.context, g.model_version "
+            "FROM messages m LEFT JOIN generations g ON g.id = m.generation_id "
+            "WHERE m.conversation_id = ? ORDER BY m.turn", (conversation_id,))
+        return conv
+
+    def owner_opted_out(self, owner: str) -> bool:
+        """The opt-out of the owner's most recently changed session (False when none)."""
+        rows = self.query("SELECT opt_out FROM sessions WHERE owner = ? ORDER BY updated_at DESC, rowid DESC "
+                          "LIMIT 1", (owner,)) if owner else []
+        return bool(rows and rows[0]["opt_out"])
+
+    def owner_last_version(self, owner: str) -> str | None:
+        """The model version of the owner's newest answer that was not an answer B (B may
+        come from a candidate on trial): the version this user last chatted with."""
+        if not owner:
+            return None
+        rows = self.query("SELECT g.model_version FROM generations g JOIN sessions s ON s.id = g.session_id "
+                          "WHERE s.owner = ? AND NOT EXISTS (SELECT 1 FROM comparisons c "
+                          "WHERE c.b_generation_id = g.id) ORDER BY g.created_at DESC, g.rowid DESC LIMIT 1",
+                          (owner,))
+        return rows[0]["model_version"] if rows else None
+
+    def conversation_length(self, conversation_id: str) -> int:
+        """How many messages the conversation keeps (0 when it was deleted)."""
+        return self.query("SELECT count(*) AS n FROM messages WHERE conversation_id = ?", (conversation_id,))[0]["n"]
+
+    def delete_owner_data(self, owner: str) -> dict:
+        """Deletes for good every row recorded for the owner's sessions: sessions,
+        conversations, messages, generations, comparisons (votes, rewrites), ratings, and the
+        review log of those records; tables are found by their ``session_id`` /
+        ``conversation_id`` columns, so tables added later are covered too.  Deleted bytes
+        are overwritten (``secure_delete``).  Exports and training snapshots read these
+        tables, so nothing deleted reaches them again.
+
+        Returns what was deleted and what training had already used before: ``used``, the
+        judgements that were in the snapshot of a run that trained on them (``training_runs``
+        ``data`` record_ids / rating_ids, or ``comparisons.used_in_run``), with those runs'
+        versions; and ``versions_since``, the versions trained after the owner's first answer
+        was written (their rollout prompts came from the log, which runs record only on disk,
+        so that is the closest record of whether a prompt was practised on)."""
+        if not owner:
+            raise StoreError("no owner given")
+        mine_s = "SELECT id FROM sessions WHERE owner = ?"
+        mine_c = f"SELECT id FROM conversations WHERE session_id IN ({mine_s})"
+        self.conn.execute("PRAGMA secure_delete = ON")
+        try:
+            with self.transaction() as db:
+                def ids(sql: str, *more: str) -> list[str]:
+                    return [r[0] for r in db.execute(sql, [owner, *more])]
+
+                comparisons = set(ids(f"SELECT id FROM comparisons WHERE session_id IN ({mine_s}) "
+                                      "AND verdict IS NOT NULL"))
+                ratings = set(ids(f"SELECT id FROM ratings WHERE session_id IN ({mine_s})"))
+                counted = {
+                    "conversations": db.execute(f"SELECT count(*) FROM conversations c WHERE c.id IN ({mine_c}) "
+                                                "AND EXISTS (SELECT 1 FROM messages m WHERE m.conversation_id = c.id)",
+                                                [owner]).fetchone()[0],
+                    "messages": db.execute(f"SELECT count(*) FROM messages WHERE conversation_id IN ({mine_c})",
+                                           [owner]).fetchone()[0],
+                    "answers": db.execute(f"SELECT count(*) FROM generations WHERE session_id IN ({mine_s})",
+                                          [owner]).fetchone()[0],
+                    "judgements": len(comparisons) + len(ratings)}
+                used: set[str] = set(ids(f"SELECT id FROM comparisons WHERE session_id IN ({mine_s}) "
+                                         "AND used_in_run IS NOT NULL")) & comparisons
+                used_runs: list[str] = []
+                used_versions: list[str] = []
+                marks = ",".join("?" * len(TRAINED_RUN_STATES))
+                runs = db.execute(f"SELECT id, data, candidate_version FROM training_runs WHERE status IN ({marks}) "
+                                  "AND reward_model_id IS NOT NULL ORDER BY created_at", TRAINED_RUN_STATES)
+                for run_id, data, version in runs:
+                    try:
+                        data = json.loads(data or "{}")
+                    except ValueError:
+                        data = {}
+                    hit = (comparisons & set(data.get("record_ids") or [])) | (ratings & set(data.get("rating_ids") or []))
+                    hit |= set(ids(f"SELECT id FROM comparisons WHERE session_id IN ({mine_s}) "
+                                   "AND used_in_run = ?", run_id))
+                    if hit:
+                        used |= hit
+                        used_runs.append(run_id)
+                        if version:
+                            used_versions.append(version)
+                first = db.execute(f"SELECT min(created_at) FROM generations WHERE session_id IN ({mine_s})",
+                                   [owner]).fetchone()[0]
+                since = [r[0] for r in db.execute("SELECT id FROM model_versions WHERE run_id IS NOT NULL "
+                                                  "AND created_at >= ? ORDER BY created_at", [first])] if first else []
+
+                db.execute("DELETE FROM review_log WHERE (record_type = 'comparison' AND record_id IN "
+                           f"(SELECT id FROM comparisons WHERE session_id IN ({mine_s}))) OR (record_type = 'rating' "
+                           f"AND record_id IN (SELECT id FROM ratings WHERE session_id IN ({mine_s})))", [owner, owner])
+                tables = [r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'table' AND name "
+                                                   "NOT LIKE 'sqlite_%' AND name NOT IN ('sessions', 'conversations')")]
+                for table in tables:
+                    columns = {r[1] for r in db.execute(f'PRAGMA table_info("{table}")')}
+                    if "conversation_id" in columns:
+                        db.execute(f'DELETE FROM "{table}" WHERE conversation_id IN ({mine_c})', [owner])
+                    if "session_id" in columns:
+                        db.execute(f'DELETE FROM "{table}" WHERE session_id IN ({mine_s})', [owner])
+                db.execute(f"DELETE FROM conversations WHERE session_id IN ({mine_s})", [owner])
+                db.execute("DELETE FROM sessions WHERE owner = ?", [owner])
+        finally:  # the flag acts when a row is deleted, so it can go off before the commit
+            self.conn.execute("PRAGMA secure_delete = OFF")
+        return {**counted, "used": len(used), "used_by_runs": used_runs, "used_by_versions": used_versions,
+                "versions_since": since}
+
+    def checkpoint(self) -> None:
+        """Copies the write-ahead log into the database file as far as readers allow (after
+        a deletion, so the overwritten pages reach the main file soon)."""
+        self.conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
 
     # -- generations ----------------------------------------------------------------------------
     def record_generation(self, *, session_id: str, conversation_id: str, turn: int,

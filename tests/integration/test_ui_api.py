@@ -14,7 +14,8 @@ from assistant.chat import STYLE_HINTS
 from assistant.client import message_text as text_of
 from tests.factories import app_settings, launch_app
 
-PUBLIC = {"/chat", "/regenerate", "/vote", "/rate", "/edit", "/opt_out", "/new_chat", "/stop"}
+PUBLIC = {"/chat", "/regenerate", "/vote", "/rate", "/edit", "/opt_out", "/new_chat", "/stop",
+          "/conversations", "/open_conversation", "/delete_my_data"}
 
 
 @pytest.fixture(scope="module")
@@ -340,3 +341,37 @@ def test_embedded_model_end_to_end(tmp_path, embedded_model_dir):
     assert "Paris" in answer
     assert gen["finish_reason"] == "stop" and gen["completion_tokens"] < 64  # ended at end-of-turn
     assert status == ""
+
+
+def test_past_chats_over_the_api_are_the_callers_own(app):
+    store = app[1].store
+    alice, bob = Client(app[0], verbose=False), Client(app[0], verbose=False)
+    chat(alice, "alice api chat one")
+    alice.predict(api_name="/new_chat")
+    history_two, *_ = chat(alice, "alice api chat two")
+    chats = alice.predict(api_name="/conversations")
+    assert [c["title"] for c in chats] == ["alice api chat two", "alice api chat one"]
+    assert all(c["messages"] == 2 for c in chats)
+
+    assert bob.predict(api_name="/conversations") == []
+    for forged in (chats[0]["id"], "", "x" * 500):
+        with pytest.raises(AppError, match="no such chat among yours|choose one of your chats"):
+            bob.predict(forged, api_name="/open_conversation")
+    before = counts(store)
+    assert bob.predict(True, api_name="/delete_my_data").startswith("There was nothing to delete")
+    with pytest.raises(AppError, match="confirm"):
+        alice.predict(False, api_name="/delete_my_data")
+    assert counts(store) == before
+
+    history, status = alice.predict(chats[1]["id"], api_name="/open_conversation")
+    assert status.startswith("Reopened") and text_of(history[0]) == "alice api chat one"
+    history, *_ = chat(alice, "alice continues chat one")
+    assert [text_of(m) for m in history[::2]] == ["alice api chat one", "alice continues chat one"]
+    assert len(store.conversation_messages(chats[1]["id"])) == 4
+
+    status = alice.predict(True, api_name="/delete_my_data")
+    assert status.startswith("Deleted for good: 2 chats (6 messages).")
+    assert alice.predict(api_name="/conversations") == []
+    assert store.conversation_messages(chats[0]["id"]) == [] and store.conversation_messages(chats[1]["id"]) == []
+    answer = text_of(history_two[1])
+    assert len(answer) < 12 or answer not in json.dumps(store.query("SELECT content FROM generations"))
