@@ -214,10 +214,14 @@ def build_app(ctx: AppContext, uploads: UploadPolicy = UPLOADS) -> gr.Blocks:
     ctx.extras["uploads"] = uploads  # ``launch`` sets the size limit, Blocks the cleaning
 
     # -- handlers -----------------------------------------------------------------------
+    def caller(state: ChatSession | None, request: gr.Request | None) -> ChatSession:
+        """The calling page's session, with its user agent and network address."""
+        return service.session(state, _client(request), _client_address(request))
+
     def chat(message: str, system_prompt: str, temperature: float, top_p: float, max_new_tokens: int,
              seed: int, state: ChatSession | None, request: gr.Request):
         """Sends a user message; streams the conversation with the growing answer."""
-        sess = service.session(state, _client(request), _client_address(request))
+        sess = caller(state, request)
         try:
             params = sampling(temperature, top_p, max_new_tokens, seed, s)
             shown = sess.history() + [{"role": "user", "content": message}]
@@ -230,7 +234,7 @@ def build_app(ctx: AppContext, uploads: UploadPolicy = UPLOADS) -> gr.Blocks:
     def regenerate(temperature: float, top_p: float, max_new_tokens: int, seed: int,
                    state: ChatSession | None, request: gr.Request):
         """Writes a second answer (B) to the latest answer's context and shows A and B."""
-        sess = service.session(state, _client(request), _client_address(request))
+        sess = caller(state, request)
         try:
             params = sampling(temperature, top_p, max_new_tokens, seed, s)
             a_text = sess.messages[-1]["content"] if sess.messages else ""
@@ -245,7 +249,7 @@ def build_app(ctx: AppContext, uploads: UploadPolicy = UPLOADS) -> gr.Blocks:
     @_errors_to_gradio
     def vote(verdict: str, state: ChatSession | None, request: gr.Request):
         """Says which of the compared answers is better: a, b, tie or both_bad."""
-        sess = service.session(state, _client(request), _client_address(request))
+        sess = caller(state, request)
         note = service.vote(sess, verdict)
         return sess.history(), note, sess
 
@@ -258,26 +262,26 @@ def build_app(ctx: AppContext, uploads: UploadPolicy = UPLOADS) -> gr.Blocks:
     def rate(answer: int, thumb: str, reasons: list[str], comment: str, state: ChatSession | None,
              request: gr.Request):
         """Thumbs up or down on an answer (1-based number, 0 = latest), optional reasons and comment."""
-        sess = service.session(state, _client(request), _client_address(request))
+        sess = caller(state, request)
         return service.rate(sess, answer, thumb, reasons, comment), sess
 
     @_errors_to_gradio
     def edit(rewrite: str, state: ChatSession | None, request: gr.Request):
         """Replaces the latest answer with the user's rewrite (stored as preferred)."""
-        sess = service.session(state, _client(request), _client_address(request))
+        sess = caller(state, request)
         note = service.edit(sess, rewrite)
         return sess.history(), note, sess
 
     @_errors_to_gradio
     def opt_out(value: bool, state: ChatSession | None, request: gr.Request):
         """Opts this session out of (or back into) training."""
-        sess = service.session(state, _client(request), _client_address(request))
+        sess = caller(state, request)
         return service.set_opt_out(sess, value), sess
 
     @_errors_to_gradio
     def new_chat(state: ChatSession | None, request: gr.Request):
         """Starts a new conversation (same session, same opt-out)."""
-        sess = service.session(state, _client(request), _client_address(request))
+        sess = caller(state, request)
         return [], service.new_chat(sess), sess
 
     def stop(state: ChatSession | None):
@@ -287,20 +291,20 @@ def build_app(ctx: AppContext, uploads: UploadPolicy = UPLOADS) -> gr.Blocks:
     @_errors_to_gradio
     def conversations(state: ChatSession | None, request: gr.Request):
         """This browser's chats, most recently active first."""
-        sess = service.session(state, _client(request), _client_address(request))
+        sess = caller(state, request)
         return service.conversations(sess), sess
 
     @_errors_to_gradio
     def open_conversation(conversation_id: str, state: ChatSession | None, request: gr.Request):
         """Reopens one of this browser's chats (by its id from /conversations) to continue it."""
-        sess = service.session(state, _client(request), _client_address(request))
+        sess = caller(state, request)
         note = service.open_conversation(sess, conversation_id)
         return sess.history(), note, sess
 
     @_errors_to_gradio
     def delete_my_data(confirm: bool, state: ChatSession | None, request: gr.Request):
         """Deletes this browser's chats, votes and ratings for good (confirm must be true)."""
-        sess = service.session(state, _client(request), _client_address(request))
+        sess = caller(state, request)
         return service.delete_my_data(sess, confirm), sess
 
     def delete_confirmed(state: ChatSession | None, request: gr.Request):

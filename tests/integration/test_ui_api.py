@@ -3,6 +3,7 @@ SQLite rows each call leaves (checked field by field)."""
 
 from __future__ import annotations
 
+import inspect
 import json
 import time
 
@@ -189,7 +190,7 @@ def test_thumbs_with_reasons_and_comment(app, client):
 def test_edit_is_preferred_and_continues(app, client):
     store = app[1].store
     history, *_ = chat(client, "edit me")
-    model_answer = text_of(history[1])
+    shown = text_of(history[1])  # Gradio's Chatbot shows it through inspect.cleandoc (indentation dropped)
     history, status = client.predict("A better answer, written by me.", api_name="/edit")
     assert status.startswith("Recorded:")
     assert text_of(history[-1]) == "A better answer, written by me."
@@ -197,7 +198,8 @@ def test_edit_is_preferred_and_continues(app, client):
     msgs = store.conversation_messages(conv["id"])
     edit = store.query("SELECT * FROM comparisons WHERE conversation_id = ?", (conv["id"],))[0]
     assert (edit["source"], edit["verdict"], edit["turn"]) == ("edit", "edit", 1)
-    assert edit["a_text"] == model_answer and edit["b_text"] == "A better answer, written by me."
+    model_answer = edit["a_text"]
+    assert inspect.cleandoc(model_answer) == shown and edit["b_text"] == "A better answer, written by me."
     assert edit["a_generation_id"] == store.generation(edit["a_generation_id"])["id"]
     assert store.generation(edit["a_generation_id"])["content"] == model_answer
     assert msgs[1]["content"] == "A better answer, written by me." and msgs[1]["generation_id"] is None
@@ -320,7 +322,7 @@ def test_stop_cancels_the_engine_request(app, client):
     msgs = ctx.store.conversation_messages(conv["id"])
     gen = ctx.store.generation(msgs[1]["generation_id"])
     assert gen["finish_reason"] == "cancelled" and 1 <= gen["completion_tokens"] < 1000
-    assert gen["content"] == text_of(history[1])
+    assert inspect.cleandoc(gen["content"]) == text_of(history[1])  # as the Chatbot shows it
     assert client.predict(api_name="/stop") == "Nothing to stop."
 
 
