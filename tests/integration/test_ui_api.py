@@ -105,7 +105,7 @@ def test_regenerate_and_each_verdict(app, client, verdict):
     history, *_ = chat(client, message, seed=1)
     a_first = text_of(history[1])
     a_text, b_text, version, status = client.predict(0.9, 0.9, 12, 2, api_name="/regenerate")
-    assert a_text == a_first and b_text and "Which answer is better?" in status
+    assert inspect.cleandoc(a_text) == a_first and b_text and "Which answer is better?" in status  # Chatbot: cleandoc
     conv = conversation_of(store, message)
     comp = store.query("SELECT * FROM comparisons WHERE conversation_id = ?", (conv["id"],))
     assert len(comp) == 1
@@ -126,7 +126,7 @@ def test_regenerate_and_each_verdict(app, client, verdict):
     row = store.comparison(comp["id"])
     assert row["verdict"] == verdict and row["decided_at"]
     kept = b_text if verdict == "b" else a_text
-    assert text_of(history[-1]) == kept
+    assert text_of(history[-1]) == inspect.cleandoc(kept)  # as the Chatbot shows it
     msg = store.conversation_messages(conv["id"])[1]
     assert msg["content"] == kept
     assert msg["generation_id"] == (comp["b_generation_id"] if verdict == "b" else kept_gen)
