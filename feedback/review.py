@@ -390,23 +390,16 @@ def versions_seen(store: FeedbackStore) -> list[str]:
 
 # ----------------------------------------------------------------------------- training
 def runs(store: FeedbackStore, limit: int = 100) -> list[dict]:
-    """Training runs for the runs table: status, times, data used, gate decision, RM
-    accuracy, final KL."""
+    """Training runs, newest first: status, times, preferences, the gate's decision (parsed
+    JSON; a decision stored as plain text stays text), the reason in words, RM accuracy,
+    final KL and the candidate version."""
     rows = store.query("SELECT * FROM training_runs ORDER BY created_at DESC LIMIT ?", (limit,))
-    out = []
-    for r in rows:
-        data = _loads(r["data"]) or {}
-        decision = _loads(r["decision"]) if r["decision"] and r["decision"][:1] in "{[\"" else r["decision"]
-        out.append({
-            "id": r["id"], "status": r["status"], "trigger": r["trigger"],
-            "started_at": r["started_at"] or r["created_at"], "finished_at": r["finished_at"] or "",
-            "preferences": r["n_preferences"],
-            "data": data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)[:200],
-            "decision": decision if isinstance(decision, str) or decision is None
-            else json.dumps(decision, ensure_ascii=False)[:200],
-            "reason": r["reason"] or "", "rm_accuracy": r["rm_accuracy"], "kl": r["kl"],
-            "candidate_version": r["candidate_version"] or ""})
-    return out
+    return [{"id": r["id"], "status": r["status"], "trigger": r["trigger"],
+             "started_at": r["started_at"] or r["created_at"], "finished_at": r["finished_at"] or "",
+             "preferences": r["n_preferences"],
+             "decision": _loads(r["decision"]) if r["decision"] and r["decision"][:1] in "{[\"" else r["decision"],
+             "reason": r["reason"] or "", "rm_accuracy": r["rm_accuracy"], "kl": r["kl"],
+             "candidate_version": r["candidate_version"] or ""} for r in rows]
 
 
 def run_detail(store: FeedbackStore, run_id: str) -> dict:

@@ -20,7 +20,7 @@ from gradio_client.exceptions import AppError
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from assistant import console
+from assistant import console_service
 from assistant.chat import ChatError, ChatService, ChatSession
 from assistant.client import free_port
 from assistant.client import message_text as text_of
@@ -399,12 +399,12 @@ def test_console_renders_hostile_records_inert(app):
     store = ctx.store
     rendered = []
     for r in review.page(store, None, limit=1000):
-        rendered.append(console._record_markdown(review.record(store, r["record_type"], r["id"])))
+        rendered.append(console_service.record_markdown(review.record(store, r["record_type"], r["id"])))
     html = "\n".join(rendered)
     assert "&lt;script&gt;alert(&#x27;owned&#x27;)&lt;/script&gt;" in html  # the text is there, escaped
     for live in ("<script", "<img", "<iframe", "onerror=alert(1)>"):
         assert live not in html.lower()
-    table = console._table(review.page(store, None, limit=1000))
+    table = console_service.feedback_table(review.page(store, None, limit=1000))
     assert any("<img src=x" in str(v) for v in table["comment"])  # shown as text in a plain-text table
     cfg = httpx.get(url.rstrip("/") + "/config").json()
     detail = next(c for c in cfg["components"] if c.get("props", {}).get("elem_id") == "console-detail")

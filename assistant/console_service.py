@@ -1,0 +1,436 @@
+"""The maintainers' console as plain Python (no Gradio here): what each tab of the console
+(``assistant/console.py``) shows and every action it offers, as ``ChatService`` is for the chat.
+
+- Methods take plain values: ``review.Filters`` (``make_filters`` builds them from the
+  Feedback tab's fields), a record reference ``comparison:ID`` / ``rating:ID``, and the
+  maintainer's name for every change that is audited (exclusions, serving, retrains).
+- They return plain data: Markdown for the text views, a sentence for an action, lists,
+  dicts and pandas DataFrames (the tables as shown).
+- A refused request raises ``StoreError`` with a message for the maintainer: ``ConsoleError``
+  for the console's own checks, ``NotFound`` / ``NotServable`` from the layers below.
+
+Markdown views show user text (chats, comments, names) through ``esc``: inert as HTML *and*
+as Markdown, so a chat line ``![](https://evil.example/p.png)`` is shown as those characters
+and the maintainer's browser fetches nothing.  Table cells are plain text: free text cut to
+``PREVIEW`` characters (the record view has it all), times as ``2026-11-22 11:05`` (UTC),
+record and run ids in the last column.
+
+All SQL lives in ``feedback.review`` / ``feedback.leaderboard`` / ``feedback.export`` /
+``feedback.registry``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import string
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from assistant.settings import Settings
+from feedback import export, leaderboard, review
+from feedback.registry import Registry, canary_tally
+from feedback.store import FeedbackStore, StoreError
+from retrain import versions as serving
+
+log = logging.getLogger(__name__)
+
+PAGE_SIZE = 50
+PREVIEW = 80  # characters of free text in a table cell
+FEEDBACK_COLUMNS = ["time", "kind", "user", "version", "reasons", "comment", "status", "prompt", "record"]
+RUN_COLUMNS = ["started", "status", "reason", "trigger", "prefs", "RM acc", "KL", "took", "version", "run"]
+VERSION_COLUMNS = ["version", "serving", "parent", "kind", "created", "run", "note"]
+HISTORY_COLUMNS = ["time", "version", "action", "by", "reason"]
+PER_VERSION_COLUMNS = ["version", "comparisons", "both bad %", "ratings", "thumbs down %"]
+LEADERBOARD_COLUMNS = ["version", "rating", "95% CI", "games", "wins", "ties", "losses"]
+SERVE_ACTIONS = ("rollback", "promote")
+COMMENT_CHOICES = {"any": None, "with comment": True, "without comment": False}
+VERDICT_WORDS = {"a": "A is better", "b": "B is better", "tie": "Tie", "both_bad": "Both are bad",
+                 "edit": "Edited: the user's rewrite (B) is preferred over the model's answer (A)",
+                 "up": "Thumbs up", "down": "Thumbs down"}
+
+
+class ConsoleError(StoreError):
+    """A request the console refuses by itself; the message is meant for the maintainer."""
+
+
+# ----------------------------------------------------------------------------- text helpers
+# ASCII punctuation (HTML's and Markdown's syntax) as character references: CommonMark never
+# reads a reference as syntax (spec: "entity and numeric character references cannot be used in
+# place of symbols indicating structure"), GFM's autolinks need a literal ":", "." or "@", and
+# the browser shows the character itself.  The HTML five get html.escape's own spelling; "/",
+# "(" and ")" stay readable: without "[", "]", "<" and ":" they start nothing.
+_HTML = {"&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#x27;"}
+_INERT = str.maketrans({c: _HTML.get(c, f"&#{ord(c)};") for c in string.punctuation if c not in "/()"}
+                       | {"\n": "<br>"})
+
+
+def esc(text: object) -> str:
+    """Untrusted text for Markdown: inert as HTML and as Markdown, so a chat message like
+    ``![](https://evil.example/p.png)`` is shown, not fetched."""
+    return str(text or "").replace("\r\n", "\n").replace("\r", "\n").translate(_INERT)
+
+
+def _parse_time(stamp: str | None) -> datetime | None:
+    try:
+        t = datetime.fromisoformat(stamp or "")
+    except ValueError:
+        return None
+    return t.astimezone(timezone.utc) if t.tzinfo else t
+
+
+def when(stamp: str | None) -> str:
+    """A stored ISO time as ``2026-11-22 11:05`` (UTC); text that is no time stays as it is."""
+    t = _parse_time(stamp)
+    return t.strftime("%Y-%m-%d %H:%M") if t else (stamp or "")
+
+
+def took(start: str | None, end: str | None) -> str:
+    """How long from ``start`` to ``end``: ``45 s``, ``12 min``, ``2 h 5 min``; empty until
+    both are known."""
+    t0, t1 = _parse_time(start), _parse_time(end)
+    if not (t0 and t1):
+        return ""
+    seconds = max(0, round((t1 - t0).total_seconds()))
+    if seconds < 60:
+        return f"{seconds} s"
+    hours, minutes = divmod(seconds // 60, 60)
+    return f"{hours} h {minutes} min" if hours else f"{minutes} min"
+
+
+def preview(text: object, limit: int = PREVIEW) -> str:
+    """Free text on one line, at most ``limit`` characters (ending in "…" when cut)."""
+    line = " ".join(str(text or "").split())
+    return line if len(line) <= limit else line[:limit - 1].rstrip() + "…"
+
+
+def _number(value: float | None, digits: int) -> str:
+    return "" if value is None else f"{value:.{digits}f}"
+
+
+def _percent(share: float | None) -> float | None:
+    return None if share is None else round(100 * share, 1)
+
+
+def parse_ref(ref: str | None) -> tuple[str, str]:
+    """``comparison:ID`` or ``rating:ID`` as (record type, id)."""
+    ref = (ref or "").strip()
+    if ":" in ref:
+        kind, rid = ref.split(":", 1)
+        if kind in ("comparison", "rating"):
+            return kind, rid.strip()
+    raise ConsoleError("give a record as comparison:ID or rating:ID (the record column of the table)")
+
+
+def make_filters(since: str = "", until: str = "", kinds: list[str] | None = None, reason: str = "",
+                 version: str = "", session: str = "", has_comment: str = "any", status: str = "all",
+                 search: str = "") -> review.Filters:
+    """The Feedback tab's fields (in their order on the page) as validated filters;
+    ``has_comment`` is one of ``COMMENT_CHOICES``."""
+    return review.Filters(
+        since=(since or "").strip(), until=(until or "").strip(), kinds=list(kinds or []), reason=reason or "",
+        model_version=version or "", session=(session or "").strip(),
+        has_comment=COMMENT_CHOICES.get(has_comment or "any"), status=status or "all",
+        search=(search or "").strip()).validate()
+
+
+# ----------------------------------------------------------------------------- tables and views
+def feedback_table(rows: list[dict]) -> pd.DataFrame:
+    """``review.page`` rows as the Feedback tab shows them."""
+    return pd.DataFrame([[when(r["created_at"]), r["kind"], r["user"] or r["session_id"][:12], r["model_version"],
+                          r["reasons"], preview(r["comment"]),
+                          preview(f"excluded: {r['exclude_reason']}") if r["excluded"] else "included",
+                          preview(r["snippet"]), f"{r['record_type']}:{r['id']}"]
+                         for r in rows], columns=FEEDBACK_COLUMNS)
+
+
+def run_reason(run: dict) -> str:
+    """Why a run ended as it did, in words: its stored reason, else the gate's failed checks;
+    a rejected or failed run always gets some words."""
+    if run["reason"]:
+        return run["reason"]
+    decision = run["decision"]
+    if isinstance(decision, dict) and decision.get("reasons"):
+        return "; ".join(str(r) for r in decision["reasons"])
+    return "no reason recorded" if run["status"] in ("rejected", "failed") else ""
+
+
+def runs_table(runs: list[dict]) -> pd.DataFrame:
+    """``review.runs`` rows as the Training tab shows them."""
+    return pd.DataFrame([[when(r["started_at"]), r["status"], preview(run_reason(r)), r["trigger"],
+                          "" if r["preferences"] is None else r["preferences"], _number(r["rm_accuracy"], 3),
+                          _number(r["kl"], 2), took(r["started_at"], r["finished_at"]), r["candidate_version"],
+                          r["id"]] for r in runs], columns=RUN_COLUMNS)
+
+
+def record_markdown(rec: dict) -> str:
+    """One ``review.record`` in full, as Markdown with every user text escaped."""
+    verdict = VERDICT_WORDS.get(rec["verdict"], rec["verdict"] or "undecided")
+    lines = [f"### {rec['record_type']} `{rec['id']}`",
+             f"**Verdict:** {esc(verdict)} &nbsp; **at** {when(rec['created_at'])} UTC &nbsp; **turn** {rec['turn']}",
+             f"**Session:** <code>{esc(rec['session_id'])}</code> (user: {esc(rec['user'] or '-')}"
+             f"{', OPTED OUT' if rec['opt_out'] else ''}) &nbsp; **conversation** <code>{esc(rec['conversation_id'])}</code>"]
+    if rec["reasons"] or rec["comment"]:
+        lines.append(f"**Reasons:** {esc(', '.join(rec['reasons']) or '-')} &nbsp; "
+                     f"**Comment:** {esc(rec['comment'] or '-')}")
+    status = (f"**EXCLUDED** by {esc(rec['excluded_by'])} at {when(rec['excluded_at'])}: {esc(rec['exclude_reason'])}"
+              if rec["excluded"] else "Included in training")
+    if rec["used_in_run"]:
+        status += f" (used in run `{rec['used_in_run']}`)"
+    lines += [f"**Status:** {status}", "#### Conversation up to the judged turn"]
+    for m in rec["context"]:
+        lines.append(f"<b>{esc(m.get('role'))}:</b><blockquote>{esc(m.get('content'))}</blockquote>")
+    for ans in rec["answers"]:
+        lines.append(f"#### Answer {esc(ans['label'])}\n<small>{_generation_line(ans['generation'])}</small>"
+                     f"<blockquote>{esc(ans['text'])}</blockquote>")
+    if rec["review_log"]:
+        lines.append("#### Review history")
+        lines += [f"- {when(e['at'])} **{e['action']}** by {esc(e['actor'])}: {esc(e['reason'])}"
+                  for e in rec["review_log"]]
+    return "\n\n".join(lines)
+
+
+def _generation_line(g: dict | None) -> str:
+    if not g:
+        return "(no generation record)"
+    return (f"version <code>{esc(g['model_version'])}</code>, sampling <code>"
+            f"{esc(json.dumps(g['sampling'], ensure_ascii=False))}</code>, tokens "
+            f"{g['prompt_tokens']} in / {g['completion_tokens']} out, latency "
+            f"{g['latency_ms'] or 0:.0f} ms (first token {g['ttft_ms'] or 0:.0f} ms), finish {g['finish_reason']}")
+
+
+# ----------------------------------------------------------------------------- what methods return
+@dataclass
+class Page:
+    """One page of the Feedback table, and what the console keeps to turn pages."""
+
+    table: pd.DataFrame
+    keys: list[str]     # "type:id" of each row, in order
+    cursors: list       # keyset cursors of the pages so far; the last starts this page (None: the first)
+    info: str           # "1–50 of 1234 judgements"
+
+
+@dataclass
+class Charts:
+    per_day: list[dict]      # {day, kind, n}
+    per_version: list[dict]  # review.per_version rows
+    table: pd.DataFrame      # per version, in percent
+
+
+@dataclass
+class Training:
+    schedule: str            # Markdown: next scheduled run and the live canary
+    table: pd.DataFrame
+    run_ids: list[str]
+
+
+@dataclass
+class RunDetail:
+    text: str                # Markdown
+    series: dict             # {phase: {metric: [(step, value)]}}
+    config: dict
+
+
+@dataclass
+class VersionsView:
+    served: str              # Markdown: what is served, since when, by whom
+    table: pd.DataFrame
+    ids: list[str]
+    history: pd.DataFrame    # serving log, newest first
+
+
+# ----------------------------------------------------------------------------- the service
+class ConsoleService:
+    """Everything the console does.  ``scheduler`` is the app's ``RetrainScheduler``, or None
+    when the app does not schedule retrains."""
+
+    def __init__(self, settings: Settings, store: FeedbackStore, registry: Registry, scheduler: Any = None):
+        self.settings = settings
+        self.store = store
+        self.registry = registry
+        self.scheduler = scheduler
+
+    # -- feedback --------------------------------------------------------------------------
+    def page(self, f: review.Filters, cursors: list | None = None) -> Page:
+        """The page the last of ``cursors`` starts (the first page without cursors)."""
+        cursors = list(cursors or [None])
+        after = tuple(cursors[-1]) if cursors[-1] else None
+        rows = review.page(self.store, f, limit=PAGE_SIZE, after=after)
+        total = review.count(self.store, f)
+        first = (len(cursors) - 1) * PAGE_SIZE
+        info = f"{first + 1}–{first + len(rows)} of {total} judgements" if rows else f"no judgements (of {total})"
+        return Page(feedback_table(rows), [f"{r['record_type']}:{r['id']}" for r in rows], cursors, info)
+
+    def next_page(self, f: review.Filters, cursors: list, keys: list[str]) -> Page:
+        """The page after the one showing ``keys`` (the same page when it was the last)."""
+        if len(keys) < PAGE_SIZE:
+            return self.page(f, cursors)
+        last = review.record(self.store, *parse_ref(keys[-1]))
+        return self.page(f, [*cursors, (last["created_at"], last["id"])])
+
+    def previous_page(self, f: review.Filters, cursors: list) -> Page:
+        return self.page(f, cursors[:-1] if len(cursors) > 1 else None)
+
+    @staticmethod
+    def row_ref(keys: list[str], row: int | None) -> str:
+        """The record shown in table row ``row``."""
+        if row is None or not 0 <= row < len(keys):
+            raise ConsoleError("no such row")
+        return keys[row]
+
+    def record_view(self, ref: str) -> str:
+        """One record in full (Markdown)."""
+        return record_markdown(review.record(self.store, *parse_ref(ref)))
+
+    def filter_versions(self) -> list[str]:
+        """Every model version that answered or was registered (the Feedback filter's choices)."""
+        return review.versions_seen(self.store)
+
+    def exclude(self, ref: str, reason: str, user: str) -> str:
+        """Excludes one record from training; ``reason`` is required and logged with ``user``."""
+        return self._set_one(ref, True, reason, user)
+
+    def restore(self, ref: str, reason: str, user: str) -> str:
+        return self._set_one(ref, False, reason, user)
+
+    def _set_one(self, ref: str, excluded: bool, reason: str, user: str) -> str:
+        kind, rid = parse_ref(ref)
+        if not self.store.set_excluded(kind, [rid], excluded, reason or "", user):
+            raise ConsoleError(f"no {kind} {rid}")
+        verb = "Excluded" if excluded else "Restored"
+        log.info("console: %s %s %s %s", user, verb.lower(), kind, rid)
+        return f"{verb} {kind} `{rid}`."
+
+    def exclude_matching(self, f: review.Filters, reason: str, user: str) -> str:
+        """Excludes every record the filters select (each one logged with ``reason`` and ``user``)."""
+        return self._set_matching(f, True, reason, user)
+
+    def restore_matching(self, f: review.Filters, reason: str, user: str) -> str:
+        return self._set_matching(f, False, reason, user)
+
+    def _set_matching(self, f: review.Filters, excluded: bool, reason: str, user: str) -> str:
+        n = review.set_excluded_matching(self.store, f, excluded, reason or "", user)
+        verb = "Excluded" if excluded else "Restored"
+        log.info("console: %s %s %d records", user, verb.lower(), n)
+        return f"{verb} {n} records."
+
+    # -- charts and leaderboard ------------------------------------------------------------
+    def charts(self) -> Charts:
+        rows = review.per_version(self.store)
+        table = pd.DataFrame([[r["version"], r["comparisons"], _percent(r["both_bad_share"]), r["ratings"],
+                               _percent(r["down_share"])] for r in rows], columns=PER_VERSION_COLUMNS)
+        return Charts(review.per_day(self.store), rows, table)
+
+    def leaderboard(self) -> pd.DataFrame:
+        return pd.DataFrame([[r["version"], r["rating"], f"{r['ci_low']:.0f}–{r['ci_high']:.0f}", r["games"],
+                              r["wins"], r["ties"], r["losses"]] for r in leaderboard.leaderboard(self.store)],
+                            columns=LEADERBOARD_COLUMNS)
+
+    # -- training --------------------------------------------------------------------------
+    def training(self) -> Training:
+        runs = review.runs(self.store)
+        return Training(self.schedule(), runs_table(runs), [r["id"] for r in runs])
+
+    def schedule(self) -> str:
+        """The next scheduled retrain and the live canary's progress (Markdown)."""
+        if self.scheduler is None:
+            text = "Scheduled retraining: **scheduler not running**."
+        else:
+            nxt = self.scheduler.next_run_time()
+            text = f"Next scheduled retrain: **{nxt.isoformat(timespec='minutes') if nxt else 'none scheduled'}**"
+        return text + "\n\n" + self._canary()
+
+    def _canary(self) -> str:
+        s = self.settings
+        state = self.registry.canary()
+        if not state:
+            return "Live canary: **no candidate on trial**" + ("" if s.canary_enabled else " (switched off)")
+        votes = self.registry.canary_votes(state["version_id"], state["parent_id"], state["started_at"])
+        wins, losses, ties = canary_tally(votes, state["version_id"])
+        rate = f"{wins / (wins + losses):.0%}" if wins + losses else "–"
+        return (f"Live canary: **{esc(state['version_id'])}** on trial against {esc(state['parent_id'])} since "
+                f"{when(state['started_at'])} (run {esc(state['run_id'])}): **{wins} wins, {losses} losses, "
+                f"{ties} ties** (decisive win rate {rate}; needs {s.canary_min_votes}+ decisive votes and "
+                f"a lower bound above 50%, at most {s.canary_max_votes} votes / {s.canary_max_minutes:.0f} min)")
+
+    def run_detail(self, run_id: str) -> RunDetail:
+        d = review.run_detail(self.store, run_id or "")
+        run = d["run"]
+        decision = d["decision"] if isinstance(d["decision"], dict) else {}
+        gate = "passed" if decision.get("passed") else "not passed" if decision else "-"
+        text = (f"### Run <code>{esc(run['id'])}</code>: {esc(run['status'])}\n\nTrigger {esc(run['trigger'])}, "
+                f"started {when(run['started_at'] or run['created_at'])}, finished {when(run['finished_at']) or '-'} "
+                f"(UTC); {run['n_preferences'] or 0} preferences; RM accuracy {_number(run['rm_accuracy'], 3) or '-'}; "
+                f"final KL {_number(run['kl'], 2) or '-'}\n\n"
+                f"**Gate:** {gate}. **Reason:** {esc(run_reason({**run, 'decision': decision}) or '-')}\n\n"
+                f"**Data:** <code>{esc(json.dumps(d['data'], ensure_ascii=False)) if d['data'] else '-'}</code>")
+        logged = {phase: sorted(names) for phase, names in d["series"].items()}
+        if logged:
+            text += f"\n\nLogged metrics: {esc(json.dumps(logged))}"
+        return RunDetail(text, d["series"], d["config"])
+
+    def retrain_now(self, user: str) -> str:
+        """Starts a training run now, beside the schedule."""
+        if self.scheduler is None:
+            raise ConsoleError("scheduler not running: start the app with --retrain-enabled")
+        try:
+            rid = self.scheduler.run_now(trigger="manual")
+        except RuntimeError as exc:  # a run is already in progress
+            raise ConsoleError(str(exc)) from None
+        log.info("console: %s started retrain %s", user, rid)
+        return f"Started run `{rid}`. " + self.schedule()
+
+    # -- versions --------------------------------------------------------------------------
+    def served_version(self) -> str | None:
+        return self.registry.served_version()
+
+    def versions(self) -> VersionsView:
+        rows = review.versions(self.store)
+        served = self.registry.served()
+        text = (f"Serving **{esc(served['version_id'])}** since {when(served['at'])} UTC "
+                f"({esc(served['action'])} by {esc(served['actor'])}{': ' + esc(served['reason']) if served['reason'] else ''})"
+                if served else "Nothing served yet.")
+        table = pd.DataFrame([[r["id"], "● serving" if r["served"] else "", r["parent_id"] or "", r["kind"],
+                               when(r["created_at"]), r["run_id"] or "", preview(r["note"])] for r in rows],
+                             columns=VERSION_COLUMNS)
+        history = pd.DataFrame([[when(h["at"]), h["version_id"], h["action"], h["actor"], preview(h["reason"])]
+                                for h in reversed(self.registry.serving_history())], columns=HISTORY_COLUMNS)
+        return VersionsView(text, table, [r["id"] for r in rows], history)
+
+    def plan_serve(self, version_id: str, action: str, reason: str) -> tuple[dict, str]:
+        """Checks a promote/rollback before it is confirmed: returns the plan for ``serve``
+        and the question to confirm (Markdown)."""
+        self.registry.version(version_id or "")
+        if action not in SERVE_ACTIONS:
+            raise ConsoleError("choose rollback or promote")
+        plan = {"version": version_id, "action": action, "reason": reason or ""}
+        return plan, (f"**{action.title()} to <code>{esc(version_id)}</code>?** "
+                      "New chats will be answered by it within seconds.")
+
+    def serve(self, plan: dict | None, user: str) -> None:
+        """Serves the planned version (``serving_log`` records ``user`` and the reason)."""
+        if not plan:
+            raise ConsoleError("nothing to confirm")
+        serving.serve_version(self.registry, plan["version"], plan["action"], actor=user, reason=plan["reason"])
+        log.info("console: %s %s to %s", user, plan["action"], plan["version"])
+
+    # -- exports ---------------------------------------------------------------------------
+    def export_trl(self, f: review.Filters, path: Path, include_excluded: bool = False) -> str:
+        """The filtered preference pairs as TRL conversational JSONL at ``path``."""
+        n = export.export_trl(self.store, path, f, include_excluded=include_excluded)
+        return f"{n} preference pairs exported."
+
+    def export_csv(self, f: review.Filters, path: Path, include_excluded: bool = False) -> str:
+        n = export.export_csv(self.store, path, f, include_excluded=include_excluded)
+        return f"{n} judgements exported."
+
+    def export_db(self, path: Path) -> str:
+        """A consistent copy of the database without console users or opted-out sessions."""
+        export.shareable_db_copy(self.store.path, path)
+        return (f"Consistent copy of the database without console users or opted-out sessions "
+                f"({os.path.getsize(path) // 1024} KiB).")

@@ -1,0 +1,306 @@
+"""The console's service without a browser or a server: a real SQLite store, the service's
+methods called as the console's handlers call them, and what they return or refuse."""
+
+from __future__ import annotations
+
+import csv
+import html
+import json
+import re
+import sqlite3
+from datetime import datetime
+
+import pytest
+
+from assistant.console_service import (
+    FEEDBACK_COLUMNS,
+    PAGE_SIZE,
+    PREVIEW,
+    RUN_COLUMNS,
+    ConsoleError,
+    ConsoleService,
+    make_filters,
+    parse_ref,
+    preview,
+    took,
+    when,
+)
+from feedback import auth
+from feedback.registry import Registry
+from feedback.store import NotFound, StoreError
+from tests.factories import app_settings, populate, seed_votes
+
+HUMAN_TIME = re.compile(r"\d{4}-\d{2}-\d{2} \d{2}:\d{2}")
+
+
+@pytest.fixture
+def console(store, tmp_path, tiny_model_dir):
+    """(service, store, registry, ids): ``populate``'s judgements, the SFT model served."""
+    registry = Registry(store)
+    registry.register_base("sft", str(tiny_model_dir), str(tiny_model_dir))
+    registry.set_served("sft", "serve", reason="first start")
+    ids = populate(store, registry, str(tiny_model_dir))
+    service = ConsoleService(app_settings(tmp_path, tiny_model_dir), store, registry)
+    return service, store, registry, ids
+
+
+def keys(service, **filters) -> set[str]:
+    return set(service.page(make_filters(**filters)).keys)
+
+
+# ----------------------------------------------------------------------------- the Feedback tab
+def test_filters_select_the_matching_judgements(console):
+    service, _, _, ids = console
+    assert keys(service, kinds=["down"], reason="inaccurate") == {f"rating:{ids['rating0']}"}
+    assert keys(service, kinds=["a", "b", "both_bad"], session="alice") == {
+        f"comparison:{ids['comparison0']}", f"comparison:{ids['comparison2']}"}
+    assert keys(service, has_comment="with comment") == {f"rating:{ids['rating0']}"}
+    assert keys(service, search="haiku") == {f"comparison:{ids['comparison1']}", f"comparison:{ids['edit']}",
+                                             f"rating:{ids['rating1']}"}
+    assert keys(service, kinds=["edit"], version="v2") == set()  # the edit's B is the user's, A is sft
+    assert len(keys(service)) == 7
+    with pytest.raises(StoreError, match="unknown kinds"):
+        make_filters(kinds=["sideways"])
+
+
+def test_feedback_table_is_readable(console):
+    service, store, _, ids = console
+    page = service.page(make_filters(kinds=["down"], reason="inaccurate"))
+    assert list(page.table.columns) == FEEDBACK_COLUMNS and FEEDBACK_COLUMNS[-1] == "record"
+    row = page.table.iloc[0]
+    stored = store.query("SELECT created_at FROM ratings WHERE id = ?", (ids["rating0"],))[0]["created_at"]
+    assert HUMAN_TIME.fullmatch(row["time"]) and row["time"] == stored[:16].replace("T", " ")
+    assert (row["kind"], row["user"], row["version"], row["reasons"], row["comment"], row["status"]) == (
+        "down", "alice", "sft", "inaccurate", "wrong city", "included")
+    assert row["prompt"] == "What is the capital of France?"
+    assert row["record"] == f"rating:{ids['rating0']}" and page.keys == [row["record"]]
+    assert page.info == "1–1 of 1 judgements"
+
+
+def test_long_text_is_cut_to_a_preview_in_the_table_but_whole_in_the_record(console):
+    service, store, _, _ = console
+    question = "Tell me everything about the history of the Roman empire " * 5
+    comment = "This answer misses the point entirely and " * 6 + "THE-END"
+    sid = "sess-carol"
+    store.ensure_session(sid, user="carol")
+    conv = store.start_conversation(sid, "You are a helpful AI assistant.")
+    context = [{"role": "user", "content": question}]
+    gen = store.record_generation(session_id=sid, conversation_id=conv, turn=1, context=context, content="Rome.",
+                                  model_version="sft", sampling={}, prompt_tokens=5, completion_tokens=2,
+                                  ttft_ms=1.0, latency_ms=2.0, finish_reason="stop")
+    rid = store.record_rating(session_id=sid, generation_id=gen, thumb="down", reasons=[], comment=comment)
+    row = service.page(make_filters(session="carol")).table.iloc[0]
+    for cell, full in ((row["comment"], comment), (row["prompt"], question)):
+        assert len(cell) <= PREVIEW and cell.endswith("…")
+        assert full.startswith(cell[:-1])
+    assert "THE-END" not in row["comment"]
+    assert "THE&#45;END" in service.record_view(f"rating:{rid}")  # the record view has it all (escaped)
+    assert preview("short  text\non lines") == "short text on lines"
+
+
+def test_paging_visits_every_judgement_once(store, tmp_path, tiny_model_dir):
+    seed_votes(store, PAGE_SIZE * 2 + 7)
+    service = ConsoleService(app_settings(tmp_path, tiny_model_dir), store, Registry(store))
+    f = make_filters()
+    first = service.page(f)
+    second = service.next_page(f, first.cursors, first.keys)
+    third = service.next_page(f, second.cursors, second.keys)
+    assert [p.info for p in (first, second, third)] == [
+        f"1–50 of {PAGE_SIZE * 2 + 7} judgements", "51–100 of 107 judgements", "101–107 of 107 judgements"]
+    seen = first.keys + second.keys + third.keys
+    assert len(seen) == len(set(seen)) == PAGE_SIZE * 2 + 7
+    assert service.next_page(f, third.cursors, third.keys).keys == third.keys  # the last page stays
+    assert service.previous_page(f, third.cursors).keys == second.keys
+    assert service.previous_page(f, first.cursors).keys == first.keys
+
+
+def test_excluding_one_record_needs_a_reason_and_is_audited(console):
+    service, store, _, ids = console
+    ref = f"comparison:{ids['comparison0']}"
+    with pytest.raises(StoreError, match="reason"):
+        service.exclude(ref, "  ", "maria")
+    assert not store.comparison(ids["comparison0"])["excluded"]
+
+    assert service.exclude(ref, "test data", "maria") == f"Excluded comparison `{ids['comparison0']}`."
+    row = store.comparison(ids["comparison0"])
+    assert (row["excluded"], row["excluded_by"], row["exclude_reason"]) == (1, "maria", "test data")
+    assert ids["comparison0"] not in {r["id"] for r in store.usable_comparisons()}
+    log = store.query("SELECT action, reason, actor FROM review_log WHERE record_id = ?", (ids["comparison0"],))
+    assert log == [{"action": "exclude", "reason": "test data", "actor": "maria"}]
+    page = service.page(make_filters(status="excluded"))
+    assert page.keys == [ref] and page.table.iloc[0]["status"] == "excluded: test data"
+    view = service.record_view(ref)
+    assert "**EXCLUDED** by maria" in view and "test data" in view and "Review history" in view
+
+    assert service.restore(ref, "", "omar") == f"Restored comparison `{ids['comparison0']}`."
+    assert ids["comparison0"] in {r["id"] for r in store.usable_comparisons()}
+    log = store.query("SELECT action, actor FROM review_log WHERE record_id = ? ORDER BY id", (ids["comparison0"],))
+    assert [(e["action"], e["actor"]) for e in log] == [("exclude", "maria"), ("restore", "omar")]
+
+
+def test_bad_references_are_refused_with_a_clear_message(console):
+    service, _, _, ids = console
+    for bad in ("", "comparison", "user:1", f"{ids['comparison0']}"):
+        with pytest.raises(ConsoleError, match="comparison:ID or rating:ID"):
+            parse_ref(bad)
+    with pytest.raises(ConsoleError, match="no rating nope"):
+        service.exclude("rating:nope", "why", "maria")
+    with pytest.raises(NotFound):
+        service.record_view("comparison:nope")
+    with pytest.raises(ConsoleError, match="no such row"):
+        service.row_ref([f"rating:{ids['rating0']}"], 1)
+    assert service.row_ref([f"rating:{ids['rating0']}"], 0) == f"rating:{ids['rating0']}"
+
+
+def test_bulk_exclusion_changes_exactly_what_the_filters_select(console):
+    service, store, _, ids = console
+    alice = make_filters(session="alice")
+    assert service.exclude_matching(alice, "bad session", "maria") == "Excluded 4 records."
+    excluded = keys(service, status="excluded")
+    assert excluded == {f"comparison:{ids['comparison0']}", f"comparison:{ids['comparison2']}",
+                        f"rating:{ids['rating0']}", f"rating:{ids['rating2']}"}
+    assert keys(service, status="included") == {f"comparison:{ids['comparison1']}", f"comparison:{ids['edit']}",
+                                                f"rating:{ids['rating1']}"}
+    log = store.query("SELECT record_type, record_id, actor, reason FROM review_log WHERE action = 'exclude'")
+    assert {f"{r['record_type']}:{r['record_id']}" for r in log} == excluded and len(log) == 4  # one row each
+    assert {(r["actor"], r["reason"]) for r in log} == {("maria", "bad session")}
+    assert service.restore_matching(alice, "", "maria") == "Restored 4 records."
+    assert keys(service, status="excluded") == set()
+
+
+# ----------------------------------------------------------------------------- Training, Versions, Leaderboard
+def rejected_run(registry, reasons: list[str], reason: str | None = None) -> str:
+    """A run the gate rejected, recorded as ``retrain/job.py`` records it."""
+    run = registry.create_run("manual")
+    registry.update_run(run, status="running", started_at="2026-11-22T11:05:33.123+00:00", n_preferences=212)
+    decision = {"passed": False, "reasons": reasons,
+                "checks": [{"name": "rm_ci_low", "value": 0.44, "threshold": 0.5, "passed": False}]}
+    registry.update_run(run, status="rejected", finished_at="2026-11-22T11:17:40.000+00:00", kl=3.25,
+                        rm_accuracy=0.8137, decision=decision,
+                        reason="; ".join(reasons) if reason is None else reason)
+    return run
+
+
+def test_training_table_gives_each_runs_status_and_reason_in_words(console):
+    service, _, registry, _ = console
+    words = "reward model accuracy lower bound 0.44 is not above 0.50"
+    rejected = rejected_run(registry, [words])
+    unexplained = rejected_run(registry, ["judge prefers the served model"], reason="")
+    failed = registry.create_run("schedule")
+    registry.fail_runs([failed], "RuntimeError: out of memory while training the reward model")
+
+    training = service.training()
+    table = training.table
+    assert list(table.columns) == RUN_COLUMNS and RUN_COLUMNS[-1] == "run"
+    rows = {row["run"]: row for row in table.to_dict("records")}
+    assert set(training.run_ids) == set(rows) == {rejected, unexplained, failed}
+    assert (rows[rejected]["status"], rows[rejected]["reason"]) == ("rejected", words)
+    assert rows[unexplained]["reason"] == "judge prefers the served model"  # from the gate's decision
+    assert (rows[failed]["status"], rows[failed]["reason"]) == (
+        "failed", "RuntimeError: out of memory while training the reward model")
+    assert (rows[rejected]["started"], rows[rejected]["took"], rows[rejected]["prefs"]) == (
+        "2026-11-22 11:05", "12 min", 212)
+    assert (rows[rejected]["RM acc"], rows[rejected]["KL"]) == ("0.814", "3.25")
+    assert not [v for row in rows.values() for v in row.values() if "{" in str(v)]  # no raw JSON
+
+    text = html.unescape(service.run_detail(rejected).text)
+    assert words in text and "**Gate:** not passed" in text and "started 2026-11-22 11:05" in text
+
+
+def test_time_helpers():
+    assert when("2026-11-22T11:05:33.123+00:00") == "2026-11-22 11:05"
+    assert when("2026-11-22T13:05:00+02:00") == "2026-11-22 11:05"  # shown in UTC
+    assert when(None) == "" and when("not a time") == "not a time"
+    assert took("2026-11-22T11:05:00+00:00", "2026-11-22T11:05:45+00:00") == "45 s"
+    assert took("2026-11-22T11:05:00+00:00", "2026-11-22T13:10:00+00:00") == "2 h 5 min"
+    assert took("2026-11-22T11:05:00+00:00", "") == ""
+
+
+def test_schedule_and_retrain_now(console):
+    service, _, registry, _ = console
+    assert "scheduler not running" in service.schedule() and "no candidate on trial" in service.schedule()
+    with pytest.raises(ConsoleError, match="scheduler not running"):
+        service.retrain_now("maria")
+
+    class Scheduler:
+        busy = False
+
+        def next_run_time(self):
+            return datetime(2026, 11, 23, 3, 0)
+
+        def run_now(self, trigger):
+            if self.busy:
+                raise RuntimeError("a retrain run is already in progress")
+            self.busy = True
+            return registry.create_run(trigger)
+
+    service.scheduler = Scheduler()
+    message = service.retrain_now("maria")
+    run = registry.runs()[0]
+    assert run["trigger"] == "manual" and message.startswith(f"Started run `{run['id']}`.")
+    assert "Next scheduled retrain: **2026-11-23T03:00**" in message
+    with pytest.raises(ConsoleError, match="already in progress"):
+        service.retrain_now("maria")
+
+
+def test_promote_and_roll_back_need_a_plan_and_are_recorded(console):
+    service, _, registry, _ = console
+    with pytest.raises(NotFound):
+        service.plan_serve("v9", "promote", "")
+    with pytest.raises(ConsoleError, match="rollback or promote"):
+        service.plan_serve("v2", "delete", "")
+    with pytest.raises(ConsoleError, match="nothing to confirm"):
+        service.serve(None, "maria")
+    plan, question = service.plan_serve("v2", "promote", "try v2")
+    assert "Promote to <code>v2</code>?" in question and registry.served_version() == "sft"
+    service.serve(plan, "maria")
+    served = registry.served()
+    assert (served["version_id"], served["action"], served["actor"], served["reason"]) == (
+        "v2", "promote", "maria", "try v2")
+
+    view = service.versions()
+    assert "Serving **v2**" in view.served and set(view.ids) == {"sft", "v2"}
+    rows = {row["version"]: row for row in view.table.to_dict("records")}
+    assert rows["v2"]["serving"] == "● serving" and rows["sft"]["serving"] == ""
+    assert rows["v2"]["parent"] == "sft" and HUMAN_TIME.fullmatch(rows["v2"]["created"])
+    newest = view.history.iloc[0]
+    assert (newest["version"], newest["action"], newest["by"], newest["reason"]) == ("v2", "promote", "maria", "try v2")
+    assert HUMAN_TIME.fullmatch(newest["time"])
+
+
+def test_leaderboard_and_charts(console):
+    service, _, _, _ = console
+    board = service.leaderboard()
+    assert list(board["version"]) and set(board["version"]) == {"sft", "v2"}
+    assert all(re.fullmatch(r"\d+–\d+", ci) for ci in board["95% CI"])
+    charts = service.charts()
+    assert sum(r["n"] for r in charts.per_day) == 7
+    shares = charts.table.set_index("version")
+    assert shares.loc["v2", "both bad %"] == pytest.approx(33.3) and shares.loc["sft", "thumbs down %"] == 66.7
+
+
+# ----------------------------------------------------------------------------- exports
+def test_exports_hold_what_the_filters_select(console, tmp_path):
+    service, store, _, ids = console
+    service.exclude(f"comparison:{ids['comparison1']}", "noise", "maria")
+
+    trl = tmp_path / "prefs.jsonl"
+    assert service.export_trl(make_filters(), trl) == "2 preference pairs exported."
+    records = [json.loads(line) for line in trl.read_text().splitlines()]
+    # comparison0 (B won) and the edit; comparison1 is excluded, comparison2 ("both bad") has no pair
+    assert sorted((r["chosen"][0]["content"], r["rejected"][0]["content"]) for r in records) == [
+        ("Rain on the window", "answer A1"), ("answer B0", "answer A0")]
+    assert records[0]["prompt"][-1] == {"role": "user", "content": "What is the capital of France?"}
+    assert service.export_trl(make_filters(), trl, include_excluded=True) == "3 preference pairs exported."
+
+    table = tmp_path / "down.csv"
+    assert service.export_csv(make_filters(kinds=["down"]), table) == "2 judgements exported."
+    rows = list(csv.DictReader(table.open(encoding="utf-8")))
+    assert {r["id"] for r in rows} == {ids["rating0"], ids["rating2"]} and {r["kind"] for r in rows} == {"down"}
+
+    auth.add_user(store, "omar", "long enough pw")
+    copy = tmp_path / "copy.sqlite"
+    assert service.export_db(copy).startswith("Consistent copy of the database")
+    with sqlite3.connect(copy) as conn:
+        assert conn.execute("SELECT COUNT(*) FROM users").fetchone() == (0,)
+        assert conn.execute("SELECT COUNT(*) FROM comparisons").fetchone() == (4,)
