@@ -212,6 +212,69 @@ def _curves_figure(series: dict):
     return _close(fig)
 
 
+def _leaderboard_figure(rows: list[dict]):
+    """Each version's rating with its 95% interval, best at the top."""
+    fig, ax = _subplots(1, (6, max(2.2, 0.45 * len(rows) + 1)))
+    if rows:
+        ordered = sorted(rows, key=lambda r: r["rating"])
+        y = range(len(ordered))
+        ratings = [r["rating"] for r in ordered]
+        ax.errorbar(ratings, list(y), xerr=[[r["rating"] - r["ci_low"] for r in ordered],
+                                             [r["ci_high"] - r["rating"] for r in ordered]],
+                    fmt="o", capsize=4)
+        ax.set_yticks(list(y), [r["version"] for r in ordered], fontsize=8)
+        ax.axvline(1000, color="grey", lw=0.8, ls="--")
+        ax.set_xlabel("rating (Elo scale), 95% bootstrap interval")
+    else:
+        _nothing_yet(ax, "no A/B votes between different versions yet")
+    ax.set_title("Versions by users' votes")
+    return _close(fig)
+
+
+def _reasons_figure(rows: list[dict]):
+    import pandas as pd
+
+    fig, ax = _subplots(1, (9, 3.2))
+    if rows:
+        df = pd.DataFrame(rows).pivot_table(index="day", columns="reason", values="n", aggfunc="sum", fill_value=0)
+        df.plot(kind="bar", stacked=True, ax=ax, width=0.8)
+        ax.legend(fontsize=7, ncol=4)
+        ax.tick_params(axis="x", labelsize=7)
+    else:
+        _nothing_yet(ax, "no reason tags yet")
+    ax.set_title("Reason tags of ratings per day")
+    ax.set_xlabel("")
+    return _close(fig)
+
+
+def _canary_figure(table):
+    """The candidate's running win rate over decisive votes with its 90% Wilson band (the
+    canary decides one-sided at 95%)."""
+    from retrain.reward import wilson
+
+    fig, ax = _subplots(1, (9, 2.8))
+    decisive = [w for w in table["winner"] if w != "tie"] if len(table) else []
+    if decisive:
+        wins, xs, rates, lows, highs = 0, [], [], [], []
+        for n, w in enumerate(decisive, 1):
+            wins += w == "candidate"
+            lo, hi = wilson(wins, n, 1.645)
+            xs.append(n)
+            rates.append(wins / n)
+            lows.append(lo)
+            highs.append(hi)
+        ax.plot(xs, rates, label="candidate's win rate")
+        ax.fill_between(xs, lows, highs, alpha=0.25, label="Wilson bounds")
+        ax.axhline(0.5, color="grey", lw=0.8, ls="--")
+        ax.set_ylim(0, 1)
+        ax.set_xlabel("decisive votes")
+        ax.legend(fontsize=8)
+    else:
+        _nothing_yet(ax, "no decisive canary votes yet")
+    ax.set_title("Live canary: users' votes, candidate vs served")
+    return _close(fig)
+
+
 # ----------------------------------------------------------------------------- login guard
 class Guard:
     """The login check in front of every console handler.
@@ -270,9 +333,10 @@ class FeedbackTab:
 
 def build_feedback_tab(service: ConsoleService, guard: Guard) -> FeedbackTab:
     """Judgements with filters and pages, one record in full, exclusion and restore."""
-    cursors = gr.State([None])   # keyset cursors: the start of each page seen so far
-    page_keys = gr.State([])     # "type:id" of the rows on screen
     with gr.Tab("Feedback", id="feedback"):
+        # (a State is laid out where it is made: directly inside gr.Tabs it would shift the tabs' order)
+        cursors = gr.State([None])   # keyset cursors: the start of each page seen so far
+        page_keys = gr.State([])     # "type:id" of the rows on screen
         with gr.Row():
             since = gr.Textbox(label="From (ISO date/time)", placeholder="2025-01-01", scale=1)
             until = gr.Textbox(label="Until (exclusive)", placeholder="2025-02-01", scale=1)
@@ -396,45 +460,144 @@ def build_charts_tab(service: ConsoleService, guard: Guard) -> None:
 
 
 def build_training_tab(service: ConsoleService, guard: Guard) -> None:
-    """Runs with their status and reason, one run's curves and config, retrain now."""
+    """Runs with their status and reason; a run's page (why, the gate's checks, the data by
+    kind, the curves, the canary's votes, the config); retrain now."""
     with gr.Tab("Training", id="training") as tab:
+        run_ids = gr.State([])   # the run behind each row of the runs table
         with gr.Row():
             schedule_md = gr.Markdown("")
             retrain_btn = gr.Button("Retrain now", scale=0)
-        runs_table = _grid()
+        runs_table = _grid(elem_id="console-runs")
+        gr.Markdown("Click a run to open its page.")
         with gr.Row():
             run_id = gr.Dropdown([], label="Run", allow_custom_value=True, scale=3)
             run_btn = gr.Button("Open run", scale=1)
-        run_md = gr.Markdown("")
+        run_md = gr.Markdown("", elem_id="console-run")
+        with gr.Row():
+            checks = _grid(label="Gate checks", elem_id="console-checks")
+            data = _grid(label="Judgements used, by kind", elem_id="console-run-data")
         run_plot = gr.Plot(label="PPO curves")
-        run_config = gr.JSON(label="Config the run used")
+        with gr.Column(visible=False) as canary_box:  # only for a run that went on trial
+            canary_md = gr.Markdown("")
+            with gr.Row():
+                canary_plot = gr.Plot(label="Live canary")
+                canary_votes = _grid(label="Canary votes", max_height=300)
+        with gr.Accordion("Config the run used", open=False):
+            run_config = gr.JSON(show_label=False)
 
     @guard
     def training(user):
         t = service.training()
-        return t.schedule, t.table, gr.update(choices=t.run_ids)
+        return t.schedule, t.table, gr.update(choices=t.run_ids), t.run_ids
+
+    def page(rid):
+        d = service.run_detail(rid)
+        trial = bool(d.canary_text)
+        return (d.text, d.checks, d.data, _curves_figure(d.series), gr.Column(visible=trial), d.canary_text,
+                _canary_figure(d.canary) if trial else None, d.canary, d.config, rid)
 
     @guard
     def open_run(user, rid):
-        d = service.run_detail(rid)
-        return d.text, _curves_figure(d.series), d.config
+        return page(rid)
+
+    @guard
+    def select_run(user, ids, evt: gr.SelectData):
+        row = evt.index[0] if isinstance(evt.index, (list, tuple)) else evt.index
+        return page(service.row_ref(ids, row))
 
     @guard
     def retrain_now(user):
         return service.retrain_now(user)
 
-    shown = [schedule_md, runs_table, run_id]
+    shown = [schedule_md, runs_table, run_id, run_ids]
+    opened = [run_md, checks, data, run_plot, canary_box, canary_md, canary_plot, canary_votes, run_config, run_id]
     started = guard.on(retrain_btn.click, retrain_now, [], [schedule_md], "retrain_now")
     guard.on(started.success, training, [], shown, "training_after_retrain")
-    guard.on(run_btn.click, open_run, [run_id], [run_md, run_plot, run_config], "open_run")
+    guard.on(run_btn.click, open_run, [run_id], opened, "open_run")
+    guard.on(runs_table.select, select_run, [run_ids], opened, "select_run")
     guard.on(tab.select, training, [], shown, "training_tab")
+
+
+def build_quality_tab(service: ConsoleService, guard: Guard) -> None:
+    """Label quality, reviewed before a retrain trusts the labels: the disagreement queue,
+    self-contradicting and one-button sessions, inhumanly fast voters, reason tags over
+    time; each list offers "exclude with a reason"."""
+    with gr.Tab("Label quality", id="quality") as tab:
+        queue_keys, consistency_keys, fast_keys = gr.State([]), gr.State([]), gr.State([])  # the rows' keys
+        refresh_btn = gr.Button("Refresh", size="sm", scale=0)
+        gr.Markdown("#### Disagreement queue\nJudgements the current reward models most strongly disagree "
+                    "with. Click one to read it; exclude it if the label is wrong.")
+        queue_info = gr.Markdown("")
+        queue = _grid(elem_id="console-disagreements", max_height=360)
+        record_md = gr.Markdown("", elem_id="console-quality-record")
+        with gr.Row():
+            ref = gr.Textbox(label="Record", elem_id="console-quality-ref", scale=2)
+            ref_reason = gr.Textbox(label="Reason (required)", elem_id="console-quality-reason", scale=3)
+            exclude_ref_btn = gr.Button("Exclude from training", variant="stop", elem_id="console-quality-exclude")
+        gr.Markdown("#### Sessions\nSessions that contradict themselves (the same two answers judged both ways) or "
+                    "press one button, and sessions that vote faster than anyone can read. Click a session to pick it.")
+        consistency_info = gr.Markdown("")
+        consistency = _grid(label="Consistency", elem_id="console-consistency", max_height=300)
+        fast_info = gr.Markdown("")
+        fast = _grid(label="Inhuman speed", elem_id="console-fast", max_height=300)
+        with gr.Row():
+            session = gr.Textbox(label="Session", elem_id="console-quality-session", scale=2)
+            session_reason = gr.Textbox(label="Reason (required)", scale=3, elem_id="console-session-reason")
+            exclude_session_btn = gr.Button("Exclude all its judgements", variant="stop",
+                                            elem_id="console-session-exclude")
+        quality_msg = gr.Markdown("", elem_id="console-quality-msg")
+        gr.Markdown("#### Reason tags over time")
+        reasons_plot = gr.Plot(show_label=False)
+        reasons = _grid(max_height=240)
+
+    @guard
+    def refresh(user):
+        q, c, f = service.disagreements(), service.consistency(), service.fast_voters()
+        rows, table = service.reason_counts()
+        return (q.info, q.table, q.keys, c.info, c.table, c.keys, f.info, f.table, f.keys,
+                _reasons_figure(rows), table)
+
+    def _row(evt: gr.SelectData) -> int:
+        return evt.index[0] if isinstance(evt.index, (list, tuple)) else evt.index
+
+    @guard
+    def pick_record(user, keys, evt: gr.SelectData):
+        reference = service.row_ref(keys, _row(evt))
+        return service.record_view(reference), reference
+
+    @guard
+    def pick_session(user, keys, evt: gr.SelectData):
+        return service.row_ref(keys, _row(evt))
+
+    @guard
+    def exclude_record(user, reference, why):
+        message = service.exclude(reference, why, user)
+        return service.record_view(reference), message
+
+    @guard
+    def exclude_session(user, session_id, why):
+        return service.exclude_session(session_id, why, user)
+
+    lists = [queue_info, queue, queue_keys, consistency_info, consistency, consistency_keys, fast_info, fast,
+             fast_keys, reasons_plot, reasons]
+    guard.on(tab.select, refresh, [], lists, "quality_tab")
+    guard.on(refresh_btn.click, refresh, [], lists, "quality")
+    guard.on(queue.select, pick_record, [queue_keys], [record_md, ref], "quality_pick")
+    guard.on(consistency.select, pick_session, [consistency_keys], [session], "consistency_pick")
+    guard.on(fast.select, pick_session, [fast_keys], [session], "fast_pick")
+    excluded = guard.on(exclude_ref_btn.click, exclude_record, [ref, ref_reason], [record_md, quality_msg],
+                        "quality_exclude")
+    guard.on(excluded.success, refresh, [], lists, "quality_after_exclude")
+    session_excluded = guard.on(exclude_session_btn.click, exclude_session, [session, session_reason],
+                                [quality_msg], "session_exclude")
+    guard.on(session_excluded.success, refresh, [], lists, "quality_after_session_exclude")
 
 
 def build_versions_tab(service: ConsoleService, guard: Guard) -> gr.Dropdown:
     """What is served, lineage, serving history; promote / roll back after a confirmation.
     Returns the version picker (its choices are set at login)."""
-    pending = gr.State(None)     # a promote/rollback waiting for confirmation
     with gr.Tab("Versions", id="versions") as tab:
+        pending = gr.State(None)     # a promote/rollback waiting for confirmation
         served_md = gr.Markdown("")
         versions_table = _grid()
         with gr.Row():
@@ -480,19 +643,23 @@ def build_versions_tab(service: ConsoleService, guard: Guard) -> gr.Dropdown:
 
 
 def build_leaderboard_tab(service: ConsoleService, guard: Guard) -> None:
-    """Bradley-Terry ratings of the versions from users' A/B votes."""
-    with gr.Tab("Leaderboard", id="leaderboard"):
+    """Bradley-Terry ratings of the versions from users' A/B votes: a plot beside the table."""
+    with gr.Tab("Leaderboard", id="leaderboard") as tab:
         gr.Markdown("Bradley-Terry ratings (Elo scale, mean 1000) from users' A/B votes between "
                     "answers of *different* versions, with 95% bootstrap intervals. A tie counts as "
                     "half a win each; \"both bad\", edits and same-version pairs are left out.")
-        compute_btn = gr.Button("Compute", size="sm")
-        board = _grid()
+        compute_btn = gr.Button("Recompute", size="sm", scale=0)
+        with gr.Row():
+            board_plot = gr.Plot(show_label=False)
+            board = _grid(elem_id="console-leaderboard")
 
     @guard
     def compute_leaderboard(user):
-        return service.leaderboard()
+        rows, table = service.leaderboard()
+        return _leaderboard_figure(rows), table
 
-    guard.on(compute_btn.click, compute_leaderboard, [], [board], "leaderboard")
+    guard.on(compute_btn.click, compute_leaderboard, [], [board_plot, board], "leaderboard")
+    guard.on(tab.select, compute_leaderboard, [], [board_plot, board], "leaderboard_tab")
 
 
 def build_export_tab(service: ConsoleService, guard: Guard, filters: list) -> ExportShelf:
@@ -561,6 +728,7 @@ def build(ctx: AppContext) -> None:
             feedback = build_feedback_tab(service, guard)
             build_charts_tab(service, guard)
             build_training_tab(service, guard)
+            build_quality_tab(service, guard)
             serve_version = build_versions_tab(service, guard)
             build_leaderboard_tab(service, guard)
             ctx.extras["console_exports"] = build_export_tab(service, guard, feedback.filters)

@@ -33,10 +33,13 @@ from typing import Any
 import pandas as pd
 
 from assistant.settings import Settings
-from feedback import export, leaderboard, review
-from feedback.registry import Registry, canary_tally
+from feedback import export, leaderboard, quality, review
+from feedback.registry import Registry
 from feedback.store import FeedbackStore, StoreError
 from retrain import versions as serving
+from retrain.canary import CanaryConfig
+from retrain.canary import status as canary_status
+from retrain.job import LABEL_SCORES
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +51,15 @@ VERSION_COLUMNS = ["version", "serving", "parent", "kind", "created", "run", "no
 HISTORY_COLUMNS = ["time", "version", "action", "by", "reason"]
 PER_VERSION_COLUMNS = ["version", "comparisons", "both bad %", "ratings", "thumbs down %"]
 LEADERBOARD_COLUMNS = ["version", "rating", "95% CI", "games", "wins", "ties", "losses"]
+CHECK_COLUMNS = ["check", "result", "value", "needs", "threshold"]
+DATA_COLUMNS = ["kind", "seen", "used", "dropped", "why dropped"]
+CANARY_COLUMNS = ["time", "verdict", "candidate", "winner"]
+DISAGREEMENT_COLUMNS = ["time", "kind", "human said", "reward models say", "disagreement", "user", "status", "prompt",
+                        "record"]
+CONSISTENCY_COLUMNS = ["user", "votes", "contradictions", "A share", "most pressed", "excluded", "session"]
+FAST_COLUMNS = ["user", "votes", "too fast", "median s", "excluded", "session"]
+REASON_COLUMNS = ["day", "reason", "thumb", "ratings"]
+QUEUE_SIZE = 50
 SERVE_ACTIONS = ("rollback", "promote")
 COMMENT_CHOICES = {"any": None, "with comment": True, "without comment": False}
 VERDICT_WORDS = {"a": "A is better", "b": "B is better", "tie": "Tie", "both_bad": "Both are bad",
@@ -168,6 +180,64 @@ def runs_table(runs: list[dict]) -> pd.DataFrame:
                           r["id"]] for r in runs], columns=RUN_COLUMNS)
 
 
+def checks_table(decision: dict) -> pd.DataFrame:
+    """The gate's checks as stored (``{name, value, op, threshold, passed}``): failed first."""
+    rows = sorted(decision.get("checks") or [], key=lambda c: bool(c.get("passed")))
+    return pd.DataFrame([[str(c.get("name", "")).replace("_", " "), "pass" if c.get("passed") else "FAIL",
+                          _value(c.get("value")), c.get("op", ""), _value(c.get("threshold"))] for c in rows],
+                        columns=CHECK_COLUMNS)
+
+
+def _value(v: Any) -> str:
+    if isinstance(v, bool) or v is None:
+        return "" if v is None else str(v)
+    if isinstance(v, float):
+        return f"{v:.3g}" if abs(v) < 1000 else f"{v:.0f}"
+    return str(v)
+
+
+def data_table(judgements: dict) -> pd.DataFrame:
+    """A snapshot's per-kind ledger (``{kind: {seen, used, dropped: {reason: n}}}``)."""
+    rows = []
+    for kind, j in (judgements or {}).items():
+        dropped = j.get("dropped") or {}
+        rows.append([kind.replace("_", " "), j.get("seen", 0), j.get("used", 0), sum(dropped.values()),
+                     "; ".join(f"{n} {why}" for why, n in dropped.items())])
+    return pd.DataFrame(rows, columns=DATA_COLUMNS)
+
+
+def canary_table(votes: list[dict], version_id: str) -> pd.DataFrame:
+    rows = []
+    for v in votes:
+        side = "A" if v["a_version"] == version_id else "B"
+        winner = ("tie" if v["verdict"] not in ("a", "b") else
+                  "candidate" if v["verdict"].upper() == side else "served")
+        rows.append([when(v["decided_at"]), v["verdict"], side, winner])
+    return pd.DataFrame(rows, columns=CANARY_COLUMNS)
+
+
+def _human_said(row: dict) -> str:
+    if row["source"].startswith("thumb") or row["source"] == "both_bad":
+        return "good" if row["label"] >= 0.5 else "bad"
+    return "tie" if row["label"] == 0.5 else "chosen better"
+
+
+def _models_say(row: dict) -> str:
+    if row["source"].startswith("thumb") or row["source"] == "both_bad":
+        return f"{'above' if row['model'] > 0 else 'below'} a typical answer ({row['model']:+.2f})"
+    if row["label"] == 0.5:
+        return f"{'first' if row['model'] > 0 else 'second'} better ({abs(row['model']):.2f})"
+    return f"{'chosen' if row['model'] > 0 else 'rejected'} better ({row['model']:+.2f})"
+
+
+def _last_user(context: str | None) -> str:
+    try:
+        messages = json.loads(context or "[]")
+    except ValueError:
+        return ""
+    return next((m.get("content", "") for m in reversed(messages) if m.get("role") == "user"), "")
+
+
 def record_markdown(rec: dict) -> str:
     """One ``review.record`` in full, as Markdown with every user text escaped."""
     verdict = VERDICT_WORDS.get(rec["verdict"], rec["verdict"] or "undecided")
@@ -234,6 +304,19 @@ class RunDetail:
     text: str                # Markdown
     series: dict             # {phase: {metric: [(step, value)]}}
     config: dict
+    checks: pd.DataFrame     # the gate's checks, each with its value and threshold
+    data: pd.DataFrame       # the judgements the run used, by kind
+    canary: pd.DataFrame     # users' votes of the run's live canary, oldest first
+    canary_text: str = ""    # Markdown: the trial's standing or its decision
+
+
+@dataclass
+class Queue:
+    """A label-quality list: its table, the record or session behind each row, a sentence."""
+
+    table: pd.DataFrame
+    keys: list[str]
+    info: str
 
 
 @dataclass
@@ -319,6 +402,85 @@ class ConsoleService:
         log.info("console: %s %s %d records", user, verb.lower(), n)
         return f"{verb} {n} records."
 
+    # -- label quality ---------------------------------------------------------------------
+    def label_scores(self) -> tuple[str | None, list[dict]]:
+        """The newest run's out-of-fold label scores (``retrain.job.label_scores``): (run id,
+        rows); (None, []) before any run has trained reward models."""
+        for run in review.runs(self.store):
+            path = self.settings.runs_dir / run["id"] / LABEL_SCORES
+            if path.is_file():
+                try:
+                    return run["id"], json.loads(path.read_text(encoding="utf-8"))
+                except (OSError, ValueError) as exc:
+                    log.warning("unreadable %s: %s", path, exc)
+        return None, []
+
+    def disagreements(self, limit: int = QUEUE_SIZE) -> Queue:
+        """Judgements the current reward models most strongly disagree with, strongest first:
+        each scored by the cross-fitted model that never trained on it, so a disagreement is
+        evidence (a mislabel, or a taste the models have not learned), not memorisation."""
+        run_id, scores = self.label_scores()
+        if run_id is None:
+            return Queue(pd.DataFrame(columns=DISAGREEMENT_COLUMNS), [],
+                         "No reward model has been trained yet: the queue fills after the first retrain.")
+        worst: dict[str, dict] = {}
+        for row in scores:  # one row per record: its strongest disagreement
+            if row["disagreement"] > 0 and row["disagreement"] > worst.get(row["record"], {}).get("disagreement", 0):
+                worst[row["record"]] = row
+        ranked = sorted(worst.values(), key=lambda r: -r["disagreement"])[:limit]
+        found = quality.records(self.store, [r["record"] for r in ranked])
+        ranked = [r for r in ranked if r["record"] in found]  # deleted since (delete my data)
+        table = pd.DataFrame([[when(found[r["record"]]["created_at"]), found[r["record"]]["kind"], _human_said(r),
+                               _models_say(r), f"{r['disagreement']:.2f}",
+                               found[r["record"]]["user"] or found[r["record"]]["session_id"][:12],
+                               "excluded" if found[r["record"]]["excluded"] else "included",
+                               preview(_last_user(found[r["record"]]["prompt"])), r["record"]] for r in ranked],
+                             columns=DISAGREEMENT_COLUMNS)
+        info = (f"{len(ranked)} judgement{'s' * (len(ranked) != 1)} the reward models of run `{run_id}` disagree with, strongest first "
+                f"(of {len(scores)} scored; disagreement in reward standard deviations, each judgement scored "
+                "by the cross-fitted model that never trained on it)." if ranked else
+                f"The reward models of run `{run_id}` agree with every judgement they scored ({len(scores)}).")
+        return Queue(table, [r["record"] for r in ranked], info)
+
+    def consistency(self) -> Queue:
+        """Sessions whose votes contradict each other or always press the same button."""
+        rows = quality.session_consistency(self.store)
+        table = pd.DataFrame([[r["user"] or "", r["votes"], r["contradictions"], _percent(r["a_share"]),
+                               f"{r['top_verdict']} ({r['top_share']:.0%})", r["excluded"], r["session_id"]]
+                              for r in rows], columns=CONSISTENCY_COLUMNS)
+        suspicious = sum(1 for r in rows if r["contradictions"] or r["top_share"] >= 0.9)
+        return Queue(table, [r["session_id"] for r in rows],
+                     f"{len(rows)} sessions with 4+ votes; {suspicious} contradict themselves or press one button "
+                     "90%+ of the time (listed first)." if rows else "No session has 4 or more votes yet.")
+
+    def fast_voters(self) -> Queue:
+        """Sessions deciding comparisons faster than the two answers can be read."""
+        limits = quality.SpeedLimits()
+        rows = quality.fast_sessions(self.store, limits)
+        table = pd.DataFrame([[r["user"] or "", r["votes"], r["fast"], f"{r['median_seconds']:.1f}", r["excluded"],
+                               r["session_id"]] for r in rows], columns=FAST_COLUMNS)
+        rule = (f"a vote within {limits.min_seconds:.0f} s of answer B being complete, or faster than "
+                f"{limits.max_words_per_second:.0f} words per second over both answers")
+        return Queue(table, [r["session_id"] for r in rows],
+                     f"{len(rows)} sessions cast half or more of their votes too fast to read ({rule})."
+                     if rows else f"No session votes inhumanly fast ({rule}).")
+
+    def reason_counts(self) -> tuple[list[dict], pd.DataFrame]:
+        """Rating reason tags per day: the rows for the plot, and the table."""
+        rows = quality.reason_counts(self.store)
+        return rows, pd.DataFrame([[r["day"], r["reason"], r["thumb"], r["n"]] for r in rows], columns=REASON_COLUMNS)
+
+    def exclude_session(self, session_id: str, reason: str, user: str) -> str:
+        """Excludes every judgement of one session (each logged with ``reason`` and ``user``)."""
+        session_id = (session_id or "").strip()
+        if not session_id or not self.store.session(session_id):
+            raise ConsoleError("pick a session from the list first")
+        if not (reason or "").strip():
+            raise ConsoleError("give a reason for excluding this session's judgements")
+        n = review.set_excluded_matching(self.store, review.Filters(session=session_id), True, reason, user)
+        log.info("console: %s excluded %d records of session %s", user, n, session_id)
+        return f"Excluded {n} judgements of session `{esc(session_id)}`."
+
     # -- charts and leaderboard ------------------------------------------------------------
     def charts(self) -> Charts:
         rows = review.per_version(self.store)
@@ -326,10 +488,11 @@ class ConsoleService:
                                _percent(r["down_share"])] for r in rows], columns=PER_VERSION_COLUMNS)
         return Charts(review.per_day(self.store), rows, table)
 
-    def leaderboard(self) -> pd.DataFrame:
-        return pd.DataFrame([[r["version"], r["rating"], f"{r['ci_low']:.0f}–{r['ci_high']:.0f}", r["games"],
-                              r["wins"], r["ties"], r["losses"]] for r in leaderboard.leaderboard(self.store)],
-                            columns=LEADERBOARD_COLUMNS)
+    def leaderboard(self) -> tuple[list[dict], pd.DataFrame]:
+        """The Bradley-Terry ratings: the rows (for the plot) and the table."""
+        rows = leaderboard.leaderboard(self.store)
+        return rows, pd.DataFrame([[r["version"], r["rating"], f"{r['ci_low']:.0f}–{r['ci_high']:.0f}", r["games"],
+                                    r["wins"], r["ties"], r["losses"]] for r in rows], columns=LEADERBOARD_COLUMNS)
 
     # -- training --------------------------------------------------------------------------
     def training(self) -> Training:
@@ -348,31 +511,58 @@ class ConsoleService:
     def _canary(self) -> str:
         s = self.settings
         state = self.registry.canary()
-        if not state:
+        standing = canary_status(self.registry, CanaryConfig.from_settings(s))
+        if not (state and standing):
             return "Live canary: **no candidate on trial**" + ("" if s.canary_enabled else " (switched off)")
-        votes = self.registry.canary_votes(state["version_id"], state["parent_id"], state["started_at"])
-        wins, losses, ties = canary_tally(votes, state["version_id"])
-        rate = f"{wins / (wins + losses):.0%}" if wins + losses else "–"
+        rate = "–" if standing.wins + standing.losses == 0 else f"{standing.win_rate:.0%}"
         return (f"Live canary: **{esc(state['version_id'])}** on trial against {esc(state['parent_id'])} since "
-                f"{when(state['started_at'])} (run {esc(state['run_id'])}): **{wins} wins, {losses} losses, "
-                f"{ties} ties** (decisive win rate {rate}; needs {s.canary_min_votes}+ decisive votes and "
-                f"a lower bound above 50%, at most {s.canary_max_votes} votes / {s.canary_max_minutes:.0f} min)")
+                f"{when(state['started_at'])} (run {esc(state['run_id'])}): **{standing.wins} wins, "
+                f"{standing.losses} losses, {standing.ties} ties** (decisive win rate {rate}; needs "
+                f"{s.canary_min_votes}+ decisive votes and a lower bound above 50%, at most {s.canary_max_votes} "
+                f"votes / {s.canary_max_minutes:.0f} min)")
 
     def run_detail(self, run_id: str) -> RunDetail:
+        """One run's page: status and reason, the gate's checks, the data by kind, the curves,
+        the config and, when it went on trial, the canary's votes."""
         d = review.run_detail(self.store, run_id or "")
         run = d["run"]
         decision = d["decision"] if isinstance(d["decision"], dict) else {}
-        gate = "passed" if decision.get("passed") else "not passed" if decision else "-"
-        text = (f"### Run <code>{esc(run['id'])}</code>: {esc(run['status'])}\n\nTrigger {esc(run['trigger'])}, "
-                f"started {when(run['started_at'] or run['created_at'])}, finished {when(run['finished_at']) or '-'} "
-                f"(UTC); {run['n_preferences'] or 0} preferences; RM accuracy {_number(run['rm_accuracy'], 3) or '-'}; "
-                f"final KL {_number(run['kl'], 2) or '-'}\n\n"
-                f"**Gate:** {gate}. **Reason:** {esc(run_reason({**run, 'decision': decision}) or '-')}\n\n"
-                f"**Data:** <code>{esc(json.dumps(d['data'], ensure_ascii=False)) if d['data'] else '-'}</code>")
-        logged = {phase: sorted(names) for phase, names in d["series"].items()}
-        if logged:
-            text += f"\n\nLogged metrics: {esc(json.dumps(logged))}"
-        return RunDetail(text, d["series"], d["config"])
+        gate = ("passed" if decision.get("passed") else "not passed") if "passed" in decision else "-"
+        judgements = decision.get("judgements") or (d["data"] or {}).get("judgements") or {}
+        timings = decision.get("timings") or {}
+        ci = (f" ({run['rm_ci_low']:.2f}–{run['rm_ci_high']:.2f})"
+              if run.get("rm_ci_low") is not None and run.get("rm_ci_high") is not None else "")
+        duration = f", took {took(run['started_at'], run['finished_at'])}" if run["finished_at"] else ""
+        text = (f"### Run <code>{esc(run['id'])}</code>: {esc(run['status'])}\n\n"
+                f"**Why:** {esc(run_reason({**run, 'decision': decision}) or '-')}\n\n"
+                f"Trigger {esc(run['trigger'])}, started {when(run['started_at'] or run['created_at'])}, finished "
+                f"{when(run['finished_at']) or '-'} (UTC){duration}; {run['n_preferences'] or 0} training pairs; "
+                f"RM accuracy {_number(run['rm_accuracy'], 3) or '-'}{ci}; final KL {_number(run['kl'], 2) or '-'}; "
+                f"candidate {esc(run['candidate_version'] or '-')}\n\n**Gate:** {gate}")
+        if timings:
+            text += " &nbsp; **Phases:** " + ", ".join(f"{esc(k.removesuffix('_s'))} {v:.0f} s" for k, v in timings.items()
+                                                     if isinstance(v, (int, float)))
+        votes, canary_text = self._run_canary(run, decision)
+        return RunDetail(text, d["series"], d["config"], checks_table(decision), data_table(judgements),
+                         canary_table(votes, run["candidate_version"] or ""), canary_text)
+
+    def _run_canary(self, run: dict, decision: dict) -> tuple[list[dict], str]:
+        """The votes of the run's trial (live while it runs) and a sentence on where it stands."""
+        version = run["candidate_version"]
+        state = self.registry.canary()
+        live = bool(state and state["run_id"] == run["id"])
+        if not version or not (live or decision.get("canary")):
+            return [], ""
+        trial = state if live else decision["canary"]
+        parent = state["parent_id"] if live else self.registry.version(version)["parent_id"]
+        since = trial.get("started_at") or self.registry.version(version)["created_at"]
+        votes = self.registry.canary_votes(version, parent, since)
+        if not live and run["finished_at"]:  # the trial's votes, not later ones between the same versions
+            votes = [v for v in votes if v["decided_at"] <= run["finished_at"]]
+        if live:
+            standing = canary_status(self.registry, CanaryConfig.from_settings(self.settings))
+            return votes, f"**Live canary, on trial now:** {esc(standing.reason)}"
+        return votes, f"**Live canary, ended:** {esc(trial.get('reason') or run['reason'])}"
 
     def retrain_now(self, user: str) -> str:
         """Starts a training run now, beside the schedule."""

@@ -244,7 +244,7 @@ class Registry:
         if not state or state["run_id"] != run_id:
             raise StoreError(f"run {run_id} is not on trial")
         run = self.run(run_id)
-        merged = {**(loads(run["decision"]) or {}), "canary": decision}
+        merged = {**(loads(run["decision"]) or {}), "canary": {**decision, "started_at": state["started_at"]}}
         with self.store.transaction() as db:
             db.execute("DELETE FROM app_state WHERE key = ?", [CANARY_KEY])
             status = "promoted" if promote else "rejected"

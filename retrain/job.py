@@ -38,6 +38,7 @@ log = logging.getLogger(__name__)
 
 LOCK_NAME = "retrain.lock"
 LOCK_WAIT_S = 5.0
+LABEL_SCORES = "label_scores.json"  # runs/<id>/: out-of-fold disagreement per label (``label_scores``)
 """How long a run waits for the lock before it gives up: longer than any ``lock_held`` probe."""
 DIED = "the training process died before finishing (killed or crashed); nothing was published"
 ORPHANED = "the app that queued this run stopped before the training process started; nothing was published"
@@ -307,7 +308,14 @@ def train_cross_fitted(sft_path: str, snapshot, config: RetrainConfig, registry:
     and every held-out pair by the mean of both.  Returns the models and the evaluation."""
     import torch
 
-    from retrain.reward import accuracy_of, new_reward_model, normalize, pair_margins, train_reward_model
+    from retrain.reward import (
+        accuracy_of,
+        new_reward_model,
+        normalize,
+        pair_margins,
+        point_scores,
+        train_reward_model,
+    )
 
     cfg = config.reward
     rms, trained, previous, cache = {}, {}, {}, None
@@ -334,11 +342,44 @@ def train_cross_fitted(sft_path: str, snapshot, config: RetrainConfig, registry:
         both = (pair_margins(rms["policy"], snapshot.heldout, cache) + pair_margins(rms["judge"], snapshot.heldout,
                                                                                     cache)) / 2
         margins.append(both)
-    ev = accuracy_of(torch.cat(margins), oof + snapshot.heldout)
+    all_margins = torch.cat(margins)
+    ev = accuracy_of(all_margins, oof + snapshot.heldout)
     held = accuracy_of(both, snapshot.heldout) if both is not None else {}
     ev.update(heldout_accuracy=held.get("accuracy"), heldout_n=held.get("n", 0))
     run.log("rm", 0, {k: float(v) for k, v in ev.items() if isinstance(v, (int, float)) and v is not None})
-    return {"models": rms, "trained": trained, "previous": previous, "eval": ev}
+    # every unpaired label scored the same way: by the model that never trained on it
+    points = [q for q in snapshot.train_points if q.fold == 1], [q for q in snapshot.train_points if q.fold == 0]
+    scores = [point_scores(rms["policy"], points[0], cache), point_scores(rms["judge"], points[1], cache)]
+    if snapshot.heldout_points:
+        scores.append((point_scores(rms["policy"], snapshot.heldout_points, cache)
+                       + point_scores(rms["judge"], snapshot.heldout_points, cache)) / 2)
+    labels = label_scores(oof + snapshot.heldout, all_margins.tolist(),
+                          [*points[0], *points[1], *snapshot.heldout_points], torch.cat(scores).tolist())
+    return {"models": rms, "trained": trained, "previous": previous, "eval": ev, "label_scores": labels}
+
+
+def record_of(item_id: str, source: str) -> str:
+    """The feedback record (``comparison:ID`` / ``rating:ID``) a training item came from."""
+    if item_id.startswith("thumbs:"):  # an up and a down on one context: the down is the judgement
+        return "rating:" + item_id.split(":")[2]
+    if source.startswith("thumb"):
+        return "rating:" + item_id
+    return "comparison:" + item_id.split(":")[0]
+
+
+def label_scores(pairs, margins: list[float], points, scores: list[float]) -> list[dict]:
+    """How strongly the reward models, out of fold, disagree with each human label, for the
+    console's disagreement queue (``runs/<id>/label_scores.json``).  ``disagreement`` is in
+    reward-std units: for a decided pair, how far the models prefer the rejected answer
+    (``-margin``); for a tie, ``|margin|``; for an unpaired good / bad label, how far the
+    answer scores below / above a typical reference answer.  Negative: the models agree."""
+    rows = [{"record": record_of(p.id, p.source), "item": p.id, "source": p.source, "label": p.label,
+             "model": round(m, 4), "disagreement": round(abs(m) if not p.decisive else -m, 4)}
+            for p, m in zip(pairs, margins, strict=True)]
+    rows += [{"record": record_of(q.id, q.source), "item": q.id, "source": q.source, "label": q.label,
+              "model": round(s, 4), "disagreement": round(-s if q.label >= 0.5 else s, 4)}
+             for q, s in zip(points, scores, strict=True)]
+    return sorted(rows, key=lambda r: -r["disagreement"])
 
 
 def save_reward_models(fitted: dict, config: RetrainConfig, registry: Registry, run: Run, settings: Settings) -> dict:
@@ -409,6 +450,7 @@ def _train_and_gate(settings: Settings, registry: Registry, run: Run, config: Re
     ev = fitted["eval"]
     registry.update_run(run.id, reward_model_id=ids["policy"][0], rm_accuracy=ev["accuracy"], rm_ci_low=ev["ci_low"],
                         rm_ci_high=ev["ci_high"], rm_margin=ev["margin"])
+    (run_dir / LABEL_SCORES).write_text(json.dumps(fitted["label_scores"], ensure_ascii=False))
     judge = fitted["models"]["judge"]
     del fitted["models"]["policy"]  # PPO loads its own copy (every rank does the same)
     timings["reward_s"] = time.monotonic() - t

@@ -398,6 +398,14 @@ def pair_margins(rm: RewardModel, pairs: list[Pair], cache: StateCache) -> torch
     return (s[0::2] - s[1::2]) / rm.norm_std
 
 
+
+def point_scores(rm: RewardModel, points: list[Point], cache: StateCache) -> torch.Tensor:
+    """Normalised score of each unpaired label's answer (0: a typical reference answer)."""
+    if not points:
+        return torch.zeros(0)
+    s = rm.scores_of(cache.get(rm.model, [rm.encode(q.prompt, q.answer) for q in points], "rm: label scores"))
+    return (s - rm.norm_mean) / rm.norm_std
+
 def accuracy_of(margins: torch.Tensor, pairs: list[Pair], z: float = 1.96) -> dict:
     """Pairwise accuracy over the decisive pairs (a zero margin counts half), with its Wilson
     interval, and the mean |margin| over ties (how close the model keeps tied answers)."""

@@ -188,8 +188,9 @@ def test_login_filter_open_exclude_export_rollback(app, tmp_path):
     assert "**v2** on trial against sft" in text and "0 wins, 0 losses, 0 ties" in text
     ctx.registry.end_canary(run_id, promote=False, reason="test over", decision={})
     assert ctx.registry.run(run_id)["status"] == "rejected" and ctx.registry.served_version() == "sft"
-    board = c.ok("leaderboard")[0]
-    assert {row[0] for row in board["data"]} == {"sft", "v2"}
+    plot, board = c.ok("leaderboard")
+    assert {row[0] for row in board["data"]} == {"sft", "v2"} and plot["type"] == "matplotlib"
+    assert "No reward model has been trained yet" in c.ok("quality")[0]
     c.ok("charts")
 
     # log out: the session's token no longer works

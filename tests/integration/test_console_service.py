@@ -203,8 +203,12 @@ def test_training_table_gives_each_runs_status_and_reason_in_words(console):
     assert (rows[rejected]["RM acc"], rows[rejected]["KL"]) == ("0.814", "3.25")
     assert not [v for row in rows.values() for v in row.values() if "{" in str(v)]  # no raw JSON
 
-    text = html.unescape(service.run_detail(rejected).text)
-    assert words in text and "**Gate:** not passed" in text and "started 2026-11-22 11:05" in text
+    page = service.run_detail(rejected)
+    text = html.unescape(page.text)
+    assert f"**Why:** {words}" in text and "**Gate:** not passed" in text and "started 2026-11-22 11:05" in text
+    assert page.checks.to_dict("records") == [
+        {"check": "rm ci low", "result": "FAIL", "value": "0.44", "needs": "", "threshold": "0.5"}]
+    assert page.canary.empty and page.canary_text == ""
 
 
 def test_time_helpers():
@@ -270,7 +274,8 @@ def test_promote_and_roll_back_need_a_plan_and_are_recorded(console):
 
 def test_leaderboard_and_charts(console):
     service, _, _, _ = console
-    board = service.leaderboard()
+    rows, board = service.leaderboard()
+    assert [r["version"] for r in rows] == list(board["version"])
     assert list(board["version"]) and set(board["version"]) == {"sft", "v2"}
     assert all(re.fullmatch(r"\d+–\d+", ci) for ci in board["95% CI"])
     charts = service.charts()
@@ -304,3 +309,129 @@ def test_exports_hold_what_the_filters_select(console, tmp_path):
     with sqlite3.connect(copy) as conn:
         assert conn.execute("SELECT COUNT(*) FROM users").fetchone() == (0,)
         assert conn.execute("SELECT COUNT(*) FROM comparisons").fetchone() == (4,)
+
+
+# ----------------------------------------------------------------------------- a run's page, the live canary
+def _vote(store, sid, a_version, b_version, verdict, question="Which is better?"):
+    """One decided comparison between answers of two versions."""
+    conv = store.start_conversation(sid, "You are a helpful AI assistant.")
+    ctx = [{"role": "user", "content": question}]
+    common = dict(session_id=sid, conversation_id=conv, turn=1, context=ctx, sampling={}, prompt_tokens=4,
+                  completion_tokens=4, ttft_ms=1.0, latency_ms=2.0, finish_reason="stop")
+    ga = store.record_generation(content=f"answer by {a_version}", model_version=a_version, **common)
+    gb = store.record_generation(content=f"answer by {b_version}", model_version=b_version, **common)
+    cid = store.open_comparison(session_id=sid, conversation_id=conv, turn=1, a_generation_id=ga, b_generation_id=gb)
+    store.decide_comparison(cid, verdict, sid)
+    return cid
+
+
+def test_run_page_shows_the_checks_the_data_by_kind_and_the_canarys_votes(console):
+    service, store, registry, _ = console
+    run = registry.create_run("schedule")
+    checks = [{"name": "rm_ci_low", "value": 0.61, "op": ">=", "threshold": 0.5, "passed": True},
+              {"name": "judge_win_ci_low", "value": 0.4321, "op": ">", "threshold": 0.5, "passed": False}]
+    judgements = {"preference": {"seen": 40, "used": 38, "dropped": {"identical answers": 2}},
+                  "tie": {"seen": 12, "used": 12, "dropped": {}}}
+    registry.update_run(run, status="running", started_at="2026-11-22T11:00:00+00:00", candidate_version="v2")
+    registry.start_canary(run_id=run, version_id="v2", parent_id="sft",
+                          decision={"passed": True, "checks": checks, "judgements": judgements})
+    store.ensure_session("sess-carol", user="carol")
+    for verdict in ("b", "b", "a", "tie"):  # v2 is B: two wins, one loss, one tie
+        _vote(store, "sess-carol", "sft", "v2", verdict)
+
+    page = service.run_detail(run)
+    assert [c["check"] for c in page.checks.to_dict("records")] == ["judge win ci low", "rm ci low"]  # failed first
+    assert page.checks.iloc[0].to_dict() == {"check": "judge win ci low", "result": "FAIL", "value": "0.432",
+                                             "needs": ">", "threshold": "0.5"}
+    assert page.data.to_dict("records") == [
+        {"kind": "preference", "seen": 40, "used": 38, "dropped": 2, "why dropped": "2 identical answers"},
+        {"kind": "tie", "seen": 12, "used": 12, "dropped": 0, "why dropped": ""}]
+    assert list(page.canary["winner"]) == ["candidate", "candidate", "served", "tie"]
+    assert "on trial now" in page.canary_text and "2 of 3 decisive votes" in html.unescape(page.canary_text)
+
+    registry.end_canary(run, promote=False, reason="canary: users prefer the served version", decision={"wins": 2})
+    _vote(store, "sess-carol", "sft", "v2", "b")  # after the trial: not one of its votes
+    page = service.run_detail(run)
+    assert "ended:** canary: users prefer the served version" in html.unescape(page.canary_text)
+    assert len(page.canary) == 4  # the trial's votes stay on its page
+    assert "**Why:** canary: users prefer the served version" in html.unescape(page.text)
+
+
+# ----------------------------------------------------------------------------- label quality
+def test_disagreement_queue_lists_what_the_reward_models_doubt_strongest_first(console):
+    service, store, registry, ids = console
+    assert service.disagreements().keys == []
+    assert "No reward model has been trained yet" in service.disagreements().info
+    run = registry.create_run("manual")
+    scores = [{"record": f"comparison:{ids['comparison0']}", "item": ids["comparison0"], "source": "regenerate",
+               "label": 1.0, "model": -2.5, "disagreement": 2.5},
+              {"record": f"rating:{ids['rating0']}", "item": ids["rating0"], "source": "thumb_down",
+               "label": 0.0, "model": 1.1, "disagreement": 1.1},
+              {"record": f"comparison:{ids['comparison1']}", "item": ids["comparison1"], "source": "regenerate",
+               "label": 1.0, "model": 3.0, "disagreement": -3.0},  # agrees: not listed
+              {"record": "comparison:deleted-since", "item": "deleted-since", "source": "regenerate",
+               "label": 1.0, "model": -9.0, "disagreement": 9.0}]  # deleted ("delete my data"): not listed
+    (service.settings.runs_dir / run).mkdir(parents=True)
+    (service.settings.runs_dir / run / "label_scores.json").write_text(json.dumps(scores))
+
+    queue = service.disagreements()
+    assert queue.keys == [f"comparison:{ids['comparison0']}", f"rating:{ids['rating0']}"]
+    first = queue.table.iloc[0].to_dict()
+    assert (first["human said"], first["reward models say"], first["disagreement"], first["user"], first["status"],
+            first["prompt"]) == ("chosen better", "rejected better (-2.50)", "2.50", "alice", "included",
+                                 "What is the capital of France?")
+    assert queue.table.iloc[1]["reward models say"] == "above a typical answer (+1.10)"
+    assert run in queue.info
+    service.exclude(queue.keys[0], "mislabelled", "maria")
+    assert service.disagreements().table.iloc[0]["status"] == "excluded"
+
+
+def _age(store, comparison_id, seconds):
+    """Backdates a comparison's opening, as if the user had read it for ``seconds``."""
+    store.conn.execute("UPDATE comparisons SET created_at = strftime('%Y-%m-%dT%H:%M:%f+00:00', "
+                       "julianday(decided_at) - ? / 86400.0) WHERE id = ?", (seconds, comparison_id))
+
+
+def test_consistency_and_speed_flag_the_right_sessions(console):
+    service, store, _, _ = console
+    store.ensure_session("sess-flip", user="flip")
+    store.ensure_session("sess-care", user="care")
+    store.ensure_session("sess-bot", user="bot")
+    # flip: the same two answers, A over B and then (swapped) B over A again... judged both ways
+    for verdict, (a, b) in (("a", ("sft", "v2")), ("a", ("v2", "sft")), ("b", ("sft", "v2")), ("tie", ("sft", "v2"))):
+        _age(store, _vote(store, "sess-flip", a, b, verdict), 30)
+    # care: always picks v2's answer, wherever it is shown, after reading for 20 s; bot: always A, in milliseconds
+    for i in range(4):
+        a, b = ("sft", "v2") if i % 2 else ("v2", "sft")
+        _age(store, _vote(store, "sess-care", a, b, "b" if b == "v2" else "a", question=f"q{i}"), 20)
+        _vote(store, "sess-bot", "sft", "v2", "a", question=f"q{i}")
+
+    consistency = service.consistency()
+    rows = {r["session"]: r for r in consistency.table.to_dict("records")}
+    assert consistency.keys[0] == "sess-flip" and rows["sess-flip"]["contradictions"] == 2
+    assert rows["sess-care"]["contradictions"] == 0 and rows["sess-care"]["A share"] == 50.0
+    assert rows["sess-bot"]["most pressed"] == "a (100%)" and consistency.keys[1] == "sess-bot"
+    assert set(consistency.keys) == {"sess-flip", "sess-care", "sess-bot"}  # alice and bob have under 4 votes
+
+    fast = service.fast_voters()
+    assert fast.keys == ["sess-bot"]
+    assert fast.table.iloc[0]["too fast"] == 4 and float(fast.table.iloc[0]["median s"]) < 1
+
+    with pytest.raises(ConsoleError, match="reason"):
+        service.exclude_session("sess-bot", " ", "maria")
+    with pytest.raises(ConsoleError, match="pick a session"):
+        service.exclude_session("no-such-session", "bot", "maria")
+    assert service.exclude_session("sess-bot", "votes in milliseconds", "maria") == \
+        "Excluded 4 judgements of session `sess&#45;bot`."
+    assert service.fast_voters().table.iloc[0]["excluded"] == 4
+    log = store.query("SELECT actor, reason FROM review_log WHERE action = 'exclude'")
+    assert log == [{"actor": "maria", "reason": "votes in milliseconds"}] * 4
+
+
+def test_reason_tags_are_counted_per_day(console):
+    service, store, _, ids = console
+    rows, table = service.reason_counts()
+    day = store.rating(ids["rating0"])["created_at"][:10]
+    assert rows == [{"day": day, "reason": "inaccurate", "thumb": "down", "n": 1},
+                    {"day": day, "reason": "too long", "thumb": "down", "n": 1}]
+    assert list(table.columns) == ["day", "reason", "thumb", "ratings"]

@@ -20,6 +20,7 @@ from assistant.engine import SamplingParams
 from assistant.settings import Settings, to_env
 from feedback.registry import Registry
 from feedback.store import FeedbackStore
+from retrain.job import LABEL_SCORES
 from retrain.scheduler import RetrainScheduler
 from tests.factories import seed_votes, wait_for, write_config
 
@@ -78,6 +79,11 @@ def test_votes_retrain_gate_swap_under_stream_and_rollback(loop):
     assert {c["name"] for c in decision["checks"]} >= {"rm_ci_low", "kl_candidate_sft", "judge_win_ci_low"}
     prompts = json.loads((settings.runs_dir / run_id / "prompts.json").read_text())
     assert prompts["rollout"] and prompts["gate"]
+    # the disagreement queue's scores: every vote scored once, by a model that never trained on it
+    scores = json.loads((settings.runs_dir / run_id / LABEL_SCORES).read_text())
+    assert sorted(r["record"] for r in scores) == sorted(f"comparison:{v}" for v in voted)
+    assert [r["disagreement"] for r in scores] == sorted((r["disagreement"] for r in scores), reverse=True)
+    assert all(r["disagreement"] == -r["model"] for r in scores)  # decisive votes: the chosen answer's margin
     ppo_names = {m["name"] for m in registry.metrics(run_id, "ppo")}
     assert {"score", "kl", "entropy", "clipfrac", "approx_kl", "value_loss", "response_length", "eos_rate"} <= ppo_names
     assert store.count_new_preferences() == 0  # consumed by the run
