@@ -166,18 +166,20 @@ def _nothing_yet(ax, text: str = "no judgements yet") -> None:
     ax.text(0.5, 0.5, text, ha="center", va="center", transform=ax.transAxes)
 
 
-def _per_day_figure(rows: list[dict]):
+def _per_day_figure(rows: list[dict], by: str = "kind", title: str = "Judgements per day by kind",
+                    empty: str = "no judgements yet"):
+    """A stacked bar per UTC day of ``rows`` (``{day, <by>, n}``)."""
     import pandas as pd
 
     fig, ax = _subplots(1, (9, 3.2))
     if rows:
-        df = pd.DataFrame(rows).pivot_table(index="day", columns="kind", values="n", aggfunc="sum", fill_value=0)
+        df = pd.DataFrame(rows).pivot_table(index="day", columns=by, values="n", aggfunc="sum", fill_value=0)
         df.plot(kind="bar", stacked=True, ax=ax, width=0.8)
         ax.legend(fontsize=7, ncol=4)
         ax.tick_params(axis="x", labelsize=7)
     else:
-        _nothing_yet(ax)
-    ax.set_title("Judgements per day by kind")
+        _nothing_yet(ax, empty)
+    ax.set_title(title)
     ax.set_xlabel("")
     return _close(fig)
 
@@ -228,22 +230,6 @@ def _leaderboard_figure(rows: list[dict]):
     else:
         _nothing_yet(ax, "no A/B votes between different versions yet")
     ax.set_title("Versions by users' votes")
-    return _close(fig)
-
-
-def _reasons_figure(rows: list[dict]):
-    import pandas as pd
-
-    fig, ax = _subplots(1, (9, 3.2))
-    if rows:
-        df = pd.DataFrame(rows).pivot_table(index="day", columns="reason", values="n", aggfunc="sum", fill_value=0)
-        df.plot(kind="bar", stacked=True, ax=ax, width=0.8)
-        ax.legend(fontsize=7, ncol=4)
-        ax.tick_params(axis="x", labelsize=7)
-    else:
-        _nothing_yet(ax, "no reason tags yet")
-    ax.set_title("Reason tags of ratings per day")
-    ax.set_xlabel("")
     return _close(fig)
 
 
@@ -555,7 +541,7 @@ def build_quality_tab(service: ConsoleService, guard: Guard) -> None:
         q, c, f = service.disagreements(), service.consistency(), service.fast_voters()
         rows, table = service.reason_counts()
         return (q.info, q.table, q.keys, c.info, c.table, c.keys, f.info, f.table, f.keys,
-                _reasons_figure(rows), table)
+                _per_day_figure(rows, "reason", "Reason tags of ratings per day", "no reason tags yet"), table)
 
     def _row(evt: gr.SelectData) -> int:
         return evt.index[0] if isinstance(evt.index, (list, tuple)) else evt.index
