@@ -20,6 +20,18 @@ outside the lock, but the session counts as generating from its start until its 
 stored, and calls that would change the conversation meanwhile (vote, edit, regenerate,
 another message, new chat) are refused; ratings and opt-outs are not.
 
+Rankings ("compare more"): an open comparison of A and B can get two more answers, C and D,
+written one after the other to the same context (one decoding slot, like a regenerate) and
+stored with the comparison once both are complete; the user then ranks all four (``rank``;
+equal ranks allowed, see ``feedback.ranking``), one judgement, and the best continues the
+chat.  While four answers are open the A/B verdict is refused.
+
+Edit in place (``edit_message``): editing the latest answer is a rewrite (``edit``);
+editing an earlier answer or any user message *branches* the chat: a new conversation of the
+same session with the messages before the edited one copied, then the edited one (and, for a
+user message, a new answer to it).  The original chat and its judgements stay as they were
+and both are listed among the browser's chats.
+
 Past chats: every session belongs to a browser's secret key (``ChatSession.key``), made here
 with ``secrets.token_urlsafe`` and kept by the browser; the store records only its hash.
 Listing, reopening and deleting go through the store's owner-scoped queries with the key of
@@ -30,6 +42,7 @@ conversation's rows always belong to one session).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import random
@@ -48,6 +61,7 @@ from dataclasses import dataclass, field
 from assistant.engine import Busy, ContextTooLong, Engine, Request, SamplingParams, TextStream
 from assistant.holder import ModelHolder
 from assistant.settings import Settings
+from feedback import ranking
 from feedback.registry import Registry
 from feedback.store import REASON_TAGS, THUMBS, VERDICTS, FeedbackStore, NotFound, StoreError, owner_hash
 
@@ -74,10 +88,13 @@ def valid_key(key: object) -> bool:
     return isinstance(key, str) and _KEY.fullmatch(key) is not None
 
 
-def chat_title(text: str | None) -> str:
-    """A chat's one-line title: its first message, shortened."""
+def chat_title(text: str | None, branch: bool = False) -> str:
+    """A chat's one-line title: its first message, shortened; a chat branched by an edit
+    says so (" (edited)"), since it may start like the chat it came from."""
+    suffix = " (edited)" if branch else ""
+    limit = TITLE_CHARS - len(suffix)
     line = " ".join((text or "").split())
-    return (line[:TITLE_CHARS - 1].rstrip() + "…") if len(line) > TITLE_CHARS else (line or "Untitled chat")
+    return ((line[:limit - 1].rstrip() + "…") if len(line) > limit else (line or "Untitled chat")) + suffix
 
 
 def plural(n: int, word: str) -> str:
@@ -139,6 +156,16 @@ class Comparison:
     a_text: str
     b_text: str
     verdict: str | None = None
+    # "compare more": answers C, D once complete ({"label", "generation_id", "text"})
+    extras: list[dict] = field(default_factory=list)
+
+    def texts(self) -> dict[str, str]:
+        """label -> answer text, A and B first."""
+        return {"A": self.a_text, "B": self.b_text, **{e["label"]: e["text"] for e in self.extras}}
+
+    def generation_ids(self) -> dict[str, str]:
+        return {"A": self.a_generation_id, "B": self.b_generation_id,
+                **{e["label"]: e["generation_id"] for e in self.extras}}
 
 
 @dataclass
@@ -158,6 +185,7 @@ class ChatSession:
     seen_version: str | None = None  # the served version this user last chatted with
     update_noticed: bool = False  # the "assistant was updated" notice is shown once per session
     notice: str = ""  # that notice, until the UI takes it (``ChatService.take_notice``)
+    system_prompt: str | None = None  # the conversation's, as stored (a branch copies it)
 
     @property
     def owner(self) -> str | None:
@@ -390,6 +418,7 @@ class ChatService:
             sess.conversation_id = None
             sess.messages = []
             sess.comparison = None
+            sess.system_prompt = None
         return "New chat started."
 
     def set_opt_out(self, sess: ChatSession, opt_out: bool) -> str:
@@ -408,9 +437,11 @@ class ChatService:
 
     # -- past chats (the browser's key) ---------------------------------------------------------
     def conversations(self, sess: ChatSession) -> list[dict]:
-        """This browser's chats, most recently active first: id, title, updated_at, messages."""
-        return [{"id": c["id"], "title": chat_title(c["title"]), "updated_at": c["updated_at"],
-                 "messages": c["messages"]} for c in self.store.owner_conversations(sess.owner)]
+        """This browser's chats, most recently active first: id, title, updated_at, messages,
+        branch_of (the chat an edit branched it from, or None)."""
+        return [{"id": c["id"], "title": chat_title(c["title"], branch=bool(c["branch_of"])),
+                 "updated_at": c["updated_at"], "messages": c["messages"], "branch_of": c["branch_of"]}
+                for c in self.store.owner_conversations(sess.owner)]
 
     def open_conversation(self, sess: ChatSession, conversation_id: str) -> str:
         """Reopens one of this browser's chats to continue it: the session switches to the
@@ -437,6 +468,7 @@ class ChatService:
                 raise ChatError("this chat is incomplete and cannot be continued; start a new chat")
             sess.session_id, sess.conversation_id = conv["session_id"], conv["id"]
             sess.messages, sess.comparison, sess.opt_out = messages, None, bool(conv["opt_out"])
+            sess.system_prompt = conv["system_prompt"]
             sess.model_version = next((m["model_version"] for m in reversed(conv["messages"]) if m["model_version"]), "")
             sess.finish_reason = None
         return "Reopened the chat: continue where you left off."
@@ -542,6 +574,8 @@ class ChatService:
                 self._refuse_if_changed_elsewhere(sess)
                 if sess.conversation_id is None:
                     self.store.ensure_session(sess.session_id, client=sess.client, owner=sess.owner)
+                if sess.conversation_id is None:
+                    sess.system_prompt = system
                 conv = sess.conversation_id or self.store.start_conversation(sess.session_id, system)
                 self.store.set_message(conv, user_turn, "user", message)
                 gen_id = self._record(sess, conv, user_turn + 1, context, params, answer)
@@ -564,6 +598,8 @@ class ChatService:
             if kept["edited"] or not kept.get("generation_id"):
                 raise ChatError("the latest answer is your own rewrite; send a new message to continue")
             if sess.comparison is not None and sess.comparison.verdict is None:
+                if sess.comparison.extras:
+                    raise ChatError("first rank the four answers (1 = best), then regenerate")
                 raise ChatError("first say which answer is better (A, B, tie or both bad)")
             self._refuse_while_generating(sess)
             self.message_limit.hit(sess.client_key, "messages")
@@ -688,6 +724,8 @@ class ChatService:
             comp = sess.comparison
             if comp is None:
                 raise ChatError("there is no comparison to vote on: regenerate an answer first")
+            if comp.extras and comp.verdict is None:
+                raise ChatError("four answers are open: rank them (1 = best) instead of voting on A and B")
             # an answer being written was conditioned on the kept answer; B replacing it now
             # would leave that answer stored after a turn it never saw
             self._refuse_while_generating(sess)
@@ -739,29 +777,254 @@ class ChatService:
     def edit(self, sess: ChatSession, rewrite: str) -> str:
         """The user's rewrite of the latest answer: stored as preferred over the model's
         answer, and it continues the conversation."""
+        rewrite = self._checked_rewrite(rewrite)
+        with self._serialised(sess):
+            return self._edit_latest(sess, rewrite)
+
+    def _checked_rewrite(self, rewrite: object) -> str:
         rewrite = rewrite if isinstance(rewrite, str) else ""
         if not rewrite.strip():
             raise ChatError("the rewrite is empty")
         if len(rewrite) > self.settings.max_message_chars:
             raise ChatError(f"the rewrite is too long: at most {self.settings.max_message_chars} characters")
-        check_text(rewrite, "rewrite")
-        with self._serialised(sess):
-            if not sess.messages or sess.messages[-1]["role"] != "assistant":
-                raise ChatError("there is no answer to rewrite yet")
-            self._refuse_while_generating(sess)
-            turn = len(sess.messages) - 1
-            kept = sess.messages[turn]
-            if rewrite == kept["content"]:
-                raise ChatError("the rewrite is the same as the answer")
-            self.vote_limit.hit(sess.client_key, "edits")
-            try:
-                with self._storing():  # the preference and the kept answer together
-                    self.store.record_edit(session_id=sess.session_id, conversation_id=sess.conversation_id,
+        return check_text(rewrite, "rewrite")
+
+    def _edit_latest(self, sess: ChatSession, rewrite: str) -> str:
+        """``edit`` under the session's lock.  A latest answer that is already the user's own
+        rewrite of a reopened chat (no model answer kept with it) is replaced without a vote."""
+        if not sess.messages or sess.messages[-1]["role"] != "assistant":
+            raise ChatError("there is no answer to rewrite yet")
+        self._refuse_while_generating(sess)
+        turn = len(sess.messages) - 1
+        kept = sess.messages[turn]
+        if rewrite == kept["content"]:
+            raise ChatError("the rewrite is the same as the answer")
+        self.vote_limit.hit(sess.client_key, "edits")
+        try:
+            with self._storing():  # the preference and the kept answer together
+                if kept.get("generation_id"):
+                    self.store.record_edit(session_id=sess.session_id,
+                                           conversation_id=self._written_in(kept["generation_id"]),
                                            turn=turn, generation_id=kept["generation_id"], rewrite=rewrite)
-                    self.store.set_message(sess.conversation_id, turn, "assistant", rewrite, None)
+                self.store.set_message(sess.conversation_id, turn, "assistant", rewrite, None)
+        except StoreError as exc:
+            raise ChatError(str(exc)) from None
+        kept.update(content=rewrite, edited=True)
+        if sess.comparison is not None and sess.comparison.turn == turn:
+            sess.comparison = None
+        if not kept.get("generation_id"):
+            return "Recorded: your new rewrite replaces your earlier one and continues the chat."
+        return "Recorded: your rewrite is stored as better than the model's answer and continues the chat."
+
+    # -- "compare more": rank four answers ------------------------------------------------------
+    def compare_more(self, sess: ChatSession, params: SamplingParams) -> Iterator[tuple[str, str]]:
+        """Streams answers C and D to the open comparison's context, as (C so far, D so far).
+        They are written one after the other, so a ranking holds one of the client's decoding
+        slots, like a regenerate, and counts as one message against the rate limit; with a
+        fixed seed, D is sampled with the next seed, so C and D differ (as recorded).  Once
+        both are complete they are stored (generations like B's, and on the comparison row),
+        and the user ranks all four (``rank``).  Stop, an error or a refusal stores neither
+        answer and leaves the comparison of A and B open."""
+        with self._serialised(sess):
+            comp = sess.comparison
+            if comp is None or comp.verdict is not None:
+                raise ChatError("there is no open comparison to add answers to: regenerate an answer first")
+            if comp.extras:
+                raise ChatError("this comparison has four answers already: rank them")
+            self._refuse_while_generating(sess)
+            self.message_limit.hit(sess.client_key, "messages")
+            context = sess.messages[comp.turn]["context"]
+            running = self._start(sess, context, params)
+        texts = ["", ""]
+        answers: list[Answer] = []
+        d_params = params if params.seed is None else dataclasses.replace(params, seed=(params.seed + 1) % (MAX_SEED + 1))
+        each = [params, d_params]
+        for k in range(2):
+            if k:  # C is complete: D takes over the session's claim at once, so no other call slips in
+                with self._serialised(sess):
+                    self._release(sess, running.request)
+                    running = self._start(sess, context, each[k])
+            answer = yield from _relayed(self._stream(sess, running), texts, k)
+            if answer.finish_reason == "cancelled":
+                self._release(sess, running.request)
+                raise ChatError("stopped: the extra answers were not kept; vote on A and B, or press "
+                                "Compare more again")
+            answers.append(answer)
+        with self._serialised(sess), self._releasing(sess, running):
+            try:
+                with self._storing():  # both answers and the comparison's extension, or nothing
+                    ids = [self._record(sess, sess.conversation_id, comp.turn, context, p, a)
+                           for p, a in zip(each, answers)]
+                    stored = self.store.add_extra_answers(comp.id, sess.session_id, ids)
             except StoreError as exc:
                 raise ChatError(str(exc)) from None
-            kept.update(content=rewrite, edited=True)
-            if sess.comparison is not None and sess.comparison.turn == turn:
-                sess.comparison = None
-        return "Recorded: your rewrite is stored as better than the model's answer and continues the chat."
+            comp.extras = [{**e, "text": a.text} for e, a in zip(stored, answers)]
+            sess.model_version = answers[-1].version
+            sess.finish_reason = next((a.finish_reason for a in answers if a.finish_reason == "length"),
+                                      answers[-1].finish_reason)
+
+    def rank(self, sess: ChatSession, order: object) -> str:
+        """Decides the open comparison of four answers by the user's order of all of them,
+        best first: "C>A=D>B" or a list of labels (``feedback.ranking.parse_order``; "=" for
+        answers the user finds equally good).  One judgement, committed before this returns;
+        the best answer continues the chat (A when A shares the first place, as a tie keeps A)."""
+        with self._serialised(sess):
+            comp = sess.comparison
+            if comp is None:
+                raise ChatError("there is no comparison to rank: regenerate an answer, then press Compare more")
+            if comp.verdict is not None:
+                raise ChatError(f"this comparison was already decided ({comp.verdict.replace('_', ' ')})")
+            self._refuse_while_generating(sess)
+            if not comp.extras:
+                raise ChatError("there are only two answers: press Compare more to rank four, or vote on A and B")
+            try:
+                tiers = ranking.parse_order(order, ranking.labels_for(2 + len(comp.extras)))
+            except ranking.InvalidOrder as exc:
+                raise ChatError(str(exc)) from None
+            self.vote_limit.hit(sess.client_key, "votes")
+            winner = ranking.best(tiers)
+            texts, generations = comp.texts(), comp.generation_ids()
+            try:
+                with self._storing():  # the ranking and the kept answer together
+                    self.store.rank_comparison(comp.id, sess.session_id, tiers)
+                    if winner != "A":
+                        self.store.set_message(sess.conversation_id, comp.turn, "assistant", texts[winner],
+                                               generations[winner])
+            except StoreError as exc:
+                raise ChatError(str(exc)) from None
+            comp.verdict = ranking.RANK
+            if winner != "A":
+                sess.messages[comp.turn].update(content=texts[winner], generation_id=generations[winner],
+                                                edited=False)
+        shown = ranking.format_order(tiers).replace(">", " > ").replace("=", " = ")
+        return f"Recorded: your ranking {shown}; answer {winner} continues the chat."
+
+    # -- edit in place -----------------------------------------------------------------------------
+    def edit_message(self, sess: ChatSession, index: object, text: object,
+                     params: SamplingParams) -> Iterator[str]:
+        """The Chatbot's edit of message ``index`` (its position in the chat history, 0 = the
+        first user message) to ``text``.  A generator: it yields the growing new answer when
+        there is one, and returns the status note.
+
+        - the latest answer: a rewrite (``edit``), preferred over the model's answer, which
+          continues the chat;
+        - an earlier answer: the chat branches at that answer, with the rewrite in its place
+          (stored as preferred over the model's answer); continue it with a new message;
+        - a user message: the chat branches there, and a new answer to the edited message is
+          streamed and stored with the context the model saw.
+        A branch is a new conversation of the same session, listed among the browser's chats
+        and made the current one: the messages before ``index`` copied, then the edited one.
+        The original chat and its judgements stay as they were.  Refusals (no such message,
+        an unchanged, empty or too long text, an answer being written) store nothing and
+        change nothing."""
+        try:
+            whole = not isinstance(index, bool) and isinstance(index, (int, float)) and index == int(index)
+        except (OverflowError, ValueError):  # inf, nan
+            whole = False
+        if not whole:
+            raise ChatError("the message index must be a whole number (0 = the first message)")
+        index = int(index)
+        text = text if isinstance(text, str) else ""
+        if not text.strip():
+            raise ChatError("the edited message is empty")
+        if len(text) > self.settings.max_message_chars:
+            raise ChatError(f"the edited message is too long: {len(text)} characters, at most "
+                            f"{self.settings.max_message_chars}")
+        check_text(text, "edited message")
+        with self._serialised(sess):
+            if not 0 <= index < len(sess.messages):
+                raise ChatError(f"there is no message {index} in this chat"
+                                + (f" (it has {len(sess.messages)}, numbered from 0)" if sess.messages else ""))
+            self._refuse_while_generating(sess)
+            edited = sess.messages[index]
+            if edited["role"] == "assistant" and index == len(sess.messages) - 1:
+                return self._edit_latest(sess, text)
+            self._refuse_if_changed_elsewhere(sess)
+            if text == edited["content"]:
+                raise ChatError("the edited message is the same as before; nothing was changed")
+            if edited["role"] == "assistant":
+                return self._branch_at_answer(sess, index, text)
+            self.message_limit.hit(sess.client_key, "messages")
+            system = self._system_at(sess, index + 1)
+            prefix = [dict(m) for m in sess.messages[:index]]
+            context = ([{"role": "system", "content": system}] if system.strip() else []) + [
+                {"role": m["role"], "content": m["content"]} for m in prefix] + [{"role": "user", "content": text}]
+            source = sess.conversation_id
+            running = self._start(sess, context, params)
+        answer = yield from self._stream(sess, running)
+        with self._serialised(sess), self._releasing(sess, running):
+            try:
+                with self._storing():  # the whole branch or nothing
+                    conv = self._write_branch(sess, source, index, prefix)
+                    self.store.set_message(conv, index, "user", text)
+                    gen_id = self._record(sess, conv, index + 1, context, params, answer)
+                    self.store.set_message(conv, index + 1, "assistant", answer.text, gen_id)
+            except StoreError as exc:
+                raise ChatError(str(exc)) from None
+            sess.conversation_id, sess.comparison = conv, None
+            sess.messages = prefix + [{"role": "user", "content": text, "generation_id": None, "edited": False},
+                                      {"role": "assistant", "content": answer.text, "generation_id": gen_id,
+                                       "edited": False, "context": context}]
+            sess.model_version, sess.finish_reason = answer.version, answer.finish_reason
+            self._note_version(sess, answer.version)
+        return "Your edit starts a new chat from that message; the original chat is kept in your chats."
+
+    def _branch_at_answer(self, sess: ChatSession, index: int, rewrite: str) -> str:
+        """An earlier answer edited (under the session's lock): a branch ending with the
+        rewrite, stored as preferred over the model's answer at that turn."""
+        kept = sess.messages[index]
+        self.vote_limit.hit(sess.client_key, "edits")
+        prefix = [dict(m) for m in sess.messages[:index]]
+        try:
+            with self._storing():  # the branch and the preference together
+                conv = self._write_branch(sess, sess.conversation_id, index, prefix)
+                self.store.set_message(conv, index, "assistant", rewrite, None)
+                if kept.get("generation_id"):
+                    self.store.record_edit(session_id=sess.session_id,
+                                           conversation_id=self._written_in(kept["generation_id"]), turn=index,
+                                           generation_id=kept["generation_id"], rewrite=rewrite)
+        except StoreError as exc:
+            raise ChatError(str(exc)) from None
+        sess.conversation_id, sess.comparison = conv, None
+        sess.messages = prefix + [{**kept, "content": rewrite, "edited": True}]
+        return ("Recorded: your rewrite is stored as better than the model's answer; it continues a new chat "
+                "branched at that answer (the original chat is kept in your chats).")
+
+    def _written_in(self, generation_id: str) -> str:
+        """The conversation a generation was written in, which a rewrite of it names: in a
+        branch, a copied answer is still the original chat's generation, and a maintainer's
+        exclusion of the rewrite must reach that generation's prompt (``user_prompts``)."""
+        return self.store.generation(generation_id)["conversation_id"]
+
+    def _write_branch(self, sess: ChatSession, source: str, index: int, prefix: list[dict]) -> str:
+        """The branch's conversation with the messages before ``index`` (inside the caller's
+        transaction).  Copied answers keep their generation (an answer is one generation row,
+        wherever it is kept, so nothing is counted twice); a rewrite is copied as a rewrite."""
+        self._refuse_if_changed_elsewhere(sess)  # deleted meanwhile: its words must not come back
+        conv = self.store.start_branch(sess.session_id, source, index)
+        for turn, m in enumerate(prefix):
+            self.store.set_message(conv, turn, m["role"], m["content"],
+                                   None if m.get("edited") else m.get("generation_id"))
+        return conv
+
+    def _system_at(self, sess: ChatSession, answer_turn: int) -> str:
+        """The system prompt the model saw for the answer at ``answer_turn`` (the
+        conversation's when that answer is a rewrite of a reopened chat)."""
+        context = sess.messages[answer_turn].get("context") if answer_turn < len(sess.messages) else None
+        if context:
+            return context[0]["content"] if context[0]["role"] == "system" else ""
+        return self.settings.system_prompt if sess.system_prompt is None else sess.system_prompt
+
+
+def _relayed(stream: Iterator[str], texts: list[str], k: int):
+    """Relays a growing answer as text ``k`` of ``texts`` (yielding all of them each time);
+    returns the stream's return value (an ``Answer``).  Closing this closes the stream."""
+    try:
+        while True:
+            try:
+                texts[k] = next(stream)
+            except StopIteration as done:
+                return done.value
+            yield tuple(texts)
+    finally:
+        stream.close()

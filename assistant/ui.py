@@ -1,5 +1,5 @@
-"""The end users' Gradio app: chat, regenerate-and-compare, thumbs, rewrite, opt-out, past
-chats and "delete my data".
+"""The end users' Gradio app: chat, regenerate-and-compare, ranking four answers, thumbs,
+edit in place (rewrites and branches), opt-out, past chats and "delete my data".
 
 All logic lives in ``assistant.chat``; this module only lays out components and wires
 events.  Public API (what ``gradio_client`` sees; per-session state is kept by the server
@@ -10,8 +10,15 @@ for each client session, so one ``Client`` drives one conversation):
     /regenerate(temperature, top_p, max_new_tokens, seed)
         -> (answer_a, answer_b, model_version, status)        streams answer B
     /vote(verdict)  verdict in a | b | tie | both_bad        -> (chat_history, status)
+    /compare_more(temperature, top_p, max_new_tokens, seed)
+        -> (answer_c, answer_d, model_version, status)        streams C, then D
+    /rank(order)  all four answers, best first: "C>A>D>B"; "=" between answers ranked
+                  equal: "C>A=D>B" (labels case-insensitive)  -> (chat_history, status)
     /rate(answer, thumb, reasons, comment)  answer: 1-based, 0 = latest -> status
     /edit(rewrite)  rewrite of the latest answer             -> (chat_history, status)
+    /edit_message(index, text, temperature, top_p, max_new_tokens, seed)
+        index: the message's position in chat_history (0 = the first user message)
+        -> (chat_history, model_version, status)              streams a branch's new answer
     /opt_out(opt_out)                                         -> status
     /new_chat()                                               -> (chat_history, status)
     /stop()                                                   -> status
@@ -31,6 +38,25 @@ above see that session's chats only.
 The comparison opens from **Regenerate and compare** or the Chatbot's own retry icon; both
 answers are rendered as Markdown side by side (stacked below 600 px), and the verdict
 buttons (keys 1-4 or a/b/t/x) are enabled once answer B is complete.
+
+**Compare more** (enabled with the verdicts) writes answers C and D to the same context, one
+after the other, shown under A and B (a 2×2 grid, one column below 600 px); the user gives
+each answer a rank from 1 (best) to 4 and presses **Submit ranking**, enabled once all four
+answers are complete and every answer has a rank, one of them 1.  Equal ranks are allowed
+(answers the user finds equally good; the retrain reads them as ties).  The ranking is one
+judgement; the best answer continues the chat (A when A shares the first place).  While four
+answers are open the verdict buttons are gone and their keys do nothing, and ``/vote`` is
+refused.  ``/compare_more`` needs an open comparison whose B is complete; ``/rank`` needs its
+four answers, every label once; anything else is refused and stores nothing.
+
+**Edit in place**: every message has the Chatbot's own edit (pencil) button; it calls
+``/edit_message``.  Editing the latest answer is a rewrite (stored as preferred over the
+model's answer; it continues the chat, as ``/edit`` does).  Editing an earlier answer or a
+user message branches the chat: a new chat (listed under "Your chats" with " (edited)" after
+its title, and made the current one) holds the messages before the edited one, then the
+edited one: a rewritten answer (stored as preferred over the model's) or an edited question,
+whose new answer is streamed.  The original chat and its votes stay as they were.  A refusal
+(no such message, unchanged or empty text, an answer still being written) changes nothing.
 
 ``/rate`` stores each reason tag once; ``/opt_out`` is rate-limited per client address and
 writes only a change.  Gradio's upload route takes files up to ``UPLOADS.max_file_bytes``
@@ -55,6 +81,7 @@ import gradio as gr
 from assistant import console
 from assistant.chat import ChatError, ChatService, ChatSession, sampling
 from assistant.context import AppContext
+from feedback import ranking
 from feedback.store import REASON_TAGS, FeedbackStore
 
 log = logging.getLogger(__name__)
@@ -62,19 +89,33 @@ log = logging.getLogger(__name__)
 PRIVATE = "private"
 VERDICT_BUTTONS = (("a", "A is better"), ("b", "B is better"), ("tie", "Tie"), ("both_bad", "Both are bad"))
 NO_CHATS = "No chats yet. Your conversations will be listed here, so you can pick one up later."
-CHAT_PLACEHOLDER = ("### How can I help?\nAsk anything. Rate an answer with the thumbs under it, or press "
-                    "its retry icon to see a second answer and pick the better one.")
+CHAT_PLACEHOLDER = ("### How can I help?\nAsk anything. Rate an answer with the thumbs under it, press "
+                    "its retry icon to see a second answer and pick the better one, or edit any message "
+                    "with its pencil.")
+COMPARE_TITLE = "**Compare the two answers** and pick the better one"
+RANK_TITLE = "**Rank the four answers**: 1 = best"
+RANK_HINT = "Give each answer a rank: **1** = best; the same number for answers that are equally good."
+RANK_LABELS = ("A", "B", "C", "D")
+RANK_CHOICES = ["1", "2", "3", "4"]
 
 # The page's look on top of Gradio's theme: the comparison side by side, stacked on a narrow
 # screen; the chat list as a list; nothing wider than a phone (390 px) needs.
 CSS = """
 #compare { padding: 10px; }
-#compare-row { gap: 12px; flex-wrap: nowrap; }
-#compare-row > .column { min-width: 0 !important; flex: 1 1 0; }
-#answer-a, #answer-b { border: 1px solid var(--border-color-primary); border-radius: var(--radius-lg);
-    padding: 8px 12px; min-height: 4em; max-height: 28em; overflow: auto; }
+#compare-row, #rank-row { gap: 12px; flex-wrap: nowrap; }
+#compare-row > .column, #rank-row > .column { min-width: 0 !important; flex: 1 1 0; }
+#answer-a, #answer-b, #answer-c, #answer-d { border: 1px solid var(--border-color-primary);
+    border-radius: var(--radius-lg); padding: 8px 12px; min-height: 4em; max-height: 28em; overflow: auto; }
 #verdicts { flex-wrap: wrap; gap: 8px; }
 #verdicts button { flex: 1 1 8em; }
+.rank-pick { padding: 0 !important; }
+.rank-pick .wrap { gap: 6px; flex-wrap: nowrap; }
+.rank-pick label { min-width: 2.6em; justify-content: center; }
+#more-row, #rank-actions { align-items: center; gap: 8px; flex-wrap: wrap; }
+#more-hint { flex: 1 1 16em; opacity: 0.8; }
+#compare-more { flex: 0 0 auto; min-width: 10em; }
+#rank-order { flex: 1 1 16em; }
+#rank-submit { flex: 0 0 auto; min-width: 10em; }
 #chat-list .wrap { flex-direction: column; align-items: stretch; gap: 4px; }
 #chat-list label { width: 100%; overflow: hidden; text-overflow: ellipsis; white-space: nowrap; }
 #update-notice { padding: 6px 12px; border-radius: var(--radius-lg); background: var(--color-accent-soft); }
@@ -83,8 +124,9 @@ CSS = """
 #compare-keys { text-align: right; opacity: 0.75; }
 #model-version { text-align: right; }
 @media (max-width: 600px) {
-  #compare-row { flex-direction: column; flex-wrap: wrap; }
-  #compare-row > .column { flex: 1 1 auto; width: 100%; }
+  #compare-row, #rank-row { flex-direction: column; flex-wrap: wrap; }
+  #compare-row > .column, #rank-row > .column { flex: 1 1 auto; width: 100%; }
+  #rank-submit, #compare-more { flex: 1 1 100%; }
   #composer { flex-wrap: wrap; }
   #composer > .form { flex: 1 1 100% !important; }
   #compare-keys { display: none; }
@@ -95,7 +137,8 @@ CSS = """
 
 # Keyboard shortcuts for the verdicts while a comparison is open and the focus is not in a
 # text field: 1 or a (A is better), 2 or b, 3 or t (tie), 4 or x (both bad).  A disabled
-# button (answer B still being written) ignores its key.  On a narrow screen the chats
+# button (answer B still being written) ignores its key, and while four answers are being
+# ranked (``#rank-row`` shown) the keys do nothing.  On a narrow screen the chats
 # sidebar (which covers the page there) starts closed and closes after picking a chat.
 HEAD = """<script>
 (() => {
@@ -130,6 +173,8 @@ HEAD = """<script>
     if (target && (target.isContentEditable || /^(INPUT|TEXTAREA|SELECT)$/.test(target.tagName))) return;
     const box = document.getElementById("compare");
     if (!box || box.offsetParent === null) return;
+    const ranking = document.getElementById("rank-row");
+    if (ranking && ranking.offsetParent !== null) return;  // ranking four: the A/B keys are off
     const button = document.getElementById("vote-" + verdict);
     if (!button || button.disabled) return;
     event.preventDefault();
@@ -195,6 +240,39 @@ def _finish_note(sess: ChatSession) -> str:
             "length": "The answer reached the max-new-tokens limit (see Settings)."}.get(sess.finish_reason or "", "")
 
 
+def order_of_ranks(values) -> list[list[str]] | None:
+    """The rank selectors' values (A, B, C, D; "1"-"4" or empty) -> the order's tiers, or
+    None unless every answer has a rank and one of them is 1 (equal ranks: equally good)."""
+    try:
+        ranks = {label: int(v) for label, v in zip(RANK_LABELS, values) if v not in (None, "")}
+    except (TypeError, ValueError):
+        return None
+    if len(ranks) != len(RANK_LABELS) or 1 not in ranks.values():
+        return None
+    return ranking.from_ranks(ranks)
+
+
+def rank_note(values) -> str:
+    """What the ranking panel says under the answers: the order so far, or what is missing."""
+    order = order_of_ranks(values)
+    if order:
+        shown = " > ".join(" = ".join(tier) for tier in order)
+        return f"Your order: **{shown}** · answer {ranking.best(order)} continues the chat."
+    if all(v not in (None, "") for v in values):
+        return "Give the best answer rank **1**."
+    return RANK_HINT
+
+
+def _edited_text(value) -> str:
+    """The Chatbot's edited text (``gr.EditData.value``): a string, or a list of text parts."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, (list, tuple)):
+        return "".join(v if isinstance(v, str) else str(v.get("text") or "") if isinstance(v, dict) else ""
+                       for v in value)
+    return ""
+
+
 def _errors_to_gradio(fn: Callable) -> Callable:
     """ChatError -> gr.Error (the message reaches the browser and API clients)."""
     @functools.wraps(fn)  # keeps the signature: Gradio injects gr.Request by it
@@ -257,6 +335,74 @@ def build_app(ctx: AppContext, uploads: UploadPolicy = UPLOADS) -> gr.Blocks:
         def fn(state: ChatSession | None, request: gr.Request):
             return vote(verdict, state, request)
         return fn
+
+    def compare_more(temperature: float, top_p: float, max_new_tokens: int, seed: int,
+                     state: ChatSession | None, request: gr.Request):
+        """Writes answers C and D to the open comparison's context (one after the other), to rank all four."""
+        sess = caller(state, request)
+        try:
+            params = sampling(temperature, top_p, max_new_tokens, seed, s)
+            for c_text, d_text in service.compare_more(sess, params):
+                yield c_text, d_text or gr.skip(), gr.skip(), "", sess
+        except ChatError as exc:
+            raise gr.Error(str(exc), print_exception=False) from None
+        texts = sess.comparison.texts()
+        yield (texts["C"], texts["D"], _version_md(sess.model_version),
+               " ".join(filter(None, ["Rank the four answers: 1 = best.", _finish_note(sess)])), sess)
+
+    @_errors_to_gradio
+    def rank(order: str, state: ChatSession | None, request: gr.Request):
+        """Ranks the four answers, best first: "C>A>D>B", with "=" between answers ranked equal."""
+        sess = caller(state, request)
+        note = service.rank(sess, order)
+        return sess.history(), note, sess
+
+    @_errors_to_gradio
+    def submit_ranking(rank_a: str, rank_b: str, rank_c: str, rank_d: str, state: ChatSession | None,
+                       request: gr.Request):
+        """Private: the rank selectors' ranking."""
+        order = order_of_ranks([rank_a, rank_b, rank_c, rank_d])
+        if order is None:
+            raise ChatError("give every answer a rank, the best one 1")
+        return rank(ranking.format_order(order), state, request)
+
+    def edit_message(index: int, text: str, temperature: float, top_p: float, max_new_tokens: int, seed: int,
+                     state: ChatSession | None, request: gr.Request):
+        """Edits message ``index`` of the chat (0 = the first): the latest answer is rewritten; an earlier
+        answer or a user message branches the chat into a new one (a user message gets a new, streamed answer)."""
+        sess = caller(state, request)
+        edits = None
+        try:
+            params = sampling(temperature, top_p, max_new_tokens, seed, s)
+            edits = service.edit_message(sess, index, text, params)
+            shown = None
+            while True:
+                try:
+                    growing = next(edits)
+                except StopIteration as done:
+                    note = done.value
+                    break
+                if shown is None:  # the index is valid once the first words come
+                    shown = sess.history()[:int(index)] + [{"role": "user", "content": text}]
+                yield shown + [{"role": "assistant", "content": growing}], gr.skip(), "", sess
+        except ChatError as exc:
+            raise gr.Error(str(exc), print_exception=False) from None
+        finally:
+            if edits is not None:
+                edits.close()
+        yield sess.history(), _version_md(sess.model_version), " ".join(filter(None, [note, _finish_note(sess)])), sess
+
+    def on_edit(temperature: float, top_p: float, max_new_tokens: int, seed: int, state: ChatSession | None,
+                request: gr.Request, evt: gr.EditData):
+        """Private: the Chatbot's own edit button (the same as /edit_message).  A refusal is a
+        warning toast and the chat is shown as it was (an error would cover the Chatbot)."""
+        try:
+            yield from edit_message(evt.index, _edited_text(evt.value), temperature, top_p, max_new_tokens, seed,
+                                    state, request)
+        except gr.Error as exc:
+            gr.Warning(exc.message)
+            sess = state if isinstance(state, ChatSession) else None
+            yield (sess.history() if sess else []), gr.skip(), gr.skip(), state
 
     @_errors_to_gradio
     def rate(answer: int, thumb: str, reasons: list[str], comment: str, state: ChatSession | None,
@@ -331,25 +477,58 @@ def build_app(ctx: AppContext, uploads: UploadPolicy = UPLOADS) -> gr.Blocks:
         text = service.take_notice(sess)
         return (gr.Markdown(value=text, visible=True),) if text else (gr.skip(),)
 
-    def sync(state: ChatSession | None):
-        """Private: brings the panels in line with the session after a change."""
+    def sync(state: ChatSession | None, *ranks: str | None):
+        """Private: brings the panels in line with the session after a change (``ranks``: the
+        rank selectors' values, kept while four answers are open)."""
         sess = state if isinstance(state, ChatSession) else None
         comp = sess.comparison if sess else None
         open_comp = comp is not None and comp.verdict is None
-        latest = sess.messages[-1]["content"] if sess and sess.messages and sess.messages[-1]["role"] == "assistant" else ""
+        ranking_open = open_comp and bool(comp.extras)
         history = sess.history() if sess else []
         ready = open_comp and not service.generating(sess)
-        return (gr.update(visible=open_comp), history, latest,
+        texts = comp.texts() if ranking_open else {}
+        return (gr.update(visible=open_comp), history,
                 comp.a_text if open_comp else gr.skip(), comp.b_text if open_comp else gr.skip(),
-                *[gr.Button(interactive=ready) for _ in VERDICT_BUTTONS], *chat_list(sess), *notice(sess))
+                *[gr.Button(interactive=ready) for _ in VERDICT_BUTTONS],
+                *rank_panel(ranking_open, texts.get("C", gr.skip()), texts.get("D", gr.skip()),
+                            ranks if ranking_open else None, ready),
+                *chat_list(sess), *notice(sess))
+
+    def rank_panel(ranking_open: bool, c_text, d_text, ranks, ready: bool):
+        """The comparison's two modes: A/B verdicts, or four answers to rank.  ``ranks``: the
+        selectors' values to keep (None: cleared)."""
+        values = list(ranks) if ranks is not None else [None] * len(RANK_LABELS)
+        valid = ranking_open and ready and order_of_ranks(values) is not None
+        picks = [gr.update(visible=ranking_open) if ranks is not None else gr.update(visible=ranking_open, value=None)
+                 for _ in RANK_LABELS]
+        two = gr.update(visible=not ranking_open)  # the verdicts, Compare more, the keys
+        return (gr.Button(interactive=ready and not ranking_open), two, two, two,
+                RANK_TITLE if ranking_open else COMPARE_TITLE, gr.update(visible=ranking_open), c_text, d_text,
+                *picks, gr.update(visible=ranking_open), gr.Button(interactive=valid), rank_note(values))
+
+    def show_more():
+        """Private: opens the ranking of four while C and D are written (Submit disabled until they are)."""
+        return rank_panel(True, "…", "…", None, False)
+
+    def check_ranks(state: ChatSession | None, *ranks: str | None):
+        """Private: Submit ranking is enabled once all four answers are complete and ranked, one of them 1."""
+        sess = state if isinstance(state, ChatSession) else None
+        comp = sess.comparison if sess else None
+        ready = (comp is not None and comp.verdict is None and bool(comp.extras) and not service.generating(sess))
+        return gr.Button(interactive=ready and order_of_ranks(ranks) is not None), rank_note(ranks)
 
     def sync_opt_out(state: ChatSession | None):
         """Private: the opt-out box shows the session's (after reopening a chat or a deletion)."""
         return gr.Checkbox(value=state.opt_out) if isinstance(state, ChatSession) else gr.skip()
 
-    def show_compare():
-        """Private: opens the comparison while answer B is written (verdicts disabled until it is done)."""
-        return (gr.update(visible=True), "…", *[gr.Button(interactive=False) for _ in VERDICT_BUTTONS])
+    def show_compare(state: ChatSession | None):
+        """Private: opens the comparison while answer B is written (verdicts disabled until it is done);
+        four answers being ranked stay as they are (the regenerate is refused)."""
+        comp = state.comparison if isinstance(state, ChatSession) else None
+        if comp is not None and comp.verdict is None and comp.extras:
+            return tuple(gr.skip() for _ in range(2 + len(VERDICT_BUTTONS) + len(rank_outputs)))
+        return (gr.update(visible=True), "…", *[gr.Button(interactive=False) for _ in VERDICT_BUTTONS],
+                *rank_panel(False, gr.skip(), gr.skip(), None, False))
 
     def on_like(state: ChatSession | None, evt: gr.LikeData):
         sess = state if isinstance(state, ChatSession) else None
@@ -388,7 +567,7 @@ def build_app(ctx: AppContext, uploads: UploadPolicy = UPLOADS) -> gr.Blocks:
         notice_md = gr.Markdown("", visible=False, elem_id="update-notice")
         chatbot = gr.Chatbot(label="Conversation", height=440, sanitize_html=True, render_markdown=True,
                              allow_tags=False, feedback_options=("Like", "Dislike"), buttons=["copy"],
-                             placeholder=CHAT_PLACEHOLDER, elem_id="chatbot")
+                             editable="all", placeholder=CHAT_PLACEHOLDER, elem_id="chatbot")
         with gr.Row(elem_id="composer"):
             msg = gr.Textbox(show_label=False, placeholder="Message the assistant…",
                              scale=8, max_lines=8, autofocus=True, elem_id="message")
@@ -402,18 +581,37 @@ def build_app(ctx: AppContext, uploads: UploadPolicy = UPLOADS) -> gr.Blocks:
         status = gr.Markdown("", label="status", show_label=False, elem_id="status")
         with gr.Column(visible=False, variant="panel", elem_id="compare") as compare_box:
             with gr.Row(elem_id="compare-head"):
-                gr.Markdown("**Compare the two answers** and pick the better one", elem_id="compare-title")
-                gr.Markdown("Keys: **1** A · **2** B · **3** tie · **4** both bad", elem_id="compare-keys")
+                compare_title = gr.Markdown(COMPARE_TITLE, elem_id="compare-title")
+                compare_keys = gr.Markdown("Keys: **1** A · **2** B · **3** tie · **4** both bad",
+                                           elem_id="compare-keys")
+
+            def answer_column(label: str, note: str):
+                """One answer of the comparison, with its rank selector (shown while ranking four)."""
+                with gr.Column(min_width=0):
+                    gr.Markdown(f"**Answer {label}** · {note}")
+                    text = gr.Markdown("", label=f"answer_{label.lower()}", elem_id=f"answer-{label.lower()}")
+                    pick = gr.Radio(RANK_CHOICES, value=None, label=f"Rank of answer {label} (1 = best)",
+                                    visible=False, container=False, elem_id=f"rank-{label.lower()}",
+                                    elem_classes=["rank-pick"])
+                return text, pick
+
             with gr.Row(elem_id="compare-row"):
-                with gr.Column(min_width=0):
-                    gr.Markdown("**Answer A** · the current one")
-                    a_md = gr.Markdown("", label="answer_a", elem_id="answer-a")
-                with gr.Column(min_width=0):
-                    gr.Markdown("**Answer B** · new")
-                    b_md = gr.Markdown("", label="answer_b", elem_id="answer-b")
-            with gr.Row(elem_id="verdicts"):
+                a_md, rank_a = answer_column("A", "the current one")
+                b_md, rank_b = answer_column("B", "new")
+            with gr.Row(visible=False, elem_id="rank-row") as rank_row:
+                c_md, rank_c = answer_column("C", "new")
+                d_md, rank_d = answer_column("D", "new")
+            rank_picks = [rank_a, rank_b, rank_c, rank_d]
+            with gr.Row(elem_id="verdicts") as verdict_row:
                 vote_btns = {v: gr.Button(label, size="sm", interactive=False, elem_id=f"vote-{v}")
                              for v, label in VERDICT_BUTTONS}
+            with gr.Row(elem_id="more-row") as more_row:
+                gr.Markdown("Hard to choose? See two more answers and rank all four.", elem_id="more-hint")
+                more_btn = gr.Button("Compare more", size="sm", interactive=False, elem_id="compare-more")
+            with gr.Row(visible=False, elem_id="rank-actions") as rank_actions:
+                rank_note_md = gr.Markdown(RANK_HINT, elem_id="rank-order")
+                rank_submit = gr.Button("Submit ranking", variant="primary", size="sm", interactive=False,
+                                        elem_id="rank-submit")
         with gr.Accordion("Rate an answer", open=False) as rate_acc:
             with gr.Row():
                 rate_num = gr.Number(value=0, precision=0, minimum=0, label="Answer number (0 = the latest)")
@@ -421,10 +619,6 @@ def build_app(ctx: AppContext, uploads: UploadPolicy = UPLOADS) -> gr.Blocks:
             reasons = gr.CheckboxGroup(list(REASON_TAGS), label="Reasons (optional)")
             comment = gr.Textbox(label="Comment (optional)", max_lines=4, placeholder="What was wrong or right?")
             rate_btn = gr.Button("Send rating", size="sm")
-        with gr.Accordion("Rewrite the latest answer", open=False):
-            rewrite = gr.Textbox(label="Your better answer", lines=4, max_lines=12, elem_id="rewrite",
-                                 placeholder="The answer you would have liked; it continues the chat.")
-            edit_btn = gr.Button("Save rewrite", size="sm")
         with gr.Accordion("Settings", open=False):
             system_tb = gr.Textbox(value=s.system_prompt, label="System prompt", lines=2)
             with gr.Row():
@@ -437,6 +631,13 @@ def build_app(ctx: AppContext, uploads: UploadPolicy = UPLOADS) -> gr.Blocks:
         pending = gr.Textbox(visible=False)
         verdict_tb = gr.Textbox(visible=False, value="a")
         vote_api_btn = gr.Button(visible=False)
+        order_tb = gr.Textbox(visible=False, label="order")
+        rank_api_btn = gr.Button(visible=False)
+        rewrite = gr.Textbox(visible=False, label="rewrite")  # /edit: the Chatbot's pencil does it in the page
+        edit_btn = gr.Button(visible=False)
+        edit_index = gr.Number(visible=False, precision=0, label="index")
+        edit_text = gr.Textbox(visible=False, label="text")
+        edit_api_btn = gr.Button(visible=False)
         conv_id_tb = gr.Textbox(visible=False, label="conversation_id")
         open_api_btn = gr.Button(visible=False)
         chats_json = gr.JSON(visible=False, label="conversations")
@@ -445,9 +646,11 @@ def build_app(ctx: AppContext, uploads: UploadPolicy = UPLOADS) -> gr.Blocks:
         delete_api_btn = gr.Button(visible=False)
 
         sampling_inputs = [temp, top_p, max_new, seed]
-        after = dict(fn=sync, inputs=[state], api_visibility=PRIVATE,
-                     outputs=[compare_box, chatbot, rewrite, a_md, b_md, *vote_btns.values(), chats, no_chats_md,
-                              notice_md])
+        rank_outputs = [more_btn, verdict_row, more_row, compare_keys, compare_title, rank_row, c_md, d_md,
+                        *rank_picks, rank_actions, rank_submit, rank_note_md]  # what ``rank_panel`` returns
+        after = dict(fn=sync, inputs=[state, *rank_picks], api_visibility=PRIVATE,
+                     outputs=[compare_box, chatbot, a_md, b_md, *vote_btns.values(), *rank_outputs, chats,
+                              no_chats_md, notice_md])
         after_switch = dict(fn=sync_opt_out, inputs=[state], outputs=[opt_out_cb], api_visibility=PRIVATE,
                             queue=False)
 
@@ -460,8 +663,8 @@ def build_app(ctx: AppContext, uploads: UploadPolicy = UPLOADS) -> gr.Blocks:
         chat_ev.then(**after)
 
         # regenerate: the button or the Chatbot's own retry icon under the latest answer
-        shown = gr.on([regen_btn.click, chatbot.retry], show_compare, None, [compare_box, b_md, *vote_btns.values()],
-                      api_visibility=PRIVATE, queue=False)
+        shown = gr.on([regen_btn.click, chatbot.retry], show_compare, [state],
+                      [compare_box, b_md, *vote_btns.values(), *rank_outputs], api_visibility=PRIVATE, queue=False)
         regen_ev = shown.then(regenerate, [*sampling_inputs, state], [a_md, b_md, version_md, status, state],
                               api_name="regenerate", concurrency_id="generate")
         regen_ev.then(**after)
@@ -471,11 +674,28 @@ def build_app(ctx: AppContext, uploads: UploadPolicy = UPLOADS) -> gr.Blocks:
             btn.click(_errors_to_gradio(vote_button(verdict)), [state], [chatbot, status, state],
                       api_visibility=PRIVATE).then(**after)
 
+        # compare more: C and D under A and B, then a rank per answer and Submit ranking
+        more_shown = more_btn.click(show_more, None, rank_outputs, api_visibility=PRIVATE, queue=False)
+        more_shown.then(compare_more, [*sampling_inputs, state], [c_md, d_md, version_md, status, state],
+                        api_name="compare_more", concurrency_id="generate").then(**after)
+        for pick in rank_picks:
+            pick.input(check_ranks, [state, *rank_picks], [rank_submit, rank_note_md], api_visibility=PRIVATE,
+                       queue=False)
+        rank_submit.click(submit_ranking, [*rank_picks, state], [chatbot, status, state],
+                          api_visibility=PRIVATE).then(**after)
+        rank_api_btn.click(rank, [order_tb, state], [chatbot, status, state], api_name="rank").then(**after)
+
         rate_ev = rate_btn.click(rate, [rate_num, thumb, reasons, comment, state], [status, state], api_name="rate")
         rate_ev.success(lambda: ([], "", 0), None, [reasons, comment, rate_num], api_visibility=PRIVATE, queue=False)
         chatbot.like(on_like, [state], [rate_num, thumb, rate_acc, status], api_visibility=PRIVATE, queue=False)
 
         edit_btn.click(edit, [rewrite, state], [chatbot, status, state], api_name="edit").then(**after)
+        # edit in place: the Chatbot's pencil on any message, and the same over the API
+        edit_api_btn.click(edit_message, [edit_index, edit_text, *sampling_inputs, state],
+                           [chatbot, version_md, status, state], api_name="edit_message",
+                           concurrency_id="generate").then(**after)
+        chatbot.edit(on_edit, [*sampling_inputs, state], [chatbot, version_md, status, state],
+                     api_visibility=PRIVATE, concurrency_id="generate").then(**after)
         opt_out_cb.input(opt_out, [opt_out_cb, state], [status, state], api_name="opt_out")
         new_btn.click(new_chat, [state], [chatbot, status, state], api_name="new_chat").then(**after)
         side_new_btn.click(new_chat, [state], [chatbot, status, state], api_visibility=PRIVATE).then(**after)

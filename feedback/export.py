@@ -8,7 +8,9 @@ one JSON object per line::
      "rejected": [{"role": "assistant", "content": ...}]}
 
 Ties and "both bad" carry no ordering between the two answers and have no place in this
-format; they are skipped here (the CSV export keeps every judgement).
+format; they are skipped here (the CSV export keeps every judgement).  A ranking of K answers
+("compare more") is exported as its decisive pairs, one record each: every answer over every
+answer ranked below it (answers ranked equal make no record, like a tie).
 
 Also here: the filtered TRL and CSV exports the console and ``python -m feedback export``
 offer, a consistent copy of the live database (``backup_db``, the operator's full backup)
@@ -23,6 +25,8 @@ import json
 import sqlite3
 from collections.abc import Iterable, Iterator
 from pathlib import Path
+
+from feedback import ranking
 
 
 def trl_record(prompt: list[dict], chosen: str, rejected: str) -> dict:
@@ -41,12 +45,35 @@ def comparison_pair(row: dict) -> tuple[str, str] | None:
     return None
 
 
+def comparison_pairs(row: dict) -> list[tuple[str, str]]:
+    """Every (chosen, rejected) of a comparison row: one for a, b and edit, the decisive
+    pairs of a ranking (identical or empty answers skipped), none for tie and both bad."""
+    if row.get("verdict") == ranking.RANK:
+        tiers, texts = ranking.loads(row.get("ranking")), ranking.answers(row)
+        out = []
+        for better, worse, label in ranking.pairs(tiers or []):
+            chosen, rejected = texts.get(better), texts.get(worse)
+            if label == 1.0 and chosen and chosen.strip() and rejected is not None and chosen.strip() != rejected.strip():
+                out.append((chosen, rejected))
+        return out
+    pair = comparison_pair(row)
+    return [pair] if pair is not None else []
+
+
 def comparison_to_trl(row: dict) -> dict | None:
+    """The TRL record of a two-answer comparison (None without an ordering); see
+    ``comparison_to_trl_records`` for rankings."""
     pair = comparison_pair(row)
     if pair is None:
         return None
     context = row["context"] if isinstance(row["context"], list) else json.loads(row["context"])
     return trl_record(context, *pair)
+
+
+def comparison_to_trl_records(row: dict) -> list[dict]:
+    """One TRL record per (chosen, rejected) of ``comparison_pairs``."""
+    context = row["context"] if isinstance(row["context"], list) else json.loads(row["context"])
+    return [trl_record(context, *pair) for pair in comparison_pairs(row)]
 
 
 def write_jsonl(records: Iterable[dict], path: Path | str) -> int:
@@ -71,7 +98,7 @@ def write_jsonl(records: Iterable[dict], path: Path | str) -> int:
 CSV_COLUMNS = ("record_type", "id", "created_at", "decided_at", "kind", "session_id", "user",
                "conversation_id", "turn", "a_version", "b_version", "prompt", "a_text", "b_text",
                "reasons", "comment", "excluded", "exclude_reason", "excluded_by", "excluded_at",
-               "used_in_run", "context_json")
+               "used_in_run", "context_json", "ranking", "extra_answers_json")
 # A spreadsheet runs a cell starting with one of these as a formula (OWASP "CSV injection").
 FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
 
@@ -97,15 +124,14 @@ def _export_filters(filters, include_excluded: bool):
 
 def trl_records(store, filters=None, include_excluded: bool = False) -> Iterator[dict]:
     """TRL conversational records of the filtered comparisons that have an ordering
-    (a, b, edit); ties and both-bad are skipped, ratings have no pair."""
+    (a, b, edit, and a ranking's decisive pairs); ties and both-bad are skipped, ratings
+    have no pair."""
     from feedback.review import matching_rows
 
     for row in matching_rows(store, _export_filters(filters, include_excluded), "comparison"):
         if row.get("opt_out"):
             continue
-        record = comparison_to_trl(row)
-        if record is not None:
-            yield record
+        yield from comparison_to_trl_records(row)
 
 
 def export_trl(store, path: Path | str, filters=None, include_excluded: bool = False) -> int:
@@ -133,8 +159,11 @@ def csv_rows(store, filters=None, include_excluded: bool = False) -> Iterator[di
         context = json.loads(row["context"] or "[]")
         prompt = next((m["content"] for m in reversed(context) if m.get("role") == "user"), "")
         out = {k: row.get(k) for k in CSV_COLUMNS}
+        tiers = ranking.loads(row.get("ranking"))
         out.update(prompt=prompt, context_json=row["context"], comment=row.get("comment") or "",
-                   reasons=row["reasons"] if isinstance(row["reasons"], str) else "")
+                   reasons=row["reasons"] if isinstance(row["reasons"], str) else "",
+                   ranking=ranking.format_order(tiers) if tiers else "",  # "C>A=D>B"
+                   extra_answers_json=row.get("extra_answers") or "")  # answers C, D of a ranking
         yield out
 
 

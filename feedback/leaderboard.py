@@ -10,6 +10,10 @@ Which comparisons count:
 - verdict ``a`` or ``b``: one win; ``tie``: half a win to each side;
 - ``both_bad``: skipped (it says both lost to something better, not which is better);
 - ``edit``: skipped (B is the user's rewrite, not a model version);
+- ``rank`` (a ranking of four answers, "compare more"): one game, A against B, scored by
+  their places in the order (equal places: a tie).  Its other pairs are left out: answers C
+  and D come from the served version, usually A's, and counting all C(4, 2) pairs would make
+  one judgement several games, which the bootstrap over comparisons assumes it is not;
 - two answers from the same version: skipped (no information between versions);
 - excluded records and opted-out sessions: skipped, as everywhere else.
 A small prior (one virtual tie of every version against the mean) keeps versions that
@@ -22,19 +26,31 @@ import math
 
 import numpy as np
 
+from feedback import ranking
 from feedback.store import FeedbackStore
 
 
 def games(store: FeedbackStore) -> list[tuple[str, str, float]]:
     """``(version_a, version_b, score_a)`` of each usable comparison between two versions."""
     rows = store.query(
-        "SELECT ga.model_version AS va, gb.model_version AS vb, c.verdict AS verdict FROM comparisons c "
+        "SELECT ga.model_version AS va, gb.model_version AS vb, c.verdict AS verdict, c.ranking AS ranking "
+        "FROM comparisons c "
         "JOIN sessions s ON s.id = c.session_id "
         "JOIN generations ga ON ga.id = c.a_generation_id JOIN generations gb ON gb.id = c.b_generation_id "
-        "WHERE c.verdict IN ('a', 'b', 'tie') AND c.excluded = 0 AND s.opt_out = 0 "
+        "WHERE c.verdict IN ('a', 'b', 'tie', 'rank') AND c.excluded = 0 AND s.opt_out = 0 "
         "AND ga.model_version IS NOT NULL AND gb.model_version IS NOT NULL AND ga.model_version != gb.model_version")
     score = {"a": 1.0, "b": 0.0, "tie": 0.5}
-    return [(r["va"], r["vb"], score[r["verdict"]]) for r in rows]
+    out = []
+    for r in rows:
+        if r["verdict"] == ranking.RANK:
+            tiers = ranking.loads(r["ranking"])
+            if not tiers or not {"A", "B"} <= {label for tier in tiers for label in tier}:
+                continue
+            a, b = ranking.position(tiers, "A"), ranking.position(tiers, "B")
+            out.append((r["va"], r["vb"], 1.0 if a < b else 0.0 if a > b else 0.5))
+        else:
+            out.append((r["va"], r["vb"], score[r["verdict"]]))
+    return out
 
 
 def fit(n: int, i: np.ndarray, j: np.ndarray, s: np.ndarray, prior: float = 1.0,

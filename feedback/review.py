@@ -19,9 +19,10 @@ import json
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+from feedback import ranking
 from feedback.store import FeedbackStore, NotFound, StoreError
 
-COMPARISON_KINDS = ("a", "b", "tie", "both_bad", "edit")
+COMPARISON_KINDS = ("a", "b", "tie", "both_bad", "edit", "rank")
 RATING_KINDS = ("up", "down")
 KINDS = COMPARISON_KINDS + RATING_KINDS
 STATUSES = ("all", "included", "excluded")
@@ -314,6 +315,8 @@ def record(store: FeedbackStore, record_type: str, record_id: str) -> dict:
         answers = [{"label": "A", "text": r["a_text"], "generation": _generation(store, r["a_generation_id"])},
                    {"label": "B (human edit)" if r["verdict"] == "edit" else "B", "text": r["b_text"],
                     "generation": _generation(store, r["b_generation_id"])}]
+        answers += [{"label": e["label"], "text": e.get("text"), "generation": _generation(store, e.get("generation_id"))}
+                    for e in ranking.extra_answers(r)]  # "compare more": C, D
         verdict = r["verdict"]
     elif record_type == "rating":
         rows = store.query("SELECT * FROM ratings WHERE id = ?", (record_id,))
@@ -332,6 +335,7 @@ def record(store: FeedbackStore, record_type: str, record_id: str) -> dict:
         "decided_at": r.get("decided_at"), "verdict": verdict, "source": r.get("source"),
         "reasons": _loads(r.get("reasons")) or [], "comment": r.get("comment") or "",
         "context": _loads(r["context"]) or [], "answers": answers, "turn": r["turn"],
+        "order": ranking.format_order(ranking.loads(r.get("ranking")) or []),  # "C>A=D>B" for a ranking, else ""
         "session_id": r["session_id"], "user": session.get("user"), "opt_out": bool(session.get("opt_out")),
         "conversation_id": r["conversation_id"],
         "system_prompt": system[0]["system_prompt"] if system else None,

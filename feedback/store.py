@@ -16,7 +16,7 @@ Why it looks like this:
   older user's database and upgrades it in place; new tables are added as new entries.
 
 Schema (see ``MIGRATIONS``): sessions, conversations, messages, generations, comparisons
-(pairwise verdicts and edits), ratings (thumbs), review_log (maintainer actions),
+(pairwise verdicts, rankings of more than two answers, and edits), ratings (thumbs), review_log (maintainer actions),
 model_versions, serving_log, training_runs, run_metrics, reward_models, app_state, users.
 
 Owners: a browser keeps a random secret key (``secrets.token_urlsafe``, made by the server);
@@ -41,7 +41,7 @@ from typing import Any
 
 import sqlite_utils
 
-from feedback import pii
+from feedback import pii, ranking
 
 VERDICTS = ("a", "b", "tie", "both_bad")
 THUMBS = ("up", "down")
@@ -161,8 +161,26 @@ def _m4_owners(db: sqlite_utils.Database) -> None:
     db["comparisons"].create_index(["b_generation_id"])  # "which answers were a B" (the update notice)
 
 
+def _m5_rankings_and_branches(db: sqlite_utils.Database) -> None:
+    """Rankings of more than two answers ("compare more") and chats branched by an edit.
+
+    A ranking is one comparison row: A and B as before, the extra answers C, D in
+    ``extra_answers`` (JSON ``[{label, generation_id, text}]``, written once they are complete)
+    and, once decided, verdict ``rank`` with the order in ``ranking`` (JSON tiers, best first:
+    ``[["C"], ["A", "D"], ["B"]]``; see ``feedback.ranking``).  So exclusion, exports, opt-out
+    and "delete my data" treat it as the comparison record it is.
+
+    A chat branched by editing one of its messages is a new conversation: ``branch_of`` names
+    the conversation it was copied from, ``branch_turn`` the turn that was edited."""
+    db["comparisons"].add_column("extra_answers", str)
+    db["comparisons"].add_column("ranking", str)
+    db["conversations"].add_column("branch_of", str)
+    db["conversations"].add_column("branch_turn", int)
+
+
 MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_m1_core, _m2_review_and_training,
-                                                            _m3_reward_model_roles, _m4_owners]
+                                                            _m3_reward_model_roles, _m4_owners,
+                                                            _m5_rankings_and_branches]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
@@ -312,6 +330,20 @@ class FeedbackStore:
                                         "system_prompt": self._clean(system_prompt), "created_at": now()})
         return conv_id
 
+    def start_branch(self, session_id: str, branch_of: str, branch_turn: int) -> str:
+        """A new conversation of the same session, branched from ``branch_of`` (this
+        session's) at ``branch_turn``, with its system prompt; the caller writes its messages."""
+        rows = self.query("SELECT system_prompt FROM conversations WHERE id = ? AND session_id = ?",
+                          (branch_of, session_id))
+        if not rows:
+            raise NotFound("no such conversation in this session")
+        conv_id = new_id()
+        with self.transaction() as db:
+            db["conversations"].insert({"id": conv_id, "session_id": session_id,
+                                        "system_prompt": rows[0]["system_prompt"], "created_at": now(),
+                                        "branch_of": branch_of, "branch_turn": int(branch_turn)})
+        return conv_id
+
     def set_message(self, conversation_id: str, turn: int, role: str, content: str,
                     generation_id: str | None = None) -> None:
         """Writes the kept message at a turn (user or assistant), replacing an older one:
@@ -329,11 +361,12 @@ class FeedbackStore:
     # -- a browser's own chats: every query is scoped by the owner hash -------------------------
     def owner_conversations(self, owner: str, limit: int = 200) -> list[dict]:
         """The owner's conversations that hold a message, most recently active first: id,
-        title (the first user message), created_at, updated_at (latest message), messages."""
+        title (the first user message), created_at, updated_at (latest message), messages,
+        branch_of (the conversation an edit branched it from, if any)."""
         if not owner:
             return []
         return self.query(
-            "SELECT c.id, c.created_at, "
+            "SELECT c.id, c.created_at, c.branch_of, "
             "(SELECT m.content FROM messages m WHERE m.conversation_id = c.id AND m.role = 'user' "
             "ORDER BY m.turn LIMIT 1) AS title, "
             "(SELECT max(m.created_at) FROM messages m WHERE m.conversation_id = c.id) AS updated_at, "
@@ -510,14 +543,74 @@ class FeedbackStore:
             raise StoreError(f"verdict must be one of {', '.join(VERDICTS)}, not {verdict!r}")
         with self.transaction() as db:
             cur = db.execute("UPDATE comparisons SET verdict = ?, decided_at = ? "
-                             "WHERE id = ? AND session_id = ? AND verdict IS NULL",
+                             "WHERE id = ? AND session_id = ? AND verdict IS NULL AND extra_answers IS NULL",
                              [verdict, now(), comparison_id, session_id])
             if cur.rowcount != 1:
-                row = db.execute("SELECT verdict, session_id FROM comparisons WHERE id = ?",
-                                 [comparison_id]).fetchone()
-                if row is None or row[1] != session_id:
-                    raise NotFound(f"no comparison {comparison_id!r} in this session")
-                raise AlreadyDecided(f"comparison {comparison_id} was already decided ({row[0]})")
+                self._refuse_decision(db, comparison_id, session_id)
+                raise StoreError(f"comparison {comparison_id} has more than two answers: rank them")
+        return self.comparison(comparison_id)
+
+    @staticmethod
+    def _refuse_decision(db, comparison_id: str, session_id: str) -> None:
+        """Raises why a comparison cannot be decided: not this session's, or decided already."""
+        row = db.execute("SELECT verdict, session_id FROM comparisons WHERE id = ?", [comparison_id]).fetchone()
+        if row is None or row[1] != session_id:
+            raise NotFound(f"no comparison {comparison_id!r} in this session")
+        if row[0] is not None:
+            raise AlreadyDecided(f"comparison {comparison_id} was already decided ({row[0]})")
+
+    def add_extra_answers(self, comparison_id: str, session_id: str, generation_ids: list[str]) -> list[dict]:
+        """"Compare more": the open comparison gets answers C, D, ... (generations of this
+        session, written to the comparison's context), once; returns them as stored
+        (``[{label, generation_id, text}]``).  The verdict then comes from ``rank_comparison``."""
+        comp = self.comparison(comparison_id)
+        if comp["session_id"] != session_id:
+            raise NotFound(f"no comparison {comparison_id!r} in this session")
+        if comp["verdict"] is not None:
+            raise AlreadyDecided(f"comparison {comparison_id} was already decided ({comp['verdict']})")
+        if comp["extra_answers"] is not None:
+            raise StoreError("this comparison has its extra answers already")
+        if not 1 <= len(generation_ids) <= len(ranking.LABELS) - 2:
+            raise StoreError(f"a comparison takes 1 to {len(ranking.LABELS) - 2} extra answers")
+        extras = []
+        for label, gen_id in zip(ranking.LABELS[2:], generation_ids):
+            gen = self.generation(gen_id)
+            if (gen["session_id"], gen["conversation_id"], gen["turn"]) != (session_id, comp["conversation_id"],
+                                                                            comp["turn"]):
+                raise NotFound("no such answer to this comparison's turn in this session")
+            extras.append({"label": label, "generation_id": gen_id, "text": gen["content"]})
+        with self.transaction() as db:
+            cur = db.execute("UPDATE comparisons SET extra_answers = ? WHERE id = ? AND session_id = ? "
+                             "AND verdict IS NULL AND extra_answers IS NULL", [_json(extras), comparison_id, session_id])
+            if cur.rowcount != 1:
+                raise AlreadyDecided(f"comparison {comparison_id} changed meanwhile")
+        return extras
+
+    def rank_comparison(self, comparison_id: str, session_id: str, order: str | list) -> dict:
+        """Decides a comparison with extra answers by the user's order of all its answers
+        (``feedback.ranking.parse_order``: "C>A=D>B" or tiers): verdict ``rank``, the tiers
+        in ``ranking``.  Once, by its own session; an order that does not rank every answer
+        exactly once is refused and nothing changes."""
+        comp = self.comparison(comparison_id)
+        if comp["session_id"] != session_id:
+            raise NotFound(f"no comparison {comparison_id!r} in this session")
+        extras = ranking.extra_answers(comp)
+        if not extras:
+            if comp["verdict"] is not None:
+                raise AlreadyDecided(f"comparison {comparison_id} was already decided ({comp['verdict']})")
+            raise StoreError("this comparison has two answers: vote on it, or add answers to rank first")
+        if isinstance(order, list) and order and all(isinstance(t, list) for t in order):
+            order = ranking.format_order(order)
+        try:
+            tiers = ranking.parse_order(order, ranking.labels_for(2 + len(extras)))
+        except ranking.InvalidOrder as exc:
+            raise StoreError(str(exc)) from None
+        with self.transaction() as db:
+            cur = db.execute("UPDATE comparisons SET verdict = ?, ranking = ?, decided_at = ? "
+                             "WHERE id = ? AND session_id = ? AND verdict IS NULL",
+                             [ranking.RANK, _json(tiers), now(), comparison_id, session_id])
+            if cur.rowcount != 1:
+                self._refuse_decision(db, comparison_id, session_id)
         return self.comparison(comparison_id)
 
     def record_edit(self, *, session_id: str, conversation_id: str, turn: int, generation_id: str,
@@ -608,10 +701,10 @@ class FeedbackStore:
         return self.query(sql + " ORDER BY c.decided_at, c.rowid", tuple(params))
 
     def count_new_preferences(self) -> int:
-        """Usable ordered preferences that no training run has consumed yet."""
+        """Usable ordered preferences (votes, rewrites, rankings) that no training run has consumed yet."""
         return self.query(
             "SELECT count(*) AS n FROM comparisons c JOIN sessions s ON s.id = c.session_id "
-            "WHERE c.verdict IN ('a', 'b', 'edit') AND c.excluded = 0 AND s.opt_out = 0 "
+            "WHERE c.verdict IN ('a', 'b', 'edit', 'rank') AND c.excluded = 0 AND s.opt_out = 0 "
             "AND c.used_in_run IS NULL")[0]["n"]
 
     def usable_ratings(self) -> list[dict]:

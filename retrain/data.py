@@ -16,6 +16,19 @@ judgement                 training data
 thumbs up / down          an unpaired *good* / *bad* label on the answer (KTO-style);
                           a ``down`` with reason tags weighs ``1 + reason_weight`` per tag;
                           an up and a down on the same context also make one pair
+``rank`` (K answers,      all C(K, 2) pairs: each answer over each answer ranked below it
+"compare more")           (``label`` 1), and a ``label`` 0.5 pair for two answers ranked
+                          equal.  Each pair weighs ``rank_weight / (K - 1)`` (times
+                          ``tie_weight`` for an equal pair): every answer is in K - 1 pairs,
+                          so each answer counts once, as in a vote, and the ranking as a
+                          whole K / 2 votes (2 for four answers).  InstructGPT trains a
+                          prompt's C(K, 2) pairs as one batch element because the pairs
+                          share answers and overfit when each is a full example; one
+                          ranking here weighs the same however its pairs are batched, but
+                          more than one vote, since it orders four answers.  Its pairs stay
+                          together on one side of the held-out split and in one fold; a
+                          pair of two identical answers, or whose better one is empty, is
+                          skipped (counted in ``stats["rank_pairs_skipped"]``)
 ========================  ===============================================================
 
 Nothing is dropped silently: ``Snapshot.judgements`` counts, per kind, what was seen, what
@@ -47,11 +60,13 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from feedback import ranking
+
 SEED_FILE = Path(__file__).with_name("seed_prompts.txt")
 DEFAULT_SYSTEM_PROMPT = "You are a helpful AI assistant."
 
 # judgement kinds, in the order the console lists them
-KINDS = ("preference", "tie", "edit", "both_bad", "thumb_up", "thumb_down")
+KINDS = ("preference", "tie", "edit", "both_bad", "rank", "thumb_up", "thumb_down")
 
 
 @dataclass
@@ -65,7 +80,7 @@ class Pair:
     prompt: list[dict]
     chosen: str
     rejected: str
-    source: str  # 'regenerate' | 'tie' | 'edit' | 'both_bad+edit' | 'thumbs'
+    source: str  # 'regenerate' | 'tie' | 'edit' | 'both_bad+edit' | 'thumbs' | 'rank'
     label: float = 1.0
     weight: float = 1.0
     fold: int = 0
@@ -167,11 +182,37 @@ class LabelConfig:
     """A thumb up or down, as an unpaired label."""
     reason_weight: float = 0.25
     """Added to a thumb's weight per reason tag given with it (a reasoned thumb is surer)."""
+    rank_weight: float = 1.0
+    """A ranking of K answers: each of its C(K, 2) pairs weighs ``rank_weight / (K - 1)``, so
+    each answer counts once and the ranking K / 2 votes (see the table above)."""
 
 
-def comparison_pairs(rows: list[dict], ledger: Ledger, labels: LabelConfig) -> tuple[list[Pair], list[Point], list[str]]:
+def ranking_pairs(r: dict, prompt: list[dict], fold: int, labels: LabelConfig) -> tuple[list[Pair], int]:
+    """The pairs of one ranking row (see the table above) and how many were skipped
+    (identical or empty answers).  No pairs when its order is malformed."""
+    tiers = ranking.loads(r.get("ranking"))
+    texts = ranking.answers(r)
+    if not tiers or sorted(label for tier in tiers for label in tier) != sorted(texts):
+        return [], 0
+    weight = labels.rank_weight / max(1, len(texts) - 1)
+    at = r["decided_at"] or r["created_at"]
+    pairs, skipped = [], 0
+    for first, second, label in ranking.pairs(tiers):
+        chosen, rejected = texts[first], texts[second]
+        if not _ok(chosen, rejected):
+            skipped += 1
+            continue
+        pairs.append(Pair(f"{r['id']}:{first}{'>' if label == 1.0 else '='}{second}", r["session_id"], at, prompt,
+                          chosen, rejected, "rank", label, weight * (labels.tie_weight if label == 0.5 else 1.0),
+                          fold))
+    return pairs, skipped
+
+
+def comparison_pairs(rows: list[dict], ledger: Ledger, labels: LabelConfig,
+                     stats: dict | None = None) -> tuple[list[Pair], list[Point], list[str]]:
     """Pairs and bad labels from decided comparison rows (ordered by time); returns them with
-    the ids of the rows used."""
+    the ids of the rows used.  ``stats`` gets the counts of ranking pairs made and skipped."""
+    stats = stats if stats is not None else {}
     edits: dict[tuple, dict] = {}
     for r in rows:
         if r["verdict"] == "edit":
@@ -181,7 +222,8 @@ def comparison_pairs(rows: list[dict], ledger: Ledger, labels: LabelConfig) -> t
     used: list[str] = []
     for r in rows:
         verdict, prompt = r["verdict"], _messages(r["context"])
-        kind = {"a": "preference", "b": "preference", "tie": "tie", "edit": "edit", "both_bad": "both_bad"}.get(verdict)
+        kind = {"a": "preference", "b": "preference", "tie": "tie", "edit": "edit", "both_bad": "both_bad",
+                ranking.RANK: "rank"}.get(verdict)
         if kind is None:
             continue  # an unknown verdict cannot be stored (the store validates verdicts)
         ledger.seen(kind)
@@ -190,6 +232,17 @@ def comparison_pairs(rows: list[dict], ledger: Ledger, labels: LabelConfig) -> t
             ledger.dropped(kind, "context does not end with a user message")
             continue
         fold = fold_of(prompt)
+        if verdict == ranking.RANK:
+            made, skipped = ranking_pairs(r, prompt, fold, labels)
+            stats["rank_pairs"] = stats.get("rank_pairs", 0) + len(made)
+            stats["rank_pairs_skipped"] = stats.get("rank_pairs_skipped", 0) + skipped
+            if made:
+                pairs += made
+                ledger.used(kind)
+                used.append(r["id"])
+            else:
+                ledger.dropped(kind, "the ranking is malformed" if not skipped else "all answers identical or empty")
+            continue
         if verdict == "both_bad":
             made = 0
             for k, text in (("a", r["a_text"]), ("b", r["b_text"])):
@@ -266,13 +319,16 @@ def rating_labels(rows: list[dict], ledger: Ledger, labels: LabelConfig) -> tupl
 
 
 def _split_flags(items: list[tuple[str, str]], heldout_fraction: float,
-                 split: str) -> tuple[list[bool], str | None]:
+                 split: str, groups: list[str | None] | None = None) -> tuple[list[bool], str | None]:
     """items: (session_id, at), in the order the store recorded them.  Returns held-out flags
     and, for the time split, the time of the oldest held-out item.
 
     The time split holds out exactly the newest ``round(n * heldout_fraction)`` items (at
     least one when there are two or more), ordered by ``(at, position)``: judgements recorded
-    in the same millisecond keep the store's order, so the count never depends on the clock."""
+    in the same millisecond keep the store's order, so the count never depends on the clock.
+    ``groups`` (per item, None for none; may be shorter than ``items``) keeps items together,
+    the pairs of one ranking: when the cut falls inside a group, the whole group is held out
+    (its items share one time, so the cut time stays the same)."""
     if split == "session":
         return [_frac(s) < heldout_fraction for s, _ in items], None
     if split != "time":
@@ -282,6 +338,9 @@ def _split_flags(items: list[tuple[str, str]], heldout_fraction: float,
     n_held = max(1, round(len(items) * heldout_fraction))
     order = sorted(range(len(items)), key=lambda i: (items[i][1], i))
     held = set(order[len(items) - n_held:])
+    groups = list(groups or [])
+    split_groups = {groups[i] for i in held if i < len(groups) and groups[i] is not None}
+    held |= {i for i, g in enumerate(groups) if g is not None and g in split_groups}
     return [i in held for i in range(len(items))], items[order[len(items) - n_held]][1]
 
 
@@ -296,16 +355,18 @@ def build_snapshot(store, *, heldout_fraction: float = 0.2, split: str = "time",
     ledger = Ledger()
     rows = store.usable_comparisons(since=since)
     stats["comparisons"] = len(rows)
-    pairs, points, used = comparison_pairs(rows, ledger, labels)
+    pairs, points, used = comparison_pairs(rows, ledger, labels, stats)
     rating_ids: list[str] = []
     if include_thumbs:
         t_pairs, t_points, rating_ids = rating_labels(store.usable_ratings(), ledger, labels)
         pairs += t_pairs
         points += t_points
         stats["thumb_pairs"] = len(t_pairs)
-    # one time split over every labelled item: pairs first, then points, each in store order
+    # one time split over every labelled item: pairs first, then points, each in store order;
+    # the pairs of one ranking stay together
     flags, cut = _split_flags([(p.session_id, p.at) for p in pairs] + [(q.session_id, q.at) for q in points],
-                              heldout_fraction, split)
+                              heldout_fraction, split,
+                              groups=[p.id.split(":")[0] if p.source == "rank" else None for p in pairs])
     pflags, qflags = flags[:len(pairs)], flags[len(pairs):]
     train = [p for p, f in zip(pairs, pflags) if not f]
     heldout = [p for p, f in zip(pairs, pflags) if f]

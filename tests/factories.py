@@ -43,17 +43,24 @@ def launch_app(settings: Settings, *, with_scheduler: bool = False) -> tuple[str
     import app
     from assistant import ui
 
-    port = free_port() if settings.port in (0, 7860) else settings.port
-    settings = settings.replace(port=port)
-    ctx = app.create_context(settings)
-    try:
-        if with_scheduler:
-            app.start_scheduler(ctx)
-        demo = ui.build_app(ctx)
-        _, url, _ = ui.launch(demo, ctx, prevent_thread_lock=True, quiet=True)
-    except BaseException:
-        app.close_context(ctx)
-        raise
+    chosen = settings.port in (0, 7860)
+    for attempt in range(3):
+        settings = settings.replace(port=free_port() if chosen else settings.port)
+        ctx = app.create_context(settings)
+        try:
+            if with_scheduler:
+                app.start_scheduler(ctx)
+            demo = ui.build_app(ctx)
+            _, url, _ = ui.launch(demo, ctx, prevent_thread_lock=True, quiet=True)
+            break
+        except OSError as exc:
+            app.close_context(ctx)
+            # the free port was taken meanwhile (another test process chose it too): pick another
+            if not (chosen and attempt < 2 and "Cannot find empty port" in str(exc)):
+                raise
+        except BaseException:
+            app.close_context(ctx)
+            raise
 
     def close() -> None:
         try:

@@ -15,8 +15,8 @@ from assistant.chat import STYLE_HINTS
 from assistant.client import message_text as text_of
 from tests.factories import app_settings, launch_app
 
-PUBLIC = {"/chat", "/regenerate", "/vote", "/rate", "/edit", "/opt_out", "/new_chat", "/stop",
-          "/conversations", "/open_conversation", "/delete_my_data"}
+PUBLIC = {"/chat", "/regenerate", "/vote", "/compare_more", "/rank", "/rate", "/edit", "/edit_message", "/opt_out",
+          "/new_chat", "/stop", "/conversations", "/open_conversation", "/delete_my_data"}
 
 
 @pytest.fixture(scope="module")
