@@ -64,7 +64,7 @@ SERVE_ACTIONS = ("rollback", "promote")
 COMMENT_CHOICES = {"any": None, "with comment": True, "without comment": False}
 VERDICT_WORDS = {"a": "A is better", "b": "B is better", "tie": "Tie", "both_bad": "Both are bad",
                  "edit": "Edited: the user's rewrite (B) is preferred over the model's answer (A)",
-                 "up": "Thumbs up", "down": "Thumbs down"}
+                 "up": "Thumbs up", "down": "Thumbs down", "rank": "Ranked"}
 
 
 class ConsoleError(StoreError):
@@ -241,6 +241,8 @@ def _last_user(context: str | None) -> str:
 def record_markdown(rec: dict) -> str:
     """One ``review.record`` in full, as Markdown with every user text escaped."""
     verdict = VERDICT_WORDS.get(rec["verdict"], rec["verdict"] or "undecided")
+    if rec.get("order"):  # "compare more": best first, "=" between equal ranks
+        verdict += f" {rec['order']}"
     lines = [f"### {rec['record_type']} `{rec['id']}`",
              f"**Verdict:** {esc(verdict)} &nbsp; **at** {when(rec['created_at'])} UTC &nbsp; **turn** {rec['turn']}",
              f"**Session:** <code>{esc(rec['session_id'])}</code> (user: {esc(rec['user'] or '-')}"

@@ -11,6 +11,7 @@ the branch's new answer is stored with the context the model saw."""
 
 from __future__ import annotations
 
+import html
 import inspect
 import json
 
@@ -20,6 +21,7 @@ from gradio_client.exceptions import AppError
 
 from assistant.chat import ChatError, ChatService, ChatSession, new_key
 from assistant.client import message_text as text_of
+from assistant.console_service import record_markdown
 from assistant.engine import Engine, SamplingParams
 from assistant.holder import ModelHolder
 from assistant.models import load
@@ -252,6 +254,8 @@ def test_a_ranking_is_a_comparison_record_for_exports_console_and_exclusion(serv
     assert [a["text"] for a in rec["answers"]] == [texts[k] for k in "ABCD"]
     assert rec["answers"][2]["generation"]["model_version"] == "v-test"
     assert rec["order"] == "C>A=D>B" and rec["verdict"] == "rank"
+    view = html.unescape(record_markdown(rec))  # the console's record view: the order and all four answers
+    assert "**Verdict:** Ranked C>A=D>B" in view and "#### Answer D" in view
 
     store.set_excluded("comparison", [comp.id], True, "noise", "maintainer")
     assert comp.id not in {c["id"] for c in store.usable_comparisons()}
