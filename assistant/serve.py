@@ -29,9 +29,44 @@ def engine_factory(settings: Settings) -> EngineFactory:
     def build(version: str, path: str) -> Engine:
         loaded = models.load(path, settings.models_dir, device=settings.device, dtype=settings.dtype,
                              base_model=settings.base_model)
+        decoder = llamacpp_decoder(settings, loaded)
         return Engine(loaded.model, loaded.tokenizer, version=version, max_batch=settings.max_batch,
-                      threads=settings.threads, limits=engine_limits(settings), prefill_chunk=settings.prefill_chunk)
+                      threads=settings.threads, limits=engine_limits(settings), prefill_chunk=settings.prefill_chunk,
+                      decoder=decoder)
     return build
+
+
+def llamacpp_decoder(settings: Settings, loaded: models.Loaded):
+    """The llama.cpp decoder for a loaded version when ``--backend`` allows it and it can serve
+    it (CPU, llama-cpp-python installed, a GGUF of the base model, a plain LoRA adapter if
+    any); None for the torch decoders.  ``--backend llamacpp`` refuses what it cannot serve."""
+    from assistant.engine import gguf, llamacpp
+
+    if settings.backend not in ("auto", "llamacpp", "torch"):
+        raise ValueError(f"--backend must be auto, llamacpp or torch, not {settings.backend!r}")
+    if settings.backend == "torch":
+        return None
+    adapter = loaded.path if models.is_adapter(loaded.path) else None
+    base = models.resolve(settings.base_model or models.adapter_base(adapter), settings.models_dir) if adapter \
+        else loaded.path
+    served = None
+    why = ("the model is not on the CPU" if next(loaded.model.parameters()).device.type != "cpu" else
+           "llama-cpp-python is not installed (pip install -e '.[fast]')" if not llamacpp.available() else "")
+    if not why:
+        served = gguf.serving_gguf(base, settings.models_dir / "gguf")
+        why = "" if served else f"no GGUF of {base} (a *.gguf in its directory would be served)"
+    if why:
+        if settings.backend == "llamacpp":
+            raise ValueError(f"--backend llamacpp cannot serve {loaded.path}: {why}")
+        log.info("serving %s with the torch decoder: %s", loaded.path, why)
+        return None
+    cfg = loaded.model.config
+    lora = gguf.cached_lora_gguf(adapter, settings.models_dir / "gguf", cfg.num_attention_heads,
+                                 cfg.num_key_value_heads) if adapter else None
+    limit = getattr(cfg, "max_position_embeddings", None) or 2048
+    log.info("serving %s with llama.cpp (%s%s)", loaded.path, served.name, f" + LoRA {lora.name}" if lora else "")
+    return llamacpp.LlamaCppDecoder(served, settings.max_batch, limit, lora=lora, threads=settings.threads,
+                                    n_batch=max(512, settings.prefill_chunk))
 
 
 def engine_limits(settings: Settings) -> Limits:

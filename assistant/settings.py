@@ -44,7 +44,9 @@ class Settings:
     max_batch: int = _opt(16, "most requests decoded together in one batch (a new chat waits only when all are taken)")
     max_message_chars: int = _opt(4000, "longest user message accepted, in characters")
     scrub_pii: bool = _opt(True, "replace e-mails, phone numbers, IBANs, cards and IPs before storing")
-    threads: int = _opt(0, "torch CPU threads for serving (0 = torch default)")
+    threads: int = _opt(0, "CPU threads for serving (0 = torch's default; llama.cpp: all cores)")
+    backend: str = _opt("auto", "decoder: 'auto' (llama.cpp on a CPU when llama-cpp-python is installed and the "
+                                "model has a GGUF, as the embedded one does; else torch), 'llamacpp' or 'torch'")
     # --- abuse limits ----------------------------------------------------------------
     rate_messages_per_minute: int = _opt(30, "messages one client (address) may send per minute")
     rate_votes_per_minute: int = _opt(60, "votes, ratings, edits and opt-outs one client (address) may send "

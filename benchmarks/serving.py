@@ -12,6 +12,13 @@ tensor far larger than the caches), and reports every figure also as a ratio to 
   the batch-1 figure, the mean batch the engine decoded, TTFT median/worst.  For N clients
   the bound is N x the batch-1 bound (one read of the weights serves the whole batch).
 
+``--backend`` picks the engine's decoder as the app's ``--backend`` does (``auto``: llama.cpp
+on a CPU when ``llama-cpp-python`` is installed and the model has a GGUF; ``torch``).
+``--vs-llamacpp`` also runs llama.cpp itself (``llama-cpp-python``'s ``Llama.generate``, its
+own sampler, the same threads) on the embedded model's own Q4_1 GGUF and on the GGUF the
+engine serves: a user's alternative, batch 1, and 8 chats served one after another; the
+engine's figures are then also given as ratios to it.
+
 Every request decodes exactly ``--max-new-tokens`` (``SamplingParams.ignore_eos``), so the
 figures do not depend on where the model ends its answers.  The CPU may be shared: compare
 ratios from one run, not absolute figures across runs.
@@ -19,6 +26,7 @@ ratios from one run, not absolute figures across runs.
     python benchmarks/serving.py                          # embedded SmolLM2-135M, fp32
     python benchmarks/serving.py --threads 1 --clients 1,4,8 --max-new-tokens 64 --rounds 2
     python benchmarks/serving.py --model /path/to/model --json /tmp/serving.json
+    python benchmarks/serving.py --threads 2 --vs-llamacpp --no-hf --clients 1,8 --max-new-tokens 64
 """
 
 from __future__ import annotations
@@ -38,6 +46,8 @@ import torch  # noqa: E402
 from assistant import models  # noqa: E402
 from assistant.engine import Engine, SamplingParams  # noqa: E402
 from assistant.holder import ModelHolder  # noqa: E402
+from assistant.serve import llamacpp_decoder  # noqa: E402
+from assistant.settings import Settings  # noqa: E402
 
 PROMPTS = [
     "Tell me a long story about a dragon who learns to cook.",
@@ -147,11 +157,48 @@ def clients_round(submit, engine: Engine, prompts: list[list[int]], n_clients: i
             "ttft_ms_median": statistics.median(ttfts), "ttft_ms_max": ttfts[-1]}
 
 
-def ttft_under_load(model, tokenizer, prompts: list[list[int]], streams: int, threads: int,
-                    repeats: int = 3) -> dict:
+def make_engine(loaded, args, max_batch: int, version: str) -> Engine:
+    """The engine as the app builds it, with ``args.backend``'s decoder."""
+    settings = Settings(backend=args.backend, data_dir=args.data_dir, max_batch=max_batch, threads=args.threads)
+    return Engine(loaded.model, loaded.tokenizer, version=version, max_batch=max_batch, threads=args.threads,
+                  decoder=llamacpp_decoder(settings, loaded))
+
+
+def llamacpp_reference(gguf_path, prompts: list[list[int]], n_tokens: int, threads: int, sequential: int) -> dict:
+    """llama.cpp itself on ``gguf_path``: batch-1 decode tok/s and TTFT of one chat, and the
+    aggregate tok/s of ``sequential`` chats served one after another (what one llama.cpp
+    process gives several users), sampling at temperature 0.7, top-p 0.9, never stopping early."""
+    from llama_cpp import Llama
+
+    llm = Llama(model_path=str(gguf_path), n_ctx=2048, n_threads=threads, n_threads_batch=threads, n_batch=512,
+                verbose=False, seed=0)
+
+    def chat(ids: list[int]) -> tuple[float, float, float]:
+        llm.reset()
+        start = time.perf_counter()
+        first = None
+        for count, _ in enumerate(llm.generate(ids, temp=0.7, top_p=0.9, top_k=0, reset=True), 1):
+            if first is None:
+                first = time.perf_counter()
+            if count == n_tokens:
+                break
+        end = time.perf_counter()
+        return first - start, (n_tokens - 1) / (end - first), end - start
+
+    chat(prompts[0][:8])  # warm-up
+    ttft, decode, _ = max((chat(prompts[0]) for _ in range(2)), key=lambda r: r[1])
+    started = time.perf_counter()
+    for i in range(sequential):
+        chat(prompts[i % len(prompts)])
+    aggregate = sequential * n_tokens / (time.perf_counter() - started)
+    return {"gguf": str(gguf_path), "batch1_decode_tok_s": decode, "batch1_ttft_ms": 1000 * ttft,
+            "sequential_chats": sequential, "sequential_aggregate_tok_s": aggregate}
+
+
+def ttft_under_load(loaded, args, prompts: list[list[int]], streams: int, repeats: int = 3) -> dict:
     """Time to first token of a short prompt while ``streams`` long answers are being decoded
     (an engine with room for one more), and the longest pause of those streams meanwhile."""
-    engine = Engine(model, tokenizer, version="ttft", max_batch=streams + 1, threads=threads)
+    engine = make_engine(loaded, args, streams + 1, "ttft")
     try:
         long = SamplingParams(temperature=0.7, max_new_tokens=1000, ignore_eos=True)
         running = [engine.submit(prompts[i % len(prompts)], long) for i in range(streams)]
@@ -225,8 +272,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--swap", nargs="?", const="same", default=None, metavar="VERSION_DIR",
                     help="measure a hot swap under a stream, to this version (a LoRA adapter dir; default: "
                          "the same model loaded again)")
+    ap.add_argument("--backend", default="torch", choices=["auto", "torch", "llamacpp"],
+                    help="the engine's decoder, as the app's --backend (default here: torch)")
+    ap.add_argument("--vs-llamacpp", action="store_true",
+                    help="also run llama.cpp itself on the same GGUF (needs llama-cpp-python: pip install -e '.[bench]')")
     ap.add_argument("--json", help="also write the results to this JSON file")
     args = ap.parse_args(argv)
+    if args.vs_llamacpp:
+        from assistant.engine import llamacpp
+
+        if not llamacpp.available():
+            print("--vs-llamacpp: llama-cpp-python is not installed; skipping the llama.cpp reference "
+                  "(pip install -e '.[bench]' builds it)", flush=True)
+            args.vs_llamacpp = False
 
     client_counts = [int(c) for c in args.clients.split(",") if c.strip()]
     if args.max_new_tokens < 2 or not client_counts or min(client_counts) < 1:
@@ -246,8 +304,10 @@ def main(argv: list[str] | None = None) -> int:
     prompts = [list(tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
                                                   tokenize=True, return_dict=True)["input_ids"]) for p in PROMPTS]
     started = time.perf_counter()
-    engine = Engine(model, tokenizer, version="bench", max_batch=args.max_batch, threads=args.threads)
+    engine = make_engine(loaded, args, args.max_batch, "bench")
     out["engine_start_s"] = time.perf_counter() - started
+    out["decoder"] = type(engine.decoder).__name__
+    print(f"engine decoder: {out['decoder']}", flush=True)
     holder = ModelHolder(engine, "bench") if args.via_holder else None
 
     def submit(ids, params):
@@ -303,8 +363,29 @@ def main(argv: list[str] | None = None) -> int:
               f"TTFT median {res['ttft_ms_median']:.0f} ms, max {res['ttft_ms_max']:.0f} ms; "
               f"{100 * res['model_share']:.0f}% of engine time in the model")
     print("(x bound: to one stream's bound; N clients could reach N x bound if compute allowed)")
+    if args.vs_llamacpp:
+        from assistant.engine import gguf
+
+        engine_gguf = gguf.serving_gguf(models.resolve(args.model, Path(args.data_dir).expanduser() / "models"),
+                                        Path(args.data_dir).expanduser() / "models" / "gguf")
+        refs = out["llamacpp"] = {}
+        n_seq = max(client_counts)
+        for name, path in (("embedded Q4_1 GGUF", models.embedded_gguf_path() if args.model == "embedded" else None),
+                           ("the GGUF the engine serves", engine_gguf)):
+            if path is None:
+                continue
+            ref = refs[name] = llamacpp_reference(path, prompts, args.max_new_tokens, engine_threads, n_seq)
+            many = next((r for r in out["concurrent"] if r["clients"] == n_seq), None)
+            ref["engine_batch1_ratio"] = b1 / ref["batch1_decode_tok_s"]
+            print(f"llama.cpp on the {name} ({Path(path).name}): batch 1 {ref['batch1_decode_tok_s']:.1f} tok/s, "
+                  f"TTFT {ref['batch1_ttft_ms']:.0f} ms; {n_seq} chats one after another "
+                  f"{ref['sequential_aggregate_tok_s']:.1f} tok/s.  Engine: batch 1 {ref['engine_batch1_ratio']:.2f} x "
+                  f"(goal >= 0.5)" + (f", {n_seq} clients {many['aggregate_tok_s'] / ref['sequential_aggregate_tok_s']:.2f} x "
+                                      f"its one-after-another (goal >= 2)" if many else ""), flush=True)
+            if many:
+                ref["engine_clients_ratio"] = many["aggregate_tok_s"] / ref["sequential_aggregate_tok_s"]
     if args.ttft_streams:
-        res = out["ttft_under_load"] = ttft_under_load(model, tokenizer, prompts, args.ttft_streams, args.threads)
+        res = out["ttft_under_load"] = ttft_under_load(loaded, args, prompts, args.ttft_streams)
         print(f"TTFT of a short prompt while {res['streams']} answers stream: median {res['ttft_ms']:.0f} ms, "
               f"max {res['ttft_ms_max']:.0f} ms (goal <= 500 ms)")
     if args.swap:
@@ -313,7 +394,7 @@ def main(argv: list[str] | None = None) -> int:
 
         def build() -> Engine:
             new = models.load(target, Path(args.data_dir).expanduser() / "models", dtype=args.dtype)
-            return Engine(new.model, new.tokenizer, version="swapped", max_batch=args.max_batch, threads=args.threads)
+            return make_engine(new, args, args.max_batch, "swapped")
 
         res = out["swap"] = swap_pause(holder, build, prompts[1])
         print(f"hot swap to {target}: new requests waited {res['swap_lock_ms']:.3f} ms on the swap (goal <= 100 ms); "

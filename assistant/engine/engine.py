@@ -65,7 +65,7 @@ class Engine:
     def __init__(self, model: torch.nn.Module, tokenizer, *, version: str = "unversioned",
                  max_batch: int = 8, max_context: int | None = None, stop_ids: set[int] | None = None,
                  fast: bool | None = None, threads: int = 0, limits: Limits | None = None,
-                 prefill_chunk: int = 256):
+                 prefill_chunk: int = 256, decoder: Decoder | None = None):
         from assistant.models import stop_token_ids
 
         if max_batch < 1:
@@ -80,10 +80,12 @@ class Engine:
         limit = getattr(model.config, "max_position_embeddings", None) or 2048
         self.max_context = min(max_context or limit, limit)
         self.stop_ids = stop_ids if stop_ids is not None else stop_token_ids(model, tokenizer)
-        use_fast = fast_path_supported(model) if fast is None else fast
-        cls = SlotDecoder if use_fast else LoopDecoder
-        with torch.inference_mode():
-            self.decoder: Decoder = cls(model, max_batch, self.max_context)
+        if decoder is None:  # one of the torch decoders (``decoder``: another backend, e.g. llama.cpp)
+            use_fast = fast_path_supported(model) if fast is None else fast
+            cls = SlotDecoder if use_fast else LoopDecoder
+            with torch.inference_mode():
+                decoder = cls(model, max_batch, self.max_context)
+        self.decoder: Decoder = decoder
         self.threads = threads
         self.stats = EngineStats()
         self.scheduler = Scheduler(limits or Limits(), self.retry_after_s)
