@@ -12,67 +12,31 @@ Skipped when the ``playwright`` package or ``/usr/bin/chromium`` is missing
 from __future__ import annotations
 
 import json
-import os
 import re
-import threading
-from pathlib import Path
 
 import pytest
 
-from tests.factories import app_settings, launch_app, wait_for
+from tests.browser import (
+    DESKTOP,
+    PHONE,
+    DecodeGate,
+    chromium,
+    expect,
+    idle,
+    needs_chromium,
+    open_page,
+    screenshot,
+    send,
+)
+from tests.factories import app_settings, launch_app
 
-CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
-ARTIFACTS = Path(__file__).resolve().parents[2] / "artifacts"
-PHONE = {"width": 390, "height": 844}
-DESKTOP = {"width": 1280, "height": 1000}
-
-sync_api = pytest.importorskip("playwright.sync_api")
-pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(), reason=f"no chromium at {CHROMIUM}")
-expect = sync_api.expect
+pytestmark = needs_chromium
 
 
 @pytest.fixture
 def browser():
-    with sync_api.sync_playwright() as p:
-        chromium = p.chromium.launch(executable_path=CHROMIUM, args=[
-            "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-            "--disable-component-update", "--disable-sync", "--no-first-run"])
-        try:
-            yield chromium
-        finally:
-            chromium.close()
-
-
-def open_page(browser, url: str, viewport: dict):
-    page = browser.new_context(viewport=viewport).new_page()
-    page.set_default_timeout(30_000)
-    page.goto(url)
-    expect(page.locator("#chatbot")).to_be_visible()
-    return page
-
-
-def idle(ctx) -> bool:
-    return wait_for(lambda: not ctx.extras["chat_service"]._active, timeout_s=60)
-
-
-def send(page, ctx, message: str) -> None:
-    """Sends a message and waits until the turn is stored and no answer is being written."""
-    box = page.locator("#message textarea")
-    box.fill(message)
-    box.press("Enter")
-
-    def answered() -> bool:
-        rows = ctx.store.query("SELECT conversation_id, turn FROM messages WHERE role = 'user' AND content = ?",
-                               (message,))
-        return bool(rows) and len(ctx.store.conversation_messages(rows[-1]["conversation_id"])) > rows[-1]["turn"] + 1
-
-    assert wait_for(answered, timeout_s=60) and idle(ctx)
-    expect(page.locator("#chatbot")).to_contain_text(message)
-
-
-def screenshot(page, name: str, full_page: bool = True) -> None:
-    ARTIFACTS.mkdir(exist_ok=True)
-    page.screenshot(path=str(ARTIFACTS / name), full_page=full_page)
+    with chromium() as b:
+        yield b
 
 
 def box(page, selector: str) -> dict:
@@ -88,36 +52,6 @@ def conversation_of(store, message: str) -> str:
     rows = store.query("SELECT conversation_id FROM messages WHERE role = 'user' AND content = ?", (message,))
     assert rows, message
     return rows[0]["conversation_id"]
-
-
-class DecodeGate:
-    """Holds the engine between decoding steps while closed, so a test can act on the page
-    while an answer is still being written (no timing involved)."""
-
-    def __init__(self, engine):
-        self.engine, self.original = engine, engine.decoder.decode
-        self.open = threading.Event()
-        self.open.set()
-        self.reached = threading.Event()
-
-        def decode(tokens):
-            if not self.open.is_set():
-                self.reached.set()
-                self.open.wait(60)
-            return self.original(tokens)
-
-        engine.decoder.decode = decode
-
-    def close(self):
-        self.reached.clear()
-        self.open.clear()
-
-    def release(self):
-        self.open.set()
-
-    def remove(self):
-        self.open.set()
-        self.engine.decoder.decode = self.original
 
 
 def pick(page, label: str, rank: int) -> None:

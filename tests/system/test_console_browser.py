@@ -10,44 +10,26 @@ Skipped when the ``playwright`` package or ``/usr/bin/chromium`` is missing
 from __future__ import annotations
 
 import json
-import os
 from contextlib import contextmanager
-from pathlib import Path
 
-import pytest
-
+from tests.browser import chromium, expect, needs_chromium, screenshot
 from tests.factories import PASSWORD, app_settings, launch_app, populate
 
-CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
-ARTIFACTS = Path(__file__).resolve().parents[2] / "artifacts"
-
-sync_api = pytest.importorskip("playwright.sync_api")
-pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(), reason=f"no chromium at {CHROMIUM}")
+pytestmark = needs_chromium
 
 
 @contextmanager
 def logged_in(url: str):
     """A headless chromium page logged in to the console."""
-    with sync_api.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=[
-            "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-            "--disable-component-update", "--disable-sync", "--no-first-run"])
-        try:
-            page = browser.new_page(viewport={"width": 1400, "height": 1800})
-            page.set_default_timeout(30_000)
-            page.goto(url.rstrip("/") + "/console")
-            page.locator("#console-user input, #console-user textarea").first.fill("admin")
-            page.locator("#console-password input").first.fill(PASSWORD)
-            page.locator("#console-login").click()
-            sync_api.expect(page.locator("#console-table")).to_be_visible()
-            yield page
-        finally:
-            browser.close()
-
-
-def screenshot(page, name: str) -> None:
-    ARTIFACTS.mkdir(exist_ok=True)
-    page.screenshot(path=str(ARTIFACTS / name), full_page=True)
+    with chromium() as browser:
+        page = browser.new_page(viewport={"width": 1400, "height": 1800})
+        page.set_default_timeout(30_000)
+        page.goto(url.rstrip("/") + "/console")
+        page.locator("#console-user input, #console-user textarea").first.fill("admin")
+        page.locator("#console-password input").first.fill(PASSWORD)
+        page.locator("#console-login").click()
+        expect(page.locator("#console-table")).to_be_visible()
+        yield page
 
 
 def test_login_open_and_exclude_in_browser(tmp_path, tiny_model_dir):
@@ -56,16 +38,16 @@ def test_login_open_and_exclude_in_browser(tmp_path, tiny_model_dir):
         ids = populate(ctx.store, ctx.registry, str(tiny_model_dir))
         with logged_in(url) as page:
             table = page.locator("#console-table")
-            sync_api.expect(table).to_contain_text(ids["comparison0"], timeout=30_000)
+            expect(table).to_contain_text(ids["comparison0"], timeout=30_000)
             # open the record by clicking its row
             page.locator("#console-table").get_by_text(f"comparison:{ids['comparison0']}").click()
             detail = page.locator("#console-detail")
-            sync_api.expect(detail).to_contain_text("capital of France")
-            sync_api.expect(detail).to_contain_text("answer B0")
+            expect(detail).to_contain_text("capital of France")
+            expect(detail).to_contain_text("answer B0")
             page.locator("#console-reason textarea, #console-reason input").first.fill("off-topic test data")
             page.locator("#console-exclude").click()
-            sync_api.expect(detail).to_contain_text("EXCLUDED")
-            sync_api.expect(page.locator("#console-action-msg")).to_contain_text("Excluded")
+            expect(detail).to_contain_text("EXCLUDED")
+            expect(page.locator("#console-action-msg")).to_contain_text("Excluded")
             screenshot(page, "console.png")
         row = ctx.store.comparison(ids["comparison0"])
         assert row["excluded"] == 1 and row["excluded_by"] == "admin" and row["exclude_reason"] == "off-topic test data"
@@ -96,23 +78,23 @@ def test_rejected_runs_reason_and_the_disagreement_queue_in_browser(tmp_path, ti
             # the Training tab: the reason in words in the table, and on the run's page
             page.get_by_role("tab", name="Training").click()
             runs = page.locator("#console-runs")
-            sync_api.expect(runs).to_contain_text("reward model accuracy 0.513")
+            expect(runs).to_contain_text("reward model accuracy 0.513")
             runs.get_by_test_id("cell-0-9").click()  # the run id cell of the first (only) run
-            sync_api.expect(page.locator("#console-run")).to_contain_text(f"Why: {why}")
-            sync_api.expect(page.locator("#console-checks")).to_contain_text("FAIL")
-            sync_api.expect(page.locator("#console-run-data")).to_contain_text("identical answers")
+            expect(page.locator("#console-run")).to_contain_text(f"Why: {why}")
+            expect(page.locator("#console-checks")).to_contain_text("FAIL")
+            expect(page.locator("#console-run-data")).to_contain_text("identical answers")
             screenshot(page, "console-training.png")
 
             # the disagreement queue: open the doubted vote and exclude it with a reason
             page.get_by_role("tab", name="Label quality").click()
             queue = page.locator("#console-disagreements")
-            sync_api.expect(queue).to_contain_text("rejected better (-2.50)")
+            expect(queue).to_contain_text("rejected better (-2.50)")
             queue.get_by_test_id("cell-0-8").click()  # the record cell of the first (only) row
-            sync_api.expect(page.locator("#console-quality-record")).to_contain_text("capital of France")
+            expect(page.locator("#console-quality-record")).to_contain_text("capital of France")
             page.locator("#console-quality-reason textarea, #console-quality-reason input").first.fill("mislabel")
             page.locator("#console-quality-exclude").click()
-            sync_api.expect(page.locator("#console-quality-msg")).to_contain_text("Excluded")
-            sync_api.expect(queue).to_contain_text("excluded")
+            expect(page.locator("#console-quality-msg")).to_contain_text("Excluded")
+            expect(queue).to_contain_text("excluded")
             screenshot(page, "console-quality.png")
         row = ctx.store.comparison(ids["comparison0"])
         assert (row["excluded"], row["exclude_reason"], row["excluded_by"]) == (1, "mislabel", "admin")
