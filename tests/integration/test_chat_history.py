@@ -13,29 +13,12 @@ import json
 import pytest
 
 from assistant.chat import ChatError, ChatService, ChatSession, new_key, valid_key
-from assistant.engine import Engine, SamplingParams
-from assistant.holder import ModelHolder
-from assistant.models import load
+from assistant.engine import SamplingParams
 from assistant.settings import Settings
 from feedback import export
 from feedback.registry import Registry
 from feedback.store import FeedbackStore, NotFound, owner_hash
 from retrain.data import build_snapshot
-
-
-@pytest.fixture(scope="module")
-def holder(tiny_model_dir, tmp_path_factory):
-    loaded = load(str(tiny_model_dir), tmp_path_factory.mktemp("models"))
-    engine = Engine(loaded.model, loaded.tokenizer, max_batch=2, max_context=512)
-    yield ModelHolder(engine, "v-test")
-    engine.close()
-
-
-@pytest.fixture
-def service(holder, tmp_path):
-    store = FeedbackStore(tmp_path / "feedback.sqlite")
-    yield ChatService(Settings(max_message_chars=2000), store, holder)
-    store.close()
 
 
 def params(seed: int) -> SamplingParams:

@@ -22,31 +22,14 @@ from gradio_client.exceptions import AppError
 from assistant.chat import ChatError, ChatService, ChatSession, new_key
 from assistant.client import message_text as text_of
 from assistant.console_service import record_markdown
-from assistant.engine import Engine, SamplingParams
+from assistant.engine import SamplingParams
 from assistant.holder import ModelHolder
-from assistant.models import load
-from assistant.settings import Settings
 from feedback import export, leaderboard, review
 from feedback.store import FeedbackStore, owner_hash
 from retrain.data import build_snapshot
 from tests.factories import app_settings, launch_app
 
 SYSTEM = "You are a helpful AI assistant."
-
-
-@pytest.fixture(scope="module")
-def holder(tiny_model_dir, tmp_path_factory):
-    loaded = load(str(tiny_model_dir), tmp_path_factory.mktemp("models"))
-    engine = Engine(loaded.model, loaded.tokenizer, max_batch=2, max_context=512)
-    yield ModelHolder(engine, "v-test")
-    engine.close()
-
-
-@pytest.fixture
-def service(holder, tmp_path):
-    store = FeedbackStore(tmp_path / "feedback.sqlite")
-    yield ChatService(Settings(max_message_chars=2000), store, holder)
-    store.close()
 
 
 def params(seed: int, max_new_tokens: int = 6) -> SamplingParams:
