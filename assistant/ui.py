@@ -62,9 +62,12 @@ whose new answer is streamed.  The original chat and its votes stay as they were
 writes only a change.  Gradio's upload route takes files up to ``UPLOADS.max_file_bytes``
 and its cache is cleaned hourly (``UploadPolicy``).
 
-Every other event is ``api_visibility="private"``.  Refusals raise ``gr.Error`` (an error
-for API clients, a toast in the browser).  Confirmations ("Recorded: B is better") are
-returned only after the store has committed.
+Every other event is ``api_visibility="private"``.  Refusals raise ``gr.Error`` for API
+clients.  In the page, sending a message, a verdict button and the Chatbot's edit run as
+private events of their own that turn a refusal into a warning toast and leave the chat in
+view (a ``gr.Error`` would cover the Chatbot until dismissed); a refused message goes back
+into the box.  Confirmations ("Recorded: B is better") are returned only after the store has
+committed.
 """
 
 from __future__ import annotations
@@ -309,6 +312,19 @@ def build_app(ctx: AppContext, uploads: UploadPolicy = UPLOADS) -> gr.Blocks:
             raise gr.Error(str(exc), print_exception=False) from None
         yield sess.history(), _version_md(sess.model_version), _finish_note(sess), sess
 
+    def chat_in_page(message: str, system_prompt: str, temperature: float, top_p: float, max_new_tokens: int,
+                     seed: int, state: ChatSession | None, request: gr.Request):
+        """Private: the page's chat (the same as /chat).  A refusal is a warning toast, the chat
+        is shown as it was and the message goes back into the box (an error would cover the
+        Chatbot until dismissed)."""
+        try:
+            for out in chat(message, system_prompt, temperature, top_p, max_new_tokens, seed, state, request):
+                yield *out, gr.skip()
+        except gr.Error as exc:
+            gr.Warning(exc.message)
+            sess = state if isinstance(state, ChatSession) else None
+            yield (sess.history() if sess else []), gr.skip(), gr.skip(), state, message
+
     def regenerate(temperature: float, top_p: float, max_new_tokens: int, seed: int,
                    state: ChatSession | None, request: gr.Request):
         """Writes a second answer (B) to the latest answer's context and shows A and B."""
@@ -332,8 +348,13 @@ def build_app(ctx: AppContext, uploads: UploadPolicy = UPLOADS) -> gr.Blocks:
         return sess.history(), note, sess
 
     def vote_button(verdict: str):
+        """Private: a verdict button; a refusal is a warning toast (an error would cover the Chatbot)."""
         def fn(state: ChatSession | None, request: gr.Request):
-            return vote(verdict, state, request)
+            try:
+                return vote(verdict, state, request)
+            except gr.Error as exc:
+                gr.Warning(exc.message)
+                return gr.skip(), gr.skip(), state
         return fn
 
     def compare_more(temperature: float, top_p: float, max_new_tokens: int, seed: int,
@@ -629,6 +650,7 @@ def build_app(ctx: AppContext, uploads: UploadPolicy = UPLOADS) -> gr.Blocks:
                 seed = gr.Number(value=-1, precision=0, label="Seed (-1 = random)")
         # API-only inputs and outputs: the message being sent, the verdict of an API vote, ...
         pending = gr.Textbox(visible=False)
+        chat_api_btn = gr.Button(visible=False)
         verdict_tb = gr.Textbox(visible=False, value="a")
         vote_api_btn = gr.Button(visible=False)
         order_tb = gr.Textbox(visible=False, label="order")
@@ -657,10 +679,12 @@ def build_app(ctx: AppContext, uploads: UploadPolicy = UPLOADS) -> gr.Blocks:
         # chat: stash and clear the textbox, stream, restore the text if refused
         sent = gr.on([msg.submit, send_btn.click], lambda m: ("", m), [msg], [msg, pending],
                      api_visibility=PRIVATE, queue=False)
-        chat_ev = sent.then(chat, [pending, system_tb, *sampling_inputs, state],
-                            [chatbot, version_md, status, state], api_name="chat", concurrency_id="generate")
-        chat_ev.failure(lambda m: m, [pending], [msg], api_visibility=PRIVATE, queue=False)
+        chat_ev = sent.then(chat_in_page, [pending, system_tb, *sampling_inputs, state],
+                            [chatbot, version_md, status, state, msg], api_visibility=PRIVATE,
+                            concurrency_id="generate")
         chat_ev.then(**after)
+        chat_api_btn.click(chat, [pending, system_tb, *sampling_inputs, state], [chatbot, version_md, status, state],
+                           api_name="chat", concurrency_id="generate").then(**after)
 
         # regenerate: the button or the Chatbot's own retry icon under the latest answer
         shown = gr.on([regen_btn.click, chatbot.retry], show_compare, [state],
@@ -671,7 +695,7 @@ def build_app(ctx: AppContext, uploads: UploadPolicy = UPLOADS) -> gr.Blocks:
 
         vote_api_btn.click(vote, [verdict_tb, state], [chatbot, status, state], api_name="vote").then(**after)
         for verdict, btn in vote_btns.items():
-            btn.click(_errors_to_gradio(vote_button(verdict)), [state], [chatbot, status, state],
+            btn.click(vote_button(verdict), [state], [chatbot, status, state],
                       api_visibility=PRIVATE).then(**after)
 
         # compare more: C and D under A and B, then a rank per answer and Submit ranking

@@ -218,3 +218,23 @@ def test_delete_my_data_on_a_phone(tmp_path, tiny_model_dir, browser):
         expect(other.locator("#chat-list")).to_contain_text("Someone else's question")
     finally:
         close()
+
+
+def test_a_refused_message_keeps_the_chat_in_view_and_the_text_in_the_box(tmp_path, tiny_model_dir, browser):
+    url, ctx, close = launch_app(app_settings(tmp_path, tiny_model_dir, max_message_chars=60, max_new_tokens=8))
+    try:
+        page = open_page(browser, url, DESKTOP)
+        send(page, ctx, "hello there")
+        too_long = "a message that is far too long for this server's limit of sixty characters"
+        box = page.locator("#message textarea")
+        box.fill(too_long)
+        box.press("Enter")
+        expect(page.get_by_text("the message is too long")).to_be_visible()  # a toast says why ...
+        expect(box).to_have_value(too_long)  # ... the text is back in the box to shorten ...
+        chatbot = page.locator("#chatbot")
+        expect(chatbot).to_contain_text("hello there")  # ... and the conversation stays in view
+        expect(chatbot.get_by_text("Error", exact=True)).to_have_count(0)
+        screenshot(page, "chat-refused.png", full_page=False)
+        assert len(ctx.store.query("SELECT id FROM messages WHERE role = 'user'")) == 1  # nothing stored
+    finally:
+        close()
