@@ -545,17 +545,23 @@ class ChatService:
         return f"The assistant was updated ({version}), trained on {plural(votes, 'vote')} from its users."
 
     # -- generation ---------------------------------------------------------------------------
+    def _checked_text(self, text: object, what: str, empty: str) -> str:
+        """A user's text for a turn: not empty, at most ``--max-message-chars``, valid text
+        (``check_text``); else ChatError saying which."""
+        text = text if isinstance(text, str) else ""
+        if not text.strip():
+            raise ChatError(empty)
+        if len(text) > self.settings.max_message_chars:
+            raise ChatError(f"the {what} is too long: {len(text)} characters, at most "
+                            f"{self.settings.max_message_chars}")
+        check_text(text, what)
+        return text
+
     def chat(self, sess: ChatSession, message: str, params: SamplingParams,
              system_prompt: str | None = None) -> Iterator[str]:
         """Streams the answer to a new user message (growing text); at the end the turn is
         stored and kept.  Raises ChatError before anything is stored when refused."""
-        message = message if isinstance(message, str) else ""
-        if not message.strip():
-            raise ChatError("type a message first (empty messages are not sent)")
-        if len(message) > self.settings.max_message_chars:
-            raise ChatError(f"the message is too long: {len(message)} characters, at most "
-                            f"{self.settings.max_message_chars}")
-        check_text(message, "message")
+        message = self._checked_text(message, "message", "type a message first (empty messages are not sent)")
         system = self.settings.system_prompt if system_prompt is None else check_text(system_prompt, "system prompt")
         if len(system) > self.settings.max_message_chars:
             raise ChatError(f"the system prompt is too long: at most {self.settings.max_message_chars} characters")
@@ -924,13 +930,7 @@ class ChatService:
         if not whole:
             raise ChatError("the message index must be a whole number (0 = the first message)")
         index = int(index)
-        text = text if isinstance(text, str) else ""
-        if not text.strip():
-            raise ChatError("the edited message is empty")
-        if len(text) > self.settings.max_message_chars:
-            raise ChatError(f"the edited message is too long: {len(text)} characters, at most "
-                            f"{self.settings.max_message_chars}")
-        check_text(text, "edited message")
+        text = self._checked_text(text, "edited message", "the edited message is empty")
         with self._serialised(sess):
             if not 0 <= index < len(sess.messages):
                 raise ChatError(f"there is no message {index} in this chat"

@@ -73,6 +73,7 @@ committed.
 from __future__ import annotations
 
 import functools
+import inspect
 import logging
 import os
 import secrets
@@ -277,8 +278,18 @@ def _edited_text(value) -> str:
 
 
 def _errors_to_gradio(fn: Callable) -> Callable:
-    """ChatError -> gr.Error (the message reaches the browser and API clients)."""
-    @functools.wraps(fn)  # keeps the signature: Gradio injects gr.Request by it
+    """ChatError -> gr.Error (the message reaches the browser and API clients), for plain
+    handlers and streaming (generator) ones alike."""
+    if inspect.isgeneratorfunction(fn):
+        @functools.wraps(fn)  # keeps the signature: Gradio injects gr.Request by it
+        def streaming(*args, **kwargs):
+            try:
+                yield from fn(*args, **kwargs)
+            except ChatError as exc:
+                raise gr.Error(str(exc), print_exception=False) from None
+        return streaming
+
+    @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
@@ -299,17 +310,15 @@ def build_app(ctx: AppContext, uploads: UploadPolicy = UPLOADS) -> gr.Blocks:
         """The calling page's session, with its user agent and network address."""
         return service.session(state, _client(request), _client_address(request))
 
+    @_errors_to_gradio
     def chat(message: str, system_prompt: str, temperature: float, top_p: float, max_new_tokens: int,
              seed: int, state: ChatSession | None, request: gr.Request):
         """Sends a user message; streams the conversation with the growing answer."""
         sess = caller(state, request)
-        try:
-            params = sampling(temperature, top_p, max_new_tokens, seed, s)
-            shown = sess.history() + [{"role": "user", "content": message}]
-            for text in service.chat(sess, message, params, system_prompt):
-                yield shown + [{"role": "assistant", "content": text}], gr.skip(), "", sess
-        except ChatError as exc:
-            raise gr.Error(str(exc), print_exception=False) from None
+        params = sampling(temperature, top_p, max_new_tokens, seed, s)
+        shown = sess.history() + [{"role": "user", "content": message}]
+        for text in service.chat(sess, message, params, system_prompt):
+            yield shown + [{"role": "assistant", "content": text}], gr.skip(), "", sess
         yield sess.history(), _version_md(sess.model_version), _finish_note(sess), sess
 
     def chat_in_page(message: str, system_prompt: str, temperature: float, top_p: float, max_new_tokens: int,
@@ -325,17 +334,15 @@ def build_app(ctx: AppContext, uploads: UploadPolicy = UPLOADS) -> gr.Blocks:
             sess = state if isinstance(state, ChatSession) else None
             yield (sess.history() if sess else []), gr.skip(), gr.skip(), state, message
 
+    @_errors_to_gradio
     def regenerate(temperature: float, top_p: float, max_new_tokens: int, seed: int,
                    state: ChatSession | None, request: gr.Request):
         """Writes a second answer (B) to the latest answer's context and shows A and B."""
         sess = caller(state, request)
-        try:
-            params = sampling(temperature, top_p, max_new_tokens, seed, s)
-            a_text = sess.messages[-1]["content"] if sess.messages else ""
-            for text in service.regenerate(sess, params):
-                yield a_text, text, gr.skip(), "", sess
-        except ChatError as exc:
-            raise gr.Error(str(exc), print_exception=False) from None
+        params = sampling(temperature, top_p, max_new_tokens, seed, s)
+        a_text = sess.messages[-1]["content"] if sess.messages else ""
+        for text in service.regenerate(sess, params):
+            yield a_text, text, gr.skip(), "", sess
         comp = sess.comparison
         yield (comp.a_text, comp.b_text, _version_md(sess.model_version),
                " ".join(filter(None, ["Which answer is better?", _finish_note(sess)])), sess)
@@ -357,16 +364,14 @@ def build_app(ctx: AppContext, uploads: UploadPolicy = UPLOADS) -> gr.Blocks:
                 return gr.skip(), gr.skip(), state
         return fn
 
+    @_errors_to_gradio
     def compare_more(temperature: float, top_p: float, max_new_tokens: int, seed: int,
                      state: ChatSession | None, request: gr.Request):
         """Writes answers C and D to the open comparison's context (one after the other), to rank all four."""
         sess = caller(state, request)
-        try:
-            params = sampling(temperature, top_p, max_new_tokens, seed, s)
-            for c_text, d_text in service.compare_more(sess, params):
-                yield c_text, d_text or gr.skip(), gr.skip(), "", sess
-        except ChatError as exc:
-            raise gr.Error(str(exc), print_exception=False) from None
+        params = sampling(temperature, top_p, max_new_tokens, seed, s)
+        for c_text, d_text in service.compare_more(sess, params):
+            yield c_text, d_text or gr.skip(), gr.skip(), "", sess
         texts = sess.comparison.texts()
         yield (texts["C"], texts["D"], _version_md(sess.model_version),
                " ".join(filter(None, ["Rank the four answers: 1 = best.", _finish_note(sess)])), sess)
@@ -387,6 +392,7 @@ def build_app(ctx: AppContext, uploads: UploadPolicy = UPLOADS) -> gr.Blocks:
             raise ChatError("give every answer a rank, the best one 1")
         return rank(ranking.format_order(order), state, request)
 
+    @_errors_to_gradio
     def edit_message(index: int, text: str, temperature: float, top_p: float, max_new_tokens: int, seed: int,
                      state: ChatSession | None, request: gr.Request):
         """Edits message ``index`` of the chat (0 = the first): the latest answer is rewritten; an earlier
@@ -406,8 +412,6 @@ def build_app(ctx: AppContext, uploads: UploadPolicy = UPLOADS) -> gr.Blocks:
                 if shown is None:  # the index is valid once the first words come
                     shown = sess.history()[:int(index)] + [{"role": "user", "content": text}]
                 yield shown + [{"role": "assistant", "content": growing}], gr.skip(), "", sess
-        except ChatError as exc:
-            raise gr.Error(str(exc), print_exception=False) from None
         finally:
             if edits is not None:
                 edits.close()

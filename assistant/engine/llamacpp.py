@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import os
 import threading
 import weakref
 from pathlib import Path
@@ -88,8 +89,6 @@ class LlamaCppDecoder:
     def __init__(self, gguf_path: str | Path, max_batch: int, max_context: int, *, lora: str | Path | None = None,
                  threads: int = 0, n_batch: int = 512, kv_tokens: int | None = None, unified_kv: bool = True):
         L = self._L = _init_backend()
-        import os
-
         self.max_context = max_context
         self.max_batch = max_batch
         self.n_batch = max(n_batch, max_batch)
@@ -135,8 +134,10 @@ class LlamaCppDecoder:
 
     # -- the forward pass ---------------------------------------------------------------
     def _forward(self, tokens: list[int], positions, seqs, outputs: list[bool]) -> torch.Tensor:
+        """One ``llama_decode`` per ``n_batch`` tokens; returns the logits the last one asked
+        for (a prompt chunk longer than a llama.cpp batch wants only its last token's)."""
         L, b = self._L, self._batch
-        for start in range(0, len(tokens), self.n_batch):  # a prompt chunk longer than a llama.cpp batch
+        for start in range(0, len(tokens), self.n_batch):
             n = min(self.n_batch, len(tokens) - start)
             for i in range(n):
                 j = start + i
@@ -150,7 +151,7 @@ class LlamaCppDecoder:
             if rc != 0:
                 raise RuntimeError(f"llama_decode failed ({rc}): "
                                    + ("no room in the KV cache" if rc == 1 else "see the log"))
-        n_out = sum(outputs[start:])
+        n_out = sum(outputs[start:start + n])
         ptr = L.llama_get_logits(self._ctx)
         return torch.from_numpy(np.ctypeslib.as_array(ptr, shape=(n_out, self.vocab_size)).copy())
 
