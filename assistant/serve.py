@@ -49,12 +49,8 @@ def llamacpp_decoder(settings: Settings, loaded: models.Loaded):
     adapter = loaded.path if models.is_adapter(loaded.path) else None
     base = models.resolve(settings.base_model or models.adapter_base(adapter), settings.models_dir) if adapter \
         else loaded.path
-    served = None
-    why = ("the model is not on the CPU" if next(loaded.model.parameters()).device.type != "cpu" else
-           "llama-cpp-python is not installed (pip install -e '.[fast]')" if not llamacpp.available() else "")
-    if not why:
-        served = gguf.serving_gguf(base, settings.models_dir / "gguf")
-        why = "" if served else f"no GGUF of {base} (a *.gguf in its directory would be served)"
+    served, why = gguf.llamacpp_base(base, settings.models_dir / "gguf",
+                                     on_cpu=next(loaded.model.parameters()).device.type == "cpu")
     if why:
         if settings.backend == "llamacpp":
             raise ValueError(f"--backend llamacpp cannot serve {loaded.path}: {why}")

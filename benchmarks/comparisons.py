@@ -56,10 +56,10 @@ def main(argv: list[str] | None = None) -> int:
               for q in prompts]
     base = GateConfig(temperature=0.7, top_p=0.9, max_new_tokens=args.max_new_tokens, batch_size=16)
     hot = GateConfig(temperature=1.0, top_p=0.95, max_new_tokens=args.max_new_tokens, batch_size=16)
-    a, *_ = generate(loaded.model, loaded.tokenizer, plain, base, args.seed)
-    variants = {"same": generate(loaded.model, loaded.tokenizer, plain, base, args.seed + 1)[0],
-                "hot": generate(loaded.model, loaded.tokenizer, plain, hot, args.seed + 2)[0],
-                "style": generate(loaded.model, loaded.tokenizer, styled, base, args.seed + 3)[0]}
+    a, *_ = generate(loaded, plain, base, args.seed)
+    variants = {"same": generate(loaded, plain, base, args.seed + 1)[0],
+                "hot": generate(loaded, plain, hot, args.seed + 2)[0],
+                "style": generate(loaded, styled, base, args.seed + 3)[0]}
     words = lambda xs: sum(len(x.split()) for x in xs) / len(xs)  # noqa: E731
     names = [n for n in ORACLES if n != "random"]
     print(f"{len(prompts)} prompts, answer A: mean {words(a):.0f} words\n")

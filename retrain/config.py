@@ -57,6 +57,9 @@ class RetrainConfig:
     """The offline promotion gate."""
     min_pairs: int = 8
     """Fewer decisive training pairs than this: the run is rejected without training."""
+    sampler: str | None = None
+    """Where PPO's rollouts and the gate's answers are sampled: 'llamacpp', 'torch' or 'auto'
+    (llama.cpp on a CPU when it can, ``retrain.rollout``); None: the app's --backend."""
 
     @classmethod
     def load(cls, path: str | Path | None = None, overrides: list[str] | None = None) -> RetrainConfig:
@@ -92,6 +95,8 @@ class RetrainConfig:
                 stage.max_new_tokens = settings.max_new_tokens
         if self.gate.top_p is None:
             self.gate.top_p = settings.top_p
+        if self.sampler is None:
+            self.sampler = settings.backend
         return self
 
     def as_dict(self) -> dict:

@@ -25,14 +25,16 @@ from __future__ import annotations
 
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 
 from assistant import models
 from retrain.backbone import end_of_turn_id, lower_forward, prompt_ids
-from retrain.ppo import decode_responses, sample, token_logprobs
+from retrain.ppo import decode_responses, token_logprobs
 from retrain.reward import RewardModel, wilson
+from retrain.rollout import Sampler, TorchSampler
 
 
 @dataclass
@@ -91,15 +93,19 @@ def repetition(text: str, n: int = 4) -> float:
     return 1 - len(set(grams)) / len(grams)
 
 
-def generate(model, tok, prompts: list[list[dict]], cfg: GateConfig, seed: int):
-    """Samples one answer per prompt; returns texts, token lengths, ended flags, token tensors."""
-    stop = models.stop_token_ids(model, tok) | {end_of_turn_id(tok)}
+def generate(loaded, prompts: list[list[dict]], cfg: GateConfig, seed: int, sampler: Sampler | None = None):
+    """Samples one answer per prompt from ``loaded`` (with ``sampler``, None: torch); returns
+    texts, token lengths, ended flags, token tensors (on the CPU)."""
+    tok = loaded.tokenizer
+    stop = models.stop_token_ids(loaded.model, tok) | {end_of_turn_id(tok)}
+    sampler = sampler or TorchSampler(loaded.model)
     gen = torch.Generator(device="cpu").manual_seed(seed)
     texts, lengths, ended, raw = [], [], [], []
     for i in range(0, len(prompts), cfg.batch_size):
         enc = [prompt_ids(tok, p) for p in prompts[i:i + cfg.batch_size]]
-        ids, pmask, resp, rmask = sample(model, tok, enc, max_new_tokens=cfg.max_new_tokens,
-                                         temperature=cfg.temperature, top_p=cfg.top_p, stop_ids=stop, generator=gen)
+        ids, pmask, resp, rmask = (t.cpu() for t in sampler.sample(
+            enc, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p, stop_ids=stop,
+            pad_id=tok.pad_token_id, generator=gen))
         texts += decode_responses(tok, resp, rmask)
         e = torch.isin(resp, torch.tensor(sorted(stop))).any(-1)
         lengths += (rmask.sum(-1) - e.long()).tolist()
@@ -172,10 +178,13 @@ def check_reward_models(checks: Checks, rm_eval: dict, cfg: GateConfig, previous
 
 
 def evaluate(candidate, served, sft, judge: RewardModel, heldout_prompts: list[list[dict]], rm_eval: dict,
-             cfg: GateConfig, *, log=None, previous_rm_accuracy: float | None = None) -> GateReport:
+             cfg: GateConfig, *, log=None, previous_rm_accuracy: float | None = None,
+             sampler_for: Callable[[models.Loaded], Sampler] | None = None) -> GateReport:
     """``candidate``, ``served``, ``sft``: loaded models (``models.Loaded``; ``served`` may be
     ``sft``); ``judge``: the reward model PPO did not optimise; ``rm_eval``: the reward models'
-    cross-fitted accuracy (``accuracy``, ``ci_low``, ``n``)."""
+    cross-fitted accuracy (``accuracy``, ``ci_low``, ``n``); ``sampler_for(loaded)``: what
+    samples a model's answers (``retrain.rollout``; None: the model itself in torch)."""
+    sampler_for = sampler_for or (lambda loaded: TorchSampler(loaded.model))
     t0 = time.perf_counter()
     if cfg.temperature is None or cfg.top_p is None or cfg.max_new_tokens is None:
         raise ValueError("GateConfig sampling settings must be set (the app's settings)")
@@ -187,8 +196,10 @@ def evaluate(candidate, served, sft, judge: RewardModel, heldout_prompts: list[l
         checks.reasons.append("no held-out prompts to evaluate on")
         return GateReport(False, checks.reasons, metrics, checks.rows)
 
-    c_texts, c_len, c_end, c_raw = generate(candidate.model, candidate.tokenizer, prompts, cfg, cfg.seed)
-    s_texts, s_len, s_end, s_raw = generate(served.model, served.tokenizer, prompts, cfg, cfg.seed + 1)
+    t = time.perf_counter()
+    c_texts, c_len, c_end, c_raw = generate(candidate, prompts, cfg, cfg.seed, sampler_for(candidate))
+    s_texts, s_len, s_end, s_raw = generate(served, prompts, cfg, cfg.seed + 1, sampler_for(served))
+    sample_s = time.perf_counter() - t
     kls, c_ent = kl_and_entropy(candidate.model, sft.model, c_raw, cfg.temperature)
     _, s_ent = kl_and_entropy(served.model, None, s_raw, cfg.temperature)
     cs, ss = _summary(c_texts, c_len, c_end), _summary(s_texts, s_len, s_end)
@@ -220,7 +231,7 @@ def evaluate(candidate, served, sft, judge: RewardModel, heldout_prompts: list[l
     lo, hi = wilson(wins, len(prompts), cfg.z)
     metrics.update({"judge_win_rate": win_rate, "judge_win_ci_low": lo, "judge_win_ci_high": hi,
                     "candidate_judge_score": float(c_sc.mean()), "served_judge_score": float(s_sc.mean()),
-                    "n_prompts": len(prompts), "gate_s": time.perf_counter() - t0})
+                    "n_prompts": len(prompts), "gate_sample_s": sample_s, "gate_s": time.perf_counter() - t0})
     checks.above("judge_win_ci_low", lo, cfg.min_win_ci_low,
                  f"the judge (a reward model PPO did not optimise) prefers the candidate on {win_rate:.0%} of "
                  f"{len(prompts)} held-out prompts; lower bound {lo:.0%} does not clear {cfg.min_win_ci_low:.0%}")

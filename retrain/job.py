@@ -271,6 +271,7 @@ def run_ppo(plan: dict, cfg, *, log=None, should_stop=None):
     from retrain.backbone import end_of_turn_id
     from retrain.ppo import train_ppo
     from retrain.reward import RewardModel
+    from retrain.rollout import make_sampler
 
     if cfg.threads:
         import torch
@@ -286,9 +287,16 @@ def run_ppo(plan: dict, cfg, *, log=None, should_stop=None):
     rm = RewardModel.load(plan["reward_path"], device=device)
     value = rm.as_value_model()
     stop_ids = models.stop_token_ids(policy.get_base_model(), tok) | {end_of_turn_id(tok)}
-    result = train_ppo(policy, tok, rm, value, plan["prompts"], cfg, stop_ids=stop_ids, eot_id=end_of_turn_id(tok),
-                       ref_model=ref_model, log=log, should_stop=should_stop, ptx_pairs=plan["ptx_pairs"],
-                       accelerator=accelerator)
+    sampler = make_sampler(plan.get("sampler", "torch"), base_path, policy, plan.get("gguf_dir") or
+                           Path(plan["out_dir"]).parent, threads=cfg.threads, work_dir=Path(plan["out_dir"]).parent)
+    try:
+        result = train_ppo(policy, tok, rm, value, plan["prompts"], cfg, stop_ids=stop_ids,
+                           eot_id=end_of_turn_id(tok), ref_model=ref_model, log=log, should_stop=should_stop,
+                           ptx_pairs=plan["ptx_pairs"], accelerator=accelerator,
+                           sampler=sampler.follow(policy) if sampler else None)
+    finally:
+        if sampler:
+            sampler.close()
     if accelerator is None or accelerator.is_main_process:
         save_policy(policy, tok, base_path, Path(plan["out_dir"]),
                     {"config": dataclasses.asdict(cfg), "steps": result.steps, "final": result.final,
@@ -412,6 +420,7 @@ def _train_and_gate(settings: Settings, registry: Registry, run: Run, config: Re
     from retrain import versions
     from retrain.data import build_snapshot
     from retrain.gate import evaluate
+    from retrain.rollout import make_sampler
 
     if settings.retrain_threads:
         torch.set_num_threads(settings.retrain_threads)
@@ -461,7 +470,8 @@ def _train_and_gate(settings: Settings, registry: Registry, run: Run, config: Re
     plan = {"run_id": run.id, "policy_path": served_path,
             "ref_path": sft_path if ppo_cfg.ref == "sft" else served_path, "reward_path": ids["policy"][1],
             "prompts": snapshot.rollout_prompts, "out_dir": str(work / "policy"),
-            "ptx_pairs": snapshot.train if ppo_cfg.ptx_coef > 0 else None}  # PPO-ptx: chosen answers, rewrites
+            "ptx_pairs": snapshot.train if ppo_cfg.ptx_coef > 0 else None,  # PPO-ptx: chosen answers, rewrites
+            "sampler": config.sampler or "auto", "gguf_dir": str(settings.models_dir / "gguf")}
     _share_plan(plan)
     shared["sent"] = True
     result = run_ppo(plan, ppo_cfg, log=run.log, should_stop=should_stop)
@@ -476,12 +486,23 @@ def _train_and_gate(settings: Settings, registry: Registry, run: Run, config: Re
     candidate, sft = load(plan["out_dir"]), load(sft_path)
     served_model = sft if served == "sft" else load(served_path)
     prev = fitted["previous"]["policy"]
-    report = evaluate(candidate, served_model, sft, judge, snapshot.heldout_prompts, ev, config.gate, log=run.log,
-                      previous_rm_accuracy=prev["accuracy"] if prev else None)
+    gate_sampler = make_sampler(plan["sampler"], sft.path, sft.model, plan["gguf_dir"],
+                                threads=settings.retrain_threads)
+    try:
+        report = evaluate(candidate, served_model, sft, judge, snapshot.heldout_prompts, ev, config.gate,
+                          log=run.log, previous_rm_accuracy=prev["accuracy"] if prev else None,
+                          sampler_for=(lambda loaded: gate_sampler.use_version(loaded.path, work / "gguf"))
+                          if gate_sampler else None)
+    finally:
+        if gate_sampler:
+            gate_sampler.close()
     timings["gate_s"] = time.monotonic() - t
+    timings["ppo_sample_s"] = result.sample_s
+    timings["gate_sample_s"] = report.metrics.get("gate_sample_s", 0.0)
     kl = report.metrics.get("kl_candidate_sft")
     decision = {"passed": report.passed, "reasons": report.reasons, "checks": report.checks,
                 "metrics": report.metrics, "timings": timings, "ppo": result.final, "rm": ev,
+                "sampler": result.sampler,
                 "policy_reward_model": ids["policy"][0], "judge_reward_model": ids["judge"][0],
                 "judgements": snapshot.judgements}
     registry.mark_used(run.id, snapshot.record_ids)

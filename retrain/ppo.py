@@ -24,8 +24,9 @@ Where it lives below:
 Efficiency (two CPU cores): LoRA on the top ``lora_layers`` layers only.  The frozen layers
 below are shared by the policy, the reference (the same model with the adapter disabled),
 the value model and the reward model, so their hidden states are computed once per rollout
-batch and reused by all four models and by every PPO epoch.  Rollouts are generated with the
-adapter merged into the weights (``merge_adapter``), which costs nothing at decode time.
+batch and reused by all four models and by every PPO epoch.  Rollouts are sampled on
+llama.cpp with the policy's current adapter where the app serves from llama.cpp, else in
+torch with the adapter merged (``retrain.rollout``); log-probabilities are always torch's.
 
 Multi-GPU: ``accelerate launch -m retrain run ...`` (or any script calling ``train_ppo``)
 runs one process per device; each process takes its share of every prompt batch, gradients
@@ -46,8 +47,9 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from retrain.backbone import Lower, lower_forward, pad_left, upper_forward
+from retrain.backbone import Lower, lower_forward, upper_forward
 from retrain.reward import RewardModel
+from retrain.rollout import Sampler, TorchSampler
 
 
 @dataclass
@@ -128,20 +130,11 @@ class PPOResult:
     steps: int
     final: dict  # the last step's metrics (``ppo/...``)
     wall_s: float = 0.0
+    sample_s: float = 0.0  # of which sampling rollouts
+    sampler: str = "torch"  # what sampled them (``retrain.rollout``)
 
 
 # ----------------------------------------------------------------------------- pure pieces (tested)
-def response_mask(tokens: torch.Tensor, stop_ids: set[int] | list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mask [B, L] keeping tokens up to and including the first stop token; and whether each
-    row ended (had a stop token)."""
-    stop = torch.zeros_like(tokens, dtype=torch.bool)
-    for s in stop_ids:
-        stop |= tokens == s
-    before = stop.long().cumsum(-1) - stop.long()  # stop tokens strictly before t
-    mask = (before == 0).long()
-    return mask, stop.any(-1)
-
-
 def kl_rewards(logp: torch.Tensor, ref_logp: torch.Tensor, mask: torch.Tensor, score: torch.Tensor,
                beta: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token rewards: -beta * (logp - ref_logp) on response tokens, plus the score at each
@@ -212,56 +205,6 @@ class AdaptiveKL:
 
 
 # ----------------------------------------------------------------------------- sampling
-@torch.no_grad()
-def sample(model, tokenizer, prompts: list[list[int]], *, max_new_tokens: int, temperature: float,
-           top_p: float = 1.0, stop_ids: set[int], generator: torch.Generator | None = None,
-           device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Batched sampling from left-padded prompts with position ids from the mask and a KV
-    cache.  Returns (prompt_ids [B,P], prompt_mask, response tokens [B,L] padded after the
-    first stop token, response mask incl. the stop token)."""
-    from transformers import DynamicCache
-
-    device = device or next(model.parameters()).device
-    ids, pmask = pad_left(prompts, tokenizer.pad_token_id)
-    ids, pmask = ids.to(device), pmask.to(device)
-    B = ids.shape[0]
-    cache = DynamicCache()
-    attn = pmask.clone()
-    pos = (attn.cumsum(-1) - 1).clamp(min=0)
-    out = model(input_ids=ids, attention_mask=attn, position_ids=pos, past_key_values=cache, use_cache=True)
-    tokens = []
-    done = torch.zeros(B, dtype=torch.bool, device=device)
-    next_pos = attn.sum(-1, keepdim=True)
-    stop = torch.tensor(sorted(stop_ids), device=device)
-    for _ in range(max_new_tokens):
-        logits = out.logits[:, -1].float()
-        if temperature > 0:
-            probs = torch.softmax(logits / temperature, -1)
-            if 0 < top_p < 1:
-                sp, order = torch.sort(probs, descending=True, dim=-1)
-                keep = sp.cumsum(-1) - sp < top_p
-                sp = sp * keep
-                choice = torch.multinomial(sp, 1, generator=generator)
-                tok = order.gather(-1, choice)[:, 0]
-            else:
-                tok = torch.multinomial(probs, 1, generator=generator)[:, 0]
-        else:
-            tok = logits.argmax(-1)
-        tok = torch.where(done, torch.full_like(tok, tokenizer.pad_token_id), tok)
-        tokens.append(tok)
-        done = done | torch.isin(tok, stop)
-        if bool(done.all()):
-            break
-        attn = torch.cat([attn, torch.ones((B, 1), dtype=attn.dtype, device=device)], -1)
-        out = model(input_ids=tok[:, None], attention_mask=attn, position_ids=next_pos, past_key_values=cache,
-                    use_cache=True)
-        next_pos = next_pos + 1
-    resp = torch.stack(tokens, 1)
-    rmask, _ = response_mask(resp, stop_ids)
-    resp = torch.where(rmask.bool(), resp, torch.full_like(resp, tokenizer.pad_token_id))
-    return ids, pmask, resp, rmask
-
-
 def decode_responses(tokenizer, resp: torch.Tensor, rmask: torch.Tensor) -> list[str]:
     return [tokenizer.decode(r[m.bool()].tolist(), skip_special_tokens=True).strip() for r, m in zip(resp, rmask)]
 
@@ -329,12 +272,13 @@ def with_end_of_turn(ids, pmask, resp, rmask, ended, eot: int, pad_id: int):
 
 def train_ppo(policy, tok, rm: RewardModel, value: RewardModel, prompts: list[list[dict]], cfg: PPOConfig, *,
               stop_ids: set[int], eot_id: int, ref_model=None, log=None, should_stop=None, ptx_pairs=None,
-              accelerator=None) -> PPOResult:
+              accelerator=None, sampler: Sampler | None = None) -> PPOResult:
     """Runs ``cfg.steps`` PPO iterations on ``policy`` (a PEFT model whose adapter 'default'
     is trained in place) and ``value`` (the critic, trained in place) against the frozen
     ``rm``; returns the metrics.  ``ref_model`` is the frozen KL reference; None means the
     policy's own base with the adapter disabled (the SFT model, no second copy).
-    ``should_stop()`` is polled between steps.  ``cfg.temperature`` and ``cfg.max_new_tokens``
+    ``should_stop()`` is polled between steps.  ``sampler`` draws the rollouts (``retrain.rollout``;
+    None: the policy itself in torch, adapter merged); it must follow the policy's weights.  ``cfg.temperature`` and ``cfg.max_new_tokens``
     must be set (``retrain.job`` fills them from the app's settings)."""
     from retrain.backbone import prompt_ids
 
@@ -349,6 +293,7 @@ def train_ppo(policy, tok, rm: RewardModel, value: RewardModel, prompts: list[li
     gen = torch.Generator(device="cpu").manual_seed(cfg.seed + rank)
     if not prompts:
         raise ValueError("no rollout prompts")
+    sampler = sampler or TorchSampler(policy)
     lm_head = _lm_head(policy)
     split = min(_lora_min_layer(policy.peft_config["default"]), rm.split, value.split)
     if ref_model is not None:
@@ -371,6 +316,7 @@ def train_ppo(policy, tok, rm: RewardModel, value: RewardModel, prompts: list[li
     order: list[int] = []
     final: dict = {}
     steps_done = 0
+    sample_s = 0.0
     bar = tqdm(total=cfg.steps, desc="ppo", leave=False)
     for step in range(1, cfg.steps + 1):
         if should_stop and should_stop():
@@ -383,14 +329,11 @@ def train_ppo(policy, tok, rm: RewardModel, value: RewardModel, prompts: list[li
             order += more
         batch_idx = order[:cfg.batch_size * world][rank::world]
         del order[:cfg.batch_size * world]
-        policy.merge_adapter()
-        try:
-            ids, pmask, resp, rmask = sample(policy, tok, [enc_prompts[i] for i in batch_idx],
-                                             max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
-                                             top_p=cfg.rollout_top_p, stop_ids=stop_ids, generator=gen, device=dev)
-        finally:
-            policy.unmerge_adapter()
+        ids, pmask, resp, rmask = (t.to(dev) for t in sampler.sample(
+            [enc_prompts[i] for i in batch_idx], max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
+            top_p=cfg.rollout_top_p, stop_ids=stop_ids, pad_id=tok.pad_token_id, generator=gen))
         t_gen = time.perf_counter() - ts
+        sample_s += t_gen
         ended = torch.isin(resp, torch.tensor(sorted(stop_ids), device=resp.device)).any(-1)
         P, L = ids.shape[1], resp.shape[1]
         full, fmask, last = with_end_of_turn(ids, pmask, resp, rmask, ended, eot_id, tok.pad_token_id)
@@ -471,7 +414,8 @@ def train_ppo(policy, tok, rm: RewardModel, value: RewardModel, prompts: list[li
         bar.update(1)
         bar.set_postfix(score=f"{final['score']:.2f}", kl=f"{mean_kl:.2f}", len=f"{final['response_length']:.0f}")
     bar.close()
-    return PPOResult(steps=steps_done, final=final, wall_s=time.perf_counter() - t0)
+    return PPOResult(steps=steps_done, final=final, wall_s=time.perf_counter() - t0, sample_s=sample_s,
+                     sampler=getattr(sampler, "name", type(sampler).__name__))
 
 
 def _mean(xs: list[float]) -> float:

@@ -80,6 +80,20 @@ def serving_gguf(model_dir: str | Path, cache_dir: str | Path) -> Path | None:
     return out
 
 
+def llamacpp_base(base: str | Path, cache_dir: str | Path, *, on_cpu: bool) -> tuple[Path | None, str]:
+    """The GGUF llama.cpp runs the model directory ``base`` from, and "" -- or None and why
+    it cannot (not on the CPU, llama-cpp-python missing, no GGUF of the model).  The server
+    and the retrain's sampler both ask here."""
+    from assistant.engine import llamacpp
+
+    if not on_cpu:
+        return None, "the model is not on the CPU"
+    if not llamacpp.available():
+        return None, "llama-cpp-python is not installed (pip install -e '.[fast]')"
+    path = serving_gguf(base, cache_dir)
+    return (path, "") if path else (None, f"no GGUF of {base} (a *.gguf in its directory would be served)")
+
+
 def permute_rows(w: np.ndarray, n_head: int) -> np.ndarray:
     """Hugging Face's rotary row order to llama.cpp's, per head (``convert_hf_to_gguf``'s
     ``LlamaModel.permute``; it acts on the output rows, so on a LoRA's B)."""
@@ -167,20 +181,29 @@ def hf_to_gguf(model_dir: str | Path, out: str | Path, vocab_from: str | Path, d
 
 def lora_to_gguf(adapter_dir: str | Path, out: str | Path, n_head: int, n_head_kv: int) -> Path:
     """Writes the PEFT LoRA adapter in ``adapter_dir`` as a llama.cpp LoRA GGUF at ``out``."""
-    import gguf
     from safetensors.numpy import load_file
 
     adapter_dir = Path(adapter_dir)
     config = json.loads((adapter_dir / "adapter_config.json").read_text())
     if config.get("use_rslora") or config.get("use_dora"):
         raise ValueError("rsLoRA and DoRA adapters are not supported by the llama.cpp decoder")
-    weights = load_file(str(adapter_dir / "adapter_model.safetensors"))
+    return lora_weights_to_gguf(load_file(str(adapter_dir / "adapter_model.safetensors")),
+                                float(config["lora_alpha"]), out, n_head, n_head_kv)
+
+
+def lora_weights_to_gguf(weights: dict[str, np.ndarray], alpha: float, out: str | Path, n_head: int,
+                         n_head_kv: int) -> Path:
+    """Writes LoRA weights named as PEFT names them (``...layers.N.self_attn.q_proj.lora_A.weight``)
+    with scaling ``alpha / r`` as a llama.cpp LoRA GGUF at ``out`` (atomically).  The retrain
+    writes its policy's adapter this way at every PPO step, to sample its rollouts on llama.cpp."""
+    import gguf
+
     pairs: dict[tuple[int, str], dict[str, np.ndarray]] = {}
     for key, value in weights.items():
         m = _LORA_KEY.search(key)
         if m is None:
             raise ValueError(f"adapter tensor {key} has no llama.cpp counterpart")
-        pairs.setdefault((int(m.group(1)), m.group(2)), {})[m.group(3)] = value.astype(np.float32)
+        pairs.setdefault((int(m.group(1)), m.group(2)), {})[m.group(3)] = np.asarray(value, dtype=np.float32)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".lora-", suffix=".gguf", dir=out.parent)
@@ -189,7 +212,7 @@ def lora_to_gguf(adapter_dir: str | Path, out: str | Path, n_head: int, n_head_k
         writer = gguf.GGUFWriter(tmp, arch="llama")
         writer.add_type(gguf.GGUFType.ADAPTER)
         writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
-        writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, float(config["lora_alpha"]))
+        writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, float(alpha))
         for (layer, module), ab in sorted(pairs.items()):
             a, b = ab["A"], ab["B"]
             if module == "self_attn.q_proj":

@@ -74,10 +74,10 @@ except (ImportError, OSError):
     _QUIET = None
 
 
-def _free(L, model, ctx, batch, adapter) -> None:
+def _free(L, model, ctx, batch, adapters: list) -> None:
     L.llama_batch_free(batch)
     L.llama_free(ctx)
-    if adapter is not None:
+    for adapter in adapters:
         L.llama_adapter_lora_free(adapter)
     L.llama_model_free(model)
 
@@ -110,24 +110,43 @@ class LlamaCppDecoder:
         if not ctx:
             L.llama_model_free(model)
             raise RuntimeError("llama.cpp could not create a context")
-        adapter = None
-        if lora is not None:
-            adapter = L.llama_adapter_lora_init(model, str(lora).encode())
-            if not adapter:
-                L.llama_free(ctx)
-                L.llama_model_free(model)
-                raise RuntimeError(f"llama.cpp could not load the LoRA adapter {lora}")
-            adapters = (L.llama_adapter_lora_p_ctypes * 1)(adapter)
-            if L.llama_set_adapters_lora(ctx, adapters, 1, (ctypes.c_float * 1)(1.0)) != 0:
-                _free(L, model, ctx, L.llama_batch_init(1, 0, 1), adapter)
-                raise RuntimeError(f"llama.cpp could not apply the LoRA adapter {lora}")
-        self._model, self._ctx, self._adapter = model, ctx, adapter
+        self._model, self._ctx = model, ctx
+        self._adapters: list = []  # the one in use (at most one), freed with the model
         self._mem = L.llama_get_memory(ctx)
         self.vocab_size = L.llama_vocab_n_tokens(L.llama_model_get_vocab(model))
         self._batch = L.llama_batch_init(self.n_batch, 0, 1)
-        self._finalizer = weakref.finalize(self, _free, L, model, ctx, self._batch, adapter)
+        self._finalizer = weakref.finalize(self, _free, L, model, ctx, self._batch, self._adapters)
         self.lengths = [0] * max_batch
         self.threads = n_threads
+        if lora is not None:
+            try:
+                self.set_lora(lora)
+            except RuntimeError:
+                self.close()
+                raise
+
+    def set_lora(self, lora: str | Path | None) -> None:
+        """Applies the LoRA adapter GGUF ``lora`` on the base weights in place of the one in
+        use (None: the base alone).  The retrain calls it once per PPO step with the policy's
+        current adapter; it also empties every slot (their caches were the old weights')."""
+        L = self._L
+        adapter = None
+        if lora is not None:
+            adapter = L.llama_adapter_lora_init(self._model, str(lora).encode())
+            if not adapter:
+                raise RuntimeError(f"llama.cpp could not load the LoRA adapter {lora}")
+        listed = (L.llama_adapter_lora_p_ctypes * 1)(adapter) if adapter else None
+        if L.llama_set_adapters_lora(self._ctx, listed, 1 if adapter else 0,
+                                     (ctypes.c_float * 1)(1.0) if adapter else None) != 0:
+            if adapter:
+                L.llama_adapter_lora_free(adapter)
+            raise RuntimeError(f"llama.cpp could not apply the LoRA adapter {lora}")
+        while self._adapters:
+            L.llama_adapter_lora_free(self._adapters.pop())
+        if adapter:
+            self._adapters.append(adapter)
+        for slot in range(self.max_batch):
+            self.release(slot)
 
     def close(self) -> None:
         self._finalizer()

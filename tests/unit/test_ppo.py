@@ -18,14 +18,13 @@ from retrain.ppo import (
     gae,
     kl_rewards,
     policy_loss,
-    response_mask,
-    sample,
     truncation_scores,
     value_loss,
     whiten,
     with_end_of_turn,
 )
 from retrain.reward import RewardConfig, new_reward_model, train_reward_model
+from retrain.rollout import response_mask, sample
 from tests.factories import separable_pairs
 
 
@@ -82,8 +81,10 @@ def test_sampler_left_padding_matches_unbatched(tiny_model_dir):
     tok = loaded.tokenizer
     short = prompt_ids(tok, [{"role": "user", "content": "hi"}])
     long = prompt_ids(tok, [{"role": "user", "content": "a much longer question with many more words in it"}])
-    _, _, alone, _ = sample(loaded.model, tok, [short], max_new_tokens=6, temperature=0, stop_ids={-1})
-    _, pmask, both, _ = sample(loaded.model, tok, [short, long], max_new_tokens=6, temperature=0, stop_ids={-1})
+    pad = tok.pad_token_id
+    _, _, alone, _ = sample(loaded.model, [short], max_new_tokens=6, temperature=0, stop_ids={-1}, pad_id=pad)
+    _, pmask, both, _ = sample(loaded.model, [short, long], max_new_tokens=6, temperature=0, stop_ids={-1},
+                               pad_id=pad)
     assert pmask[0].tolist()[:len(long) - len(short)] == [0] * (len(long) - len(short))
     assert both[0].tolist() == alone[0].tolist()
 
