@@ -375,7 +375,7 @@ def train_ppo(policy, tok, rm: RewardModel, value: RewardModel, prompts: list[li
                     lg = lm_head(upper_forward(policy, lo)[:, len(pi) - 1:-1]).float()
                     ptx_loss = F.cross_entropy(lg.reshape(-1, lg.shape[-1]), torch.tensor(ri, device=dev))
                     loss = loss + cfg.ptx_coef * ptx_loss
-                    stats["ptx_loss"].append(float(ptx_loss))
+                    stats["ptx_loss"].append(float(ptx_loss.detach()))
                 opt.zero_grad(set_to_none=True)
                 if accelerator is not None:
                     accelerator.backward(loss)
@@ -384,8 +384,8 @@ def train_ppo(policy, tok, rm: RewardModel, value: RewardModel, prompts: list[li
                 _allreduce_grads(pol_params + val_params, accelerator)
                 torch.nn.utils.clip_grad_norm_(pol_params + val_params, cfg.grad_clip)
                 opt.step()
-                stats["pg_loss"].append(float(pg))
-                stats["vf_loss"].append(float(vf))
+                stats["pg_loss"].append(float(pg.detach()))
+                stats["vf_loss"].append(float(vf.detach()))
                 stats["clipfrac"].append(float(clipfrac))
                 stats["approx_kl"].append(float(approx_kl))
                 stats["entropy"].append(float(masked_mean(ent, m)))
