@@ -212,16 +212,25 @@ def decode_responses(tokenizer, resp: torch.Tensor, rmask: torch.Tensor) -> list
 def token_logprobs(model, lm_head, lower: Lower, P: int, resp: torch.Tensor, temperature: float,
                    with_entropy: bool = False):
     """Log-probs (at ``temperature``) of the response tokens, from the cached lower states.
-    Position P-1+t predicts response token t."""
+    Position P-1+t predicts response token t.
+
+    The vocabulary-wide tensors ([B, L, 49152] for SmolLM2) dominate a PPO step's time on a
+    CPU, so the temperature divides the hidden state before a bias-free LM head (the same
+    logits / T), and the log-probs are ``logit - logsumexp`` at the chosen token, without a
+    full log-softmax tensor."""
     h = upper_forward(model, lower)
     L = resp.shape[1]
-    logits = lm_head(h[:, P - 1:P - 1 + L]).float() / temperature
-    logp_all = F.log_softmax(logits, -1)
-    logp = logp_all.gather(-1, resp[..., None]).squeeze(-1)
+    h = h[:, P - 1:P - 1 + L]
+    if getattr(lm_head, "bias", None) is None:
+        logits = lm_head(h / temperature).float()
+    else:
+        logits = lm_head(h).float() / temperature
+    logz = torch.logsumexp(logits, -1)
+    logp = logits.gather(-1, resp[..., None]).squeeze(-1) - logz
     ent = None
     if with_entropy:  # logged only: no graph through it
         with torch.no_grad():
-            ent = -(logp_all.exp() * logp_all).sum(-1)
+            ent = logz - (torch.softmax(logits, -1) * logits).sum(-1)
     return logp, ent
 
 
@@ -362,7 +371,8 @@ def train_ppo(policy, tok, rm: RewardModel, value: RewardModel, prompts: list[li
             for j in range(0, n, cfg.minibatch_size):
                 mb = perm[j:j + cfg.minibatch_size]
                 sub = Lower(h=lower.h[mb], mask=lower.mask[mb], split=lower.split)
-                logp, ent = token_logprobs(policy, lm_head, sub, P, resp[mb], cfg.temperature, with_entropy=True)
+                logp, ent = token_logprobs(policy, lm_head, sub, P, resp[mb], cfg.temperature,
+                                           with_entropy=_epoch == 0)  # logged: once per rollout is enough
                 m = rmaskf[mb]
                 pg, clipfrac, approx_kl = policy_loss(logp, old_logp[mb], adv[mb], m, cfg.cliprange)
                 vpred = value.values(sub, normalized=False)[:, P - 1:P - 1 + L].float()
@@ -388,7 +398,8 @@ def train_ppo(policy, tok, rm: RewardModel, value: RewardModel, prompts: list[li
                 stats["vf_loss"].append(float(vf.detach()))
                 stats["clipfrac"].append(float(clipfrac))
                 stats["approx_kl"].append(float(approx_kl))
-                stats["entropy"].append(float(masked_mean(ent, m)))
+                if ent is not None:
+                    stats["entropy"].append(float(masked_mean(ent, m)))
         sched.step()
         mean_kl = float(kl.sum(-1).mean())
         if kl_ctl is not None:

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from assistant import models
-from retrain.backbone import prompt_ids
+from retrain.backbone import lower_forward, prompt_ids
 from retrain.job import run_ppo
 from retrain.ppo import (
     AdaptiveKL,
@@ -18,6 +18,7 @@ from retrain.ppo import (
     gae,
     kl_rewards,
     policy_loss,
+    token_logprobs,
     truncation_scores,
     value_loss,
     whiten,
@@ -142,3 +143,17 @@ def test_ppo_two_steps_saves_loadable_adapter(tiny_model_dir, tmp_path):
         str(tiny_model_dir)
     with pytest.raises(ValueError, match="must be set"):  # sampling settings come from the app's settings
         run_ppo(plan2, PPOConfig(steps=1, max_new_tokens=None, temperature=0.7))
+
+
+def test_token_logprobs_and_entropy_are_the_models_at_the_temperature(tiny_model_dir):
+    loaded = models.load(str(tiny_model_dir), tiny_model_dir.parent, device="cpu")
+    model = loaded.model
+    prompt, resp = torch.tensor([[5, 6, 7, 8], [9, 10, 11, 12]]), torch.tensor([[20, 21, 22], [23, 24, 25]])
+    full = torch.cat([prompt, resp], 1)
+    T = 0.7
+    lower = lower_forward(model, full, torch.ones_like(full), 1)
+    logp, ent = token_logprobs(model, model.lm_head, lower, 4, resp, T, with_entropy=True)
+    with torch.no_grad():
+        want = torch.log_softmax(model(full).logits[:, 3:6].float() / T, -1)
+    assert torch.allclose(logp, want.gather(-1, resp[..., None])[..., 0], atol=1e-5)
+    assert torch.allclose(ent, -(want.exp() * want).sum(-1), atol=1e-4)
