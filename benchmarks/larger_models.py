@@ -4,12 +4,18 @@ are the published ones, written out).
 
     python benchmarks/larger_models.py                                 # the memory plan
     python benchmarks/larger_models.py --build smollm2-360m --out /tmp/smollm2-360m-random
-    python benchmarks/serving.py --model /tmp/smollm2-360m-random --threads 1
+    python benchmarks/serving.py --model /tmp/smollm2-360m-random --threads 2 --vs-llamacpp \
+        --llamacpp-gguf /tmp/smollm2-360m-random.q4_1.gguf
+
+``--build`` also writes, as the embedded model gets them, an fp16 GGUF in the directory
+(``model-f16.gguf``: what the app's llama.cpp decoder serves) and a Q4_1 GGUF beside it
+(``DIR.q4_1.gguf``: what a llama.cpp user would run instead); ``--no-gguf`` skips both.
 
 Memory per stream is its KV cache: 2 (k, v) x layers x kv heads x head dim x bytes per
 value, per token of prompt plus answer (the engine sizes each slot to its request).  The
 weights are held once, plus, for fp32 models up to ``LAYOUTS_MAX_BYTES``, two more copies in
-the layouts the decoder found fastest (``assistant/engine/decoders.py: Proj``).
+the layouts the decoder found fastest (``assistant/engine/decoders.py: Proj``).  The llama.cpp
+decoder holds the fp16 GGUF once, and an fp16 KV cache.
 """
 
 from __future__ import annotations
@@ -52,23 +58,25 @@ def kv_bytes_per_token(c: dict, bytes_per_value: int) -> int:
 def plan(context: int, streams: int) -> str:
     from assistant.engine import LAYOUTS_MAX_BYTES
 
-    rows = ["| model | parameters | fp32 weights | + layout copies | bf16 weights | KV per token (fp32) | "
-            f"one {context}-token stream (fp32) | {streams} such streams + weights (fp32) |",
-            "|---|---|---|---|---|---|---|---|"]
+    rows = ["| model | parameters | torch: fp32 weights | + layout copies | KV per token (fp32) | "
+            f"one {context}-token stream (fp32) | {streams} such streams + weights (torch, fp32) | "
+            f"llama.cpp: fp16 GGUF | KV per token (fp16) | {streams} streams + weights (llama.cpp) |",
+            "|---|---|---|---|---|---|---|---|---|---|"]
     for name, c in CONFIGS.items():
         p = parameters(c)
         fp32 = 4 * p
         copies = fp32 <= LAYOUTS_MAX_BYTES
         held = fp32 * (3 if copies else 1)
-        kv = kv_bytes_per_token(c, 4)
+        kv, kv16 = kv_bytes_per_token(c, 4), kv_bytes_per_token(c, 2)
         rows.append(f"| {name} | {p / 1e6:.0f} M | {fp32 / GIB:.2f} GiB | "
                     f"{'yes: ' + format(held / GIB, '.2f') + ' GiB' if copies else 'no (over the limit)'} | "
-                    f"{2 * p / GIB:.2f} GiB | {kv / 1024:.0f} KiB | {kv * context / GIB:.2f} GiB | "
-                    f"{(held + streams * kv * context) / GIB:.1f} GiB |")
+                    f"{kv / 1024:.0f} KiB | {kv * context / GIB:.2f} GiB | "
+                    f"{(held + streams * kv * context) / GIB:.1f} GiB | {2 * p / GIB:.2f} GiB | "
+                    f"{kv16 / 1024:.0f} KiB | {(2 * p + streams * kv16 * context) / GIB:.1f} GiB |")
     return "\n".join(rows)
 
 
-def build(name: str, out: Path) -> None:
+def build(name: str, out: Path, with_gguf: bool = True) -> None:
     """A random-weight model of ``name``'s shape with the embedded model's tokenizer."""
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
@@ -91,6 +99,13 @@ def build(name: str, out: Path) -> None:
         if src.exists():
             shutil.copy(src, out / extra)
     print(f"wrote a random {name} ({parameters(c) / 1e6:.0f} M parameters) to {out}")
+    if with_gguf:
+        from assistant.engine import gguf
+
+        vocab = models.embedded_gguf_path()
+        served = gguf.hf_to_gguf(out, out / "model-f16.gguf", vocab, "float16")
+        user = gguf.hf_to_gguf(out, out.with_name(out.name + ".q4_1.gguf"), vocab, "q4_1")
+        print(f"wrote {served} (served by the llama.cpp decoder) and {user} (a llama.cpp user's Q4_1)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -101,12 +116,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--streams", type=int, default=8, help="concurrent streams in the plan")
     ap.add_argument("--build", choices=sorted(CONFIGS), help="write a random-weight model of this shape")
     ap.add_argument("--out", help="directory for --build")
+    ap.add_argument("--no-gguf", action="store_true", help="--build writes no GGUF files")
     args = ap.parse_args(argv)
     print(plan(args.context, args.streams))
     if args.build:
         if not args.out:
             ap.error("--build needs --out")
-        build(args.build, Path(args.out))
+        build(args.build, Path(args.out), with_gguf=not args.no_gguf)
     return 0
 
 

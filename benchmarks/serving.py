@@ -276,6 +276,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="the engine's decoder, as the app's --backend (default here: torch)")
     ap.add_argument("--vs-llamacpp", action="store_true",
                     help="also run llama.cpp itself on the same GGUF (needs llama-cpp-python: pip install -e '.[bench]')")
+    ap.add_argument("--llamacpp-gguf", default="",
+                    help="with --vs-llamacpp, also run llama.cpp on this GGUF (a larger model's Q4_1, say: "
+                         "benchmarks/larger_models.py --build writes one)")
     ap.add_argument("--json", help="also write the results to this JSON file")
     args = ap.parse_args(argv)
     if args.vs_llamacpp:
@@ -371,6 +374,7 @@ def main(argv: list[str] | None = None) -> int:
         refs = out["llamacpp"] = {}
         n_seq = max(client_counts)
         for name, path in (("embedded Q4_1 GGUF", models.embedded_gguf_path() if args.model == "embedded" else None),
+                           ("given GGUF", args.llamacpp_gguf or None),
                            ("the GGUF the engine serves", engine_gguf)):
             if path is None:
                 continue

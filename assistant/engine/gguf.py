@@ -122,9 +122,10 @@ def hf_to_gguf(model_dir: str | Path, out: str | Path, vocab_from: str | Path, d
         raise ValueError(f"{vocab_from} has {n_vocab} tokens, the model {cfg['vocab_size']}")
     n_head, n_kv = cfg["num_attention_heads"], cfg.get("num_key_value_heads") or cfg["num_attention_heads"]
     head_dim = cfg.get("head_dim") or cfg["hidden_size"] // n_head
-    quantized = {"bfloat16": gguf.GGMLQuantizationType.BF16, "q8_0": gguf.GGMLQuantizationType.Q8_0}
+    quantized = {"bfloat16": gguf.GGMLQuantizationType.BF16, "q8_0": gguf.GGMLQuantizationType.Q8_0,
+                 "q4_1": gguf.GGMLQuantizationType.Q4_1}
     if dtype not in ("float32", "float16", *quantized):
-        raise ValueError(f"dtype must be float32, float16, bfloat16 or q8_0, not {dtype!r}")
+        raise ValueError(f"dtype must be float32, float16, bfloat16, q8_0 or q4_1, not {dtype!r}")
     tensors: dict[str, np.ndarray] = {}
     for f in sorted(model_dir.glob("*.safetensors")):
         tensors.update(load_file(str(f)))
@@ -142,7 +143,8 @@ def hf_to_gguf(model_dir: str | Path, out: str | Path, vocab_from: str | Path, d
     writer.add_rope_dimension_count(head_dim)
     writer.add_vocab_size(cfg["vocab_size"])
     writer.add_file_type({"float32": gguf.LlamaFileType.ALL_F32, "float16": gguf.LlamaFileType.MOSTLY_F16,
-                          "bfloat16": gguf.LlamaFileType.MOSTLY_BF16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[dtype])
+                          "bfloat16": gguf.LlamaFileType.MOSTLY_BF16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
+                          "q4_1": gguf.LlamaFileType.MOSTLY_Q4_1}[dtype])
     for name, field in ref.fields.items():
         if name.startswith("tokenizer."):
             kind = field.types[0]
