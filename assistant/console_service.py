@@ -544,6 +544,8 @@ class ConsoleService:
         if timings:
             text += " &nbsp; **Phases:** " + ", ".join(f"{esc(k.removesuffix('_s'))} {v:.0f} s" for k, v in timings.items()
                                                      if isinstance(v, (int, float)))
+            if decision.get("sampler"):
+                text += f" (answers sampled with {esc(decision['sampler'])})"
         votes, canary_text = self._run_canary(run, decision)
         return RunDetail(text, d["series"], d["config"], checks_table(decision), data_table(judgements),
                          canary_table(votes, run["candidate_version"] or ""), canary_text)

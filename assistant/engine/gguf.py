@@ -32,9 +32,10 @@ from pathlib import Path
 
 import numpy as np
 
-# PEFT module name -> GGUF tensor name (llama.cpp's Llama architecture)
 log = logging.getLogger(__name__)
+logging.getLogger("gguf.gguf_writer").setLevel(logging.WARNING)  # an INFO line per file written (each PPO step)
 
+# PEFT module name -> GGUF tensor name (llama.cpp's Llama architecture)
 _GGUF_NAMES = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
                "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
                "mlp.down_proj": "ffn_down"}

@@ -112,6 +112,7 @@ class LlamaCppDecoder:
             raise RuntimeError("llama.cpp could not create a context")
         self._model, self._ctx = model, ctx
         self._adapters: list = []  # the one in use (at most one), freed with the model
+        self.lora: Path | None = None  # its file
         self._mem = L.llama_get_memory(ctx)
         self.vocab_size = L.llama_vocab_n_tokens(L.llama_model_get_vocab(model))
         self._batch = L.llama_batch_init(self.n_batch, 0, 1)
@@ -145,6 +146,7 @@ class LlamaCppDecoder:
             L.llama_adapter_lora_free(self._adapters.pop())
         if adapter:
             self._adapters.append(adapter)
+        self.lora = Path(lora) if lora is not None else None
         for slot in range(self.max_batch):
             self.release(slot)
 

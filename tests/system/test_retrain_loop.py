@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from assistant import serve
+from assistant import models, serve
 from assistant.client import free_port
 from assistant.engine import SamplingParams
 from assistant.settings import Settings, to_env
@@ -112,6 +112,44 @@ def test_votes_retrain_gate_swap_under_stream_and_rollback(loop):
     assert proc.returncode == 0, proc.stderr
     assert follower.check() is True and holder.version == "sft"
     assert [r["action"] for r in registry.serving_history()] == ["serve", "promote", "rollback"]
+
+
+def test_on_llamacpp_the_retrain_samples_there_and_the_version_is_served_there(tmp_path, tiny_model_dir):
+    """A model directory with a GGUF: the app serves from llama.cpp, the retrain samples its
+    rollouts and the gate's answers there (the policy's LoRA as a llama.cpp adapter), and the
+    promoted version is served as the base GGUF plus its adapter."""
+    from assistant.engine import gguf, llamacpp
+    from tests.factories import build_tiny_model
+
+    model_dir = build_tiny_model(tmp_path / "tiny-gguf", tiny_model_dir)
+    gguf.hf_to_gguf(model_dir, model_dir / "model.gguf", models.embedded_gguf_path())
+    config = tmp_path / "retrain.json"
+    write_config(config)
+    settings = Settings(data_dir=str(tmp_path / "data"), model=str(model_dir), max_batch=4,
+                        retrain_config=str(config), retrain_threads=1, canary_enabled=False)
+    store = FeedbackStore(settings.db_path)
+    registry = Registry(store)
+    holder = serve.start(settings, registry)
+    follower = serve.VersionFollower(holder, registry, serve.engine_factory(settings))
+    scheduler = RetrainScheduler(settings, store, registry)
+    try:
+        assert isinstance(holder.current()[1].decoder, llamacpp.LlamaCppDecoder)
+        seed_votes(store, 16)
+        run = registry.run(scheduler.run_now(wait=True))
+        assert run["status"] == "promoted", run["reason"]
+        decision = json.loads(run["decision"])
+        assert decision["sampler"] == "llamacpp"
+        assert 0 < decision["timings"]["ppo_sample_s"] < decision["timings"]["ppo_s"]
+        assert 0 < decision["timings"]["gate_sample_s"] < decision["timings"]["gate_s"]
+        assert follower.check() is True and holder.version == run["candidate_version"]
+        engine = holder.current()[1]
+        assert isinstance(engine.decoder, llamacpp.LlamaCppDecoder) and engine.decoder.lora is not None
+        version, _, stream = holder.submit(old_engine_prompt(holder), SamplingParams(max_new_tokens=4))
+        assert len(list(stream)) >= 1 and version == run["candidate_version"]
+    finally:
+        scheduler.kill()
+        holder.close()
+        store.close()
 
 
 def old_engine_prompt(holder) -> list[int]:

@@ -30,6 +30,13 @@ def test_sampling_follows_the_app_settings():
     assert (cfg.gate.temperature, cfg.gate.top_p, cfg.gate.max_new_tokens) == (0.9, 0.8, 100)
 
 
+def test_the_sampler_follows_the_apps_backend_unless_set():
+    assert RetrainConfig.load(None, []).with_app_settings(Settings(backend="torch")).sampler == "torch"
+    assert RetrainConfig.load(None, []).with_app_settings(Settings()).sampler == "auto"
+    assert RetrainConfig.load(None, ["sampler=llamacpp"]).with_app_settings(Settings(backend="torch")).sampler \
+        == "llamacpp"
+
+
 @pytest.mark.parametrize("bad, message", [
     (["ppo.nope=1"], "unknown config field"),
     (["nope.lr=1"], "unknown config section"),
@@ -52,10 +59,9 @@ def test_every_field_is_documented():
     """Each field of the nested configs carries a docstring or a comment in its source."""
     import inspect
 
-    for section in dataclasses.fields(RetrainConfig):
-        cls = type(getattr(RetrainConfig(), section.name)) if section.name != "min_pairs" else None
-        if cls is None:
-            continue
+    nested = [type(getattr(RetrainConfig(), f.name)) for f in dataclasses.fields(RetrainConfig)
+              if dataclasses.is_dataclass(getattr(RetrainConfig(), f.name))]
+    for cls in [RetrainConfig, *nested]:
         src = inspect.getsource(cls)
         for f in dataclasses.fields(cls):
             line = next(ln for ln in src.splitlines() if ln.strip().startswith(f"{f.name}:"))
