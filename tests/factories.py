@@ -210,3 +210,15 @@ def separable_pairs(n, offset=0):
         out.append(Pair(f"p{i + offset}", f"s{i % 3}", f"2024-01-01T00:00:{i:02d}", prompt,
                         "Sure.", "No no no no no no no no no no no no.", "regenerate"))
     return out
+
+
+def tiny_reward_model(model_dir: Path, out: Path) -> Path:
+    """A reward model on ``model_dir`` trained one epoch on separable pairs, saved at ``out``
+    (what PPO tests optimise against)."""
+    from retrain.reward import RewardConfig, new_reward_model, train_reward_model
+
+    rcfg = RewardConfig(train_layers=1, epochs=1, batch_size=4)
+    rm = new_reward_model(str(model_dir), rcfg, None, "cpu")
+    train_reward_model(rm, separable_pairs(8), [], rcfg)
+    rm.save(str(out))
+    return out

@@ -4,6 +4,7 @@ a retrain killed mid-PPO changes nothing that is served or stored, and the next 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -31,21 +32,31 @@ def _table_digest(store: FeedbackStore, table: str) -> str:
     return hashlib.sha256(json.dumps(rows, sort_keys=True).encode()).hexdigest()
 
 
-@pytest.fixture
-def loop(tmp_path, tiny_model_dir):
+@contextlib.contextmanager
+def running_loop(tmp_path, model_dir):
+    """The app's pieces on ``model_dir``: settings, store, registry, server, version follower,
+    retrain scheduler, and the retrain config file."""
     config = tmp_path / "retrain.json"
     write_config(config)
-    settings = Settings(data_dir=str(tmp_path / "data"), model=str(tiny_model_dir), max_batch=4,
+    settings = Settings(data_dir=str(tmp_path / "data"), model=str(model_dir), max_batch=4,
                         retrain_config=str(config), retrain_threads=1, canary_enabled=False)
     store = FeedbackStore(settings.db_path)
     registry = Registry(store)
     holder = serve.start(settings, registry)
     follower = serve.VersionFollower(holder, registry, serve.engine_factory(settings))
     scheduler = RetrainScheduler(settings, store, registry)
-    yield settings, store, registry, holder, follower, scheduler, config
-    scheduler.kill()
-    holder.close()
-    store.close()
+    try:
+        yield settings, store, registry, holder, follower, scheduler, config
+    finally:
+        scheduler.kill()
+        holder.close()
+        store.close()
+
+
+@pytest.fixture
+def loop(tmp_path, tiny_model_dir):
+    with running_loop(tmp_path, tiny_model_dir) as parts:
+        yield parts
 
 
 def test_votes_retrain_gate_swap_under_stream_and_rollback(loop):
@@ -123,16 +134,7 @@ def test_on_llamacpp_the_retrain_samples_there_and_the_version_is_served_there(t
 
     model_dir = build_tiny_model(tmp_path / "tiny-gguf", tiny_model_dir)
     gguf.hf_to_gguf(model_dir, model_dir / "model.gguf", models.embedded_gguf_path())
-    config = tmp_path / "retrain.json"
-    write_config(config)
-    settings = Settings(data_dir=str(tmp_path / "data"), model=str(model_dir), max_batch=4,
-                        retrain_config=str(config), retrain_threads=1, canary_enabled=False)
-    store = FeedbackStore(settings.db_path)
-    registry = Registry(store)
-    holder = serve.start(settings, registry)
-    follower = serve.VersionFollower(holder, registry, serve.engine_factory(settings))
-    scheduler = RetrainScheduler(settings, store, registry)
-    try:
+    with running_loop(tmp_path, model_dir) as (settings, store, registry, holder, follower, scheduler, _):
         assert isinstance(holder.current()[1].decoder, llamacpp.LlamaCppDecoder)
         seed_votes(store, 16)
         run = registry.run(scheduler.run_now(wait=True))
@@ -146,10 +148,6 @@ def test_on_llamacpp_the_retrain_samples_there_and_the_version_is_served_there(t
         assert isinstance(engine.decoder, llamacpp.LlamaCppDecoder) and engine.decoder.lora is not None
         version, _, stream = holder.submit(old_engine_prompt(holder), SamplingParams(max_new_tokens=4))
         assert len(list(stream)) >= 1 and version == run["candidate_version"]
-    finally:
-        scheduler.kill()
-        holder.close()
-        store.close()
 
 
 def old_engine_prompt(holder) -> list[int]:

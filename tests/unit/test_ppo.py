@@ -24,9 +24,8 @@ from retrain.ppo import (
     whiten,
     with_end_of_turn,
 )
-from retrain.reward import RewardConfig, new_reward_model, train_reward_model
 from retrain.rollout import response_mask, sample
-from tests.factories import separable_pairs
+from tests.factories import separable_pairs, tiny_reward_model
 
 
 def test_mask_after_eos():
@@ -112,11 +111,7 @@ def test_truncated_rows_are_scored_at_an_appended_end_of_turn():
 
 @pytest.mark.timeout(400)
 def test_ppo_two_steps_saves_loadable_adapter(tiny_model_dir, tmp_path):
-
-    rcfg = RewardConfig(train_layers=1, epochs=1, batch_size=4)
-    rm = new_reward_model(str(tiny_model_dir), rcfg, None, "cpu")
-    train_reward_model(rm, separable_pairs(8), [], rcfg)
-    rm.save(str(tmp_path / "rm"))
+    tiny_reward_model(tiny_model_dir, tmp_path / "rm")
     prompts = [p.prompt for p in separable_pairs(6)]
     logged = []
     plan = {"policy_path": str(tiny_model_dir), "ref_path": str(tiny_model_dir), "reward_path": str(tmp_path / "rm"),

@@ -16,9 +16,8 @@ from assistant.engine import gguf
 from retrain.backbone import prompt_ids
 from retrain.job import run_ppo
 from retrain.ppo import PPOConfig
-from retrain.reward import RewardConfig, new_reward_model, train_reward_model
 from retrain.rollout import LlamaCppSampler, TorchSampler, make_sampler
-from tests.factories import build_tiny_model, separable_pairs
+from tests.factories import build_tiny_model, separable_pairs, tiny_reward_model
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 QUESTIONS = ["hi", "a much longer question with many more words in it", "tell me a story", "why is the sky blue"]
@@ -176,10 +175,7 @@ def test_make_sampler_chooses_as_the_server_does(loaded, tiny_model_dir, tmp_pat
 
 @pytest.mark.timeout(400)
 def test_ppo_samples_its_rollouts_on_llamacpp(tiny_dir, tmp_path):
-    rcfg = RewardConfig(train_layers=1, epochs=1, batch_size=4)
-    rm = new_reward_model(str(tiny_dir), rcfg, None, "cpu")
-    train_reward_model(rm, separable_pairs(8), [], rcfg)
-    rm.save(str(tmp_path / "rm"))
+    tiny_reward_model(tiny_dir, tmp_path / "rm")
     plan = {"policy_path": str(tiny_dir), "ref_path": str(tiny_dir), "reward_path": str(tmp_path / "rm"),
             "prompts": [p.prompt for p in separable_pairs(6)], "out_dir": str(tmp_path / "policy"),
             "ptx_pairs": None, "sampler": "llamacpp", "gguf_dir": str(tmp_path / "gguf")}
