@@ -209,8 +209,7 @@ class LlamaCppSampler:
         seeds = torch.randint(0, 2**62, (B,), generator=generator).tolist()
         gens = [torch.Generator().manual_seed(s) for s in seeds]
         params = SamplingParams(temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens)
-        for slot in range(d.max_batch):
-            d.release(slot)
+        # every slot is empty here (released below, or by set_lora); prefill starts each afresh
         logits = torch.stack([d.prefill(slot, p) for slot, p in enumerate(prompts)])
         rows = list(range(B))  # slot -> answer
         answers: list[list[int]] = [[] for _ in range(B)]
