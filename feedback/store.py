@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import sqlite3
 import threading
 import uuid
@@ -69,8 +70,21 @@ def new_id() -> str:
     return uuid.uuid4().hex
 
 
+def _finite(value: Any) -> Any:
+    """``value`` with every NaN or infinite float replaced by None (JSON's null)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
+
+
 def _json(value: Any) -> str:
-    return json.dumps(value, ensure_ascii=False)
+    """Standard JSON, so SQLite's own JSON functions read it too: Python's ``NaN`` (a metric
+    that is not a number, e.g. a correlation over two steps) is written as null."""
+    return json.dumps(_finite(value), ensure_ascii=False, allow_nan=False)
 
 
 def owner_hash(key: str) -> str:

@@ -182,8 +182,9 @@ def policy_loss(logp, old_logp, adv, mask, cliprange):
     l1 = -adv * ratio
     l2 = -adv * torch.clamp(ratio, 1 - cliprange, 1 + cliprange)
     loss = masked_mean(torch.maximum(l1, l2), mask)
-    clipfrac = masked_mean((l2 > l1).float(), mask)
-    approx_kl = masked_mean(0.5 * (logp - old_logp) ** 2, mask)
+    with torch.no_grad():  # diagnostics: no graph, no grad-carrying floats
+        clipfrac = masked_mean((l2 > l1).float(), mask)
+        approx_kl = masked_mean(0.5 * (logp - old_logp) ** 2, mask)
     return loss, clipfrac, approx_kl
 
 

@@ -164,3 +164,20 @@ def test_prompts_of_excluded_judgements_never_reach_training(store):
     assert used == {"kept question"}
     store.set_excluded("comparison", [vote], False, "", "admin")  # restored: its prompt is usable again
     assert {json.loads(g["context"])[-1]["content"] for g in store.user_prompts()} == {"kept question", "excluded vote"}
+
+
+def test_a_run_decision_with_a_metric_that_is_not_a_number_is_standard_json(store):
+    """Python's json writes NaN, which SQLite's JSON functions call malformed: the registry
+    writes null instead, so the maintainers' own SQL (and the console) can read every run."""
+    from feedback.registry import Registry
+
+    registry = Registry(store)
+    run_id = registry.create_run("manual")
+    registry.update_run(run_id, status="rejected", decision={
+        "passed": False, "metrics": {"ppo/corr": float("nan"), "ppo/kl": 1.5, "spread": [float("inf"), 2.0]}})
+    row = store.conn.execute("SELECT json_valid(decision), json_extract(decision, '$.metrics.\"ppo/kl\"'), "
+                             "json_type(decision, '$.metrics.\"ppo/corr\"') FROM training_runs WHERE id = ?",
+                             (run_id,)).fetchone()
+    assert tuple(row) == (1, 1.5, "null")
+    decision = json.loads(store.query("SELECT decision FROM training_runs WHERE id = ?", (run_id,))[0]["decision"])
+    assert decision["metrics"] == {"ppo/corr": None, "ppo/kl": 1.5, "spread": [None, 2.0]}

@@ -111,11 +111,12 @@ def test_regenerate_and_each_verdict(app, client, verdict):
     assert len(comp) == 1
     comp = comp[0]
     assert comp["verdict"] is None and comp["source"] == "regenerate" and comp["turn"] == 1
-    assert (comp["a_text"], comp["b_text"]) == (a_text, b_text)
+    shown = inspect.cleandoc  # A and B are Markdown views, which dedent (as the Chatbot does)
+    assert (shown(comp["a_text"]), shown(comp["b_text"])) == (a_text, b_text)
     kept_gen = store.conversation_messages(conv["id"])[1]["generation_id"]
     assert comp["a_generation_id"] == kept_gen
     b_gen = store.generation(comp["b_generation_id"])
-    assert b_gen["content"] == b_text and b_gen["turn"] == 1 and b_gen["context"] == comp["context"]
+    assert shown(b_gen["content"]) == b_text and b_gen["turn"] == 1 and b_gen["context"] == comp["context"]
     b_sampling = json.loads(b_gen["sampling"])
     assert b_sampling.pop("style_hint") in STYLE_HINTS  # B is written in another style (hidden hint)
     assert b_sampling == {"temperature": 0.9, "top_p": 0.9, "max_new_tokens": 12, "seed": 2}
@@ -125,20 +126,20 @@ def test_regenerate_and_each_verdict(app, client, verdict):
     assert status.startswith(f"Recorded: {expected}")
     row = store.comparison(comp["id"])
     assert row["verdict"] == verdict and row["decided_at"]
-    kept = b_text if verdict == "b" else a_text
-    assert text_of(history[-1]) == inspect.cleandoc(kept)  # as the Chatbot shows it
+    kept = comp["b_text"] if verdict == "b" else comp["a_text"]
+    assert text_of(history[-1]) == shown(kept)  # as the Chatbot shows it
     msg = store.conversation_messages(conv["id"])[1]
     assert msg["content"] == kept
     assert msg["generation_id"] == (comp["b_generation_id"] if verdict == "b" else kept_gen)
 
     # the kept answer continues the conversation ...
-    chat(client, f"follow-up {verdict}")
+    chat(client, f"follow-up {verdict}", seed=5)
     follow = store.conversation_messages(conv["id"])[3]
     assert json.loads(store.generation(follow["generation_id"])["context"])[2] == {"role": "assistant",
                                                                                    "content": kept}
     # ... and regenerating after a verdict compares the next answer with the kept one
     a2, b2, _, _ = client.predict(0.9, 0.9, 12, 3, api_name="/regenerate")
-    assert a2 == follow["content"]
+    assert a2 == shown(follow["content"])
     client.predict("a", api_name="/vote")
 
 
