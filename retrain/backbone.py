@@ -15,6 +15,8 @@ position is where a reward model reads its score.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -31,6 +33,45 @@ def decoder_of(model) -> torch.nn.Module:
     if hasattr(m, "layers"):
         return m
     raise TypeError(f"unsupported architecture {type(model).__name__}: needs model.layers (Llama-style)")
+
+
+@functools.cache
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags as Linux reports them (empty where it does not)."""
+    try:
+        for line in open("/proc/cpuinfo", encoding="utf-8", errors="replace"):
+            if line.startswith("flags"):
+                return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether ``device`` multiplies bf16 matrices natively: a CUDA GPU with bf16, or a CPU with
+    AVX-512 BF16 or AMX.  Elsewhere (AVX2 only) bf16 is emulated and slower than fp32."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return device.type == "cpu" and bool({"avx512_bf16", "amx_bf16"} & cpu_flags())
+
+
+def frozen_dtype(name: str, device: torch.device) -> torch.dtype:
+    """The precision of the frozen layers' no-grad forward: ``auto`` is bf16 where
+    ``native_bf16`` (2.7x faster than fp32 on a 2-core AVX-512 BF16 CPU), else fp32."""
+    if name == "auto":
+        return torch.bfloat16 if native_bf16(device) else torch.float32
+    try:
+        return {"float32": torch.float32, "bfloat16": torch.bfloat16}[name]
+    except KeyError:
+        raise ValueError(f"frozen_dtype must be auto, float32 or bfloat16, not {name!r}") from None
+
+
+def frozen_precision(dtype: torch.dtype, device: torch.device):
+    """Autocast to ``dtype`` for a frozen forward (nothing when it is fp32); weights and the
+    returned states stay fp32."""
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
 
 
 def positions_from_mask(mask: torch.Tensor) -> torch.Tensor:
@@ -69,12 +110,15 @@ def run_layers(dec, h: torch.Tensor, mask: torch.Tensor, start: int, end: int) -
     return h
 
 
-def lower_forward(model, ids: torch.Tensor, mask: torch.Tensor, split: int) -> Lower:
+def lower_forward(model, ids: torch.Tensor, mask: torch.Tensor, split: int,
+                  dtype: torch.dtype = torch.float32) -> Lower:
+    """The frozen layers below ``split``, no grad; ``dtype`` bf16 computes them under autocast
+    (``frozen_precision``), returning fp32 states."""
     dec = decoder_of(model)
-    with torch.no_grad():
+    with torch.no_grad(), frozen_precision(dtype, ids.device):
         h = dec.embed_tokens(ids)
         h = run_layers(dec, h, mask, 0, split)
-    return Lower(h=h.detach(), mask=mask, split=split)
+    return Lower(h=h.detach().float(), mask=mask, split=split)
 
 
 def upper_forward(model, lower: Lower, start: int | None = None) -> torch.Tensor:
@@ -137,10 +181,10 @@ def encode(tokenizer, prompt: list[dict], response: str, max_length: int) -> lis
 class StateCache:
     """Frozen-layer hidden states per token sequence, computed once and shared by every model
     whose layers below ``split`` are the SFT weights (both cross-fitted reward models, their
-    evaluation and the normalisation)."""
+    evaluation and the normalisation), computed in ``dtype`` (``frozen_dtype``)."""
 
-    def __init__(self, split: int, pad_id: int, batch: int = 8):
-        self.split, self.pad_id, self.batch = split, pad_id, batch
+    def __init__(self, split: int, pad_id: int, batch: int = 8, dtype: torch.dtype = torch.float32):
+        self.split, self.pad_id, self.batch, self.dtype = split, pad_id, batch, dtype
         self._states: dict[tuple[int, ...], torch.Tensor] = {}
 
     def get(self, model, seqs: list[list[int]], desc: str = "frozen layers") -> list[torch.Tensor]:
@@ -153,7 +197,7 @@ class StateCache:
         for j in tqdm(range(0, len(todo), self.batch), desc=desc, leave=False, disable=len(todo) <= self.batch):
             chunk = todo[j:j + self.batch]
             ids, mask = pad_left([list(s) for s in chunk], self.pad_id)
-            low = lower_forward(model, ids.to(device), mask.to(device), self.split)
+            low = lower_forward(model, ids.to(device), mask.to(device), self.split, self.dtype)
             for r, s in enumerate(chunk):
                 self._states[s] = low.h[r, low.h.shape[1] - len(s):].clone()
         return [self._states[tuple(s)] for s in seqs]

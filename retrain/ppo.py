@@ -357,7 +357,9 @@ def train_ppo(policy, tok, rm: RewardModel, value: RewardModel, prompts: list[li
                 ref_lower = lower_forward(ref_model, full, fmask, 0)
                 ref_logp, _ = token_logprobs(ref_model, _lm_head(ref_model), ref_lower, P, resp, cfg.temperature)
             old_values = value.values(lower, normalized=False)[:, P - 1:P - 1 + L].float()
-            rm_scores = rm.values(lower, normalized=True).float()[torch.arange(len(last)), last]
+            # the RM scores on frozen states of the precision it was trained on (its ``frozen_dtype``)
+            rm_lower = lower if rm.frozen_dtype == torch.float32 else rm.lower(full, fmask)
+            rm_scores = rm.values(rm_lower, normalized=True).float()[torch.arange(len(last)), last]
             score = truncation_scores(rm_scores, ended, cfg)
             rewards, kl = kl_rewards(old_logp, ref_logp, rmaskf, score, beta)
             adv, returns = gae(rewards, old_values, rmaskf, cfg.gamma, cfg.lam)

@@ -43,6 +43,7 @@ from retrain.backbone import (
     StateCache,
     decoder_of,
     encode,
+    frozen_dtype,
     lower_forward,
     pad_hidden_left,
     pad_left,
@@ -127,6 +128,10 @@ class RewardConfig:
     """Sequences per no-grad forward of the frozen layers."""
     max_ref_samples: int = 256
     """Reference answers used for the normalisation (a random subset)."""
+    frozen_dtype: str = "auto"
+    """Precision of the frozen layers' forward, whose states every reward-model step reuses:
+    ``auto`` is bf16 where the device computes it natively (AVX-512 BF16 / AMX CPUs, CUDA) and
+    fp32 elsewhere; ``float32``; ``bfloat16``.  Kept with the model, which scores the same way."""
 
 
 @dataclass
@@ -148,10 +153,12 @@ class RewardModel:
     """A scalar-head model over the SFT backbone; ``score`` gives one number per response."""
 
     def __init__(self, model, head: torch.nn.Linear, tokenizer, split: int, *, norm_mean: float = 0.0,
-                 norm_std: float = 1.0, max_length: int = 384, base: str = "", lora: bool = True):
+                 norm_std: float = 1.0, max_length: int = 384, base: str = "", lora: bool = True,
+                 frozen_dtype: torch.dtype = torch.float32):
         self.model, self.head, self.tokenizer = model, head, tokenizer
         self.split, self.norm_mean, self.norm_std = split, norm_mean, norm_std
         self.max_length, self.base, self.lora = max_length, base, lora
+        self.frozen_dtype = frozen_dtype  # the frozen layers' precision, in training and scoring
 
     @property
     def device(self) -> torch.device:
@@ -167,14 +174,14 @@ class RewardModel:
         return (v - self.norm_mean) / self.norm_std if normalized else v
 
     def lower(self, ids: torch.Tensor, mask: torch.Tensor) -> Lower:
-        return lower_forward(self.model, ids.to(self.device), mask.to(self.device), self.split)
+        return lower_forward(self.model, ids.to(self.device), mask.to(self.device), self.split, self.frozen_dtype)
 
     def encode(self, prompt: list[dict], response: str) -> list[int]:
         return encode(self.tokenizer, prompt, response, self.max_length)
 
     def cache(self, batch: int = 8) -> StateCache:
         """A frozen-state cache valid for this model (and any other with the same split)."""
-        return StateCache(self.split, self.tokenizer.pad_token_id, batch)
+        return StateCache(self.split, self.tokenizer.pad_token_id, batch, self.frozen_dtype)
 
     def scores_of(self, states: list[torch.Tensor], normalized: bool = False, batch: int = 16) -> torch.Tensor:
         """Scores of sequences given their cached frozen states (no grad)."""
@@ -234,7 +241,8 @@ class RewardModel:
         norm = {"mean": self.norm_mean, "std": self.norm_std}
         (out / "normalization.json").write_text(json.dumps(norm, indent=2))
         cfg = {"base": self.base, "split": self.split, "lora": self.lora, "max_length": self.max_length,
-               "hidden_size": self.head.in_features, "norm_mean": self.norm_mean, "norm_std": self.norm_std}
+               "hidden_size": self.head.in_features, "norm_mean": self.norm_mean, "norm_std": self.norm_std,
+               "frozen_dtype": str(self.frozen_dtype).removeprefix("torch.")}
         cfg.update(extra or {})
         (out / "reward_config.json").write_text(json.dumps(cfg, indent=2, default=str))
         self.tokenizer.save_pretrained(out)
@@ -268,7 +276,8 @@ class RewardModel:
         head.to(models.pick_device(device)).requires_grad_(trainable)
         tok = models.load_tokenizer(path)
         return cls(model, head, tok, cfg["split"], norm_mean=cfg["norm_mean"], norm_std=cfg["norm_std"],
-                   max_length=cfg.get("max_length", 384), base=cfg["base"], lora=cfg.get("lora", True))
+                   max_length=cfg.get("max_length", 384), base=cfg["base"], lora=cfg.get("lora", True),
+                   frozen_dtype=frozen_dtype(cfg.get("frozen_dtype", "float32"), head.weight.device))
 
 
 def new_reward_model(sft_path: str, cfg: RewardConfig, init_from: str | None, device: str) -> RewardModel:
@@ -277,6 +286,7 @@ def new_reward_model(sft_path: str, cfg: RewardConfig, init_from: str | None, de
         if prev.get("lora", True) == cfg.lora and os.path.realpath(prev["base"]) == os.path.realpath(sft_path):
             rm = RewardModel.load(init_from, device=device, trainable=True)
             rm.norm_mean, rm.norm_std = 0.0, 1.0  # re-normalised after training
+            rm.frozen_dtype = frozen_dtype(cfg.frozen_dtype, rm.device)
             return rm
     loaded = models.load(sft_path, Path(sft_path).parent, device=device, dtype="float32")
     base = loaded.model
@@ -304,7 +314,7 @@ def new_reward_model(sft_path: str, cfg: RewardConfig, init_from: str | None, de
     torch.nn.init.zeros_(head.bias)
     head.to(models.pick_device(device))
     return RewardModel(model, head, loaded.tokenizer, split, max_length=cfg.max_length, base=str(sft_path),
-                       lora=cfg.lora)
+                       lora=cfg.lora, frozen_dtype=frozen_dtype(cfg.frozen_dtype, head.weight.device))
 
 
 def _items(pairs: list[Pair], points: list[Point], cfg: RewardConfig, rng: random.Random) -> list[list]:

@@ -4,12 +4,13 @@ from pairs, ties and unpaired labels."""
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
 import torch
 
-from retrain.backbone import attention_bias, pad_left, positions_from_mask
+from retrain.backbone import attention_bias, frozen_dtype, native_bf16, pad_left, positions_from_mask
 from retrain.data import Pair, Point
 from retrain.reward import (
     RewardConfig,
@@ -151,3 +152,32 @@ def test_ties_teach_that_length_does_not_matter(tiny_model_dir):
     train_reward_model(rm, ties, [], cfg, cache=cache)
     after = pair_margins(rm, ties, cache).abs().mean()
     assert float(after) < 0.5 * float(before), (float(before), float(after))
+
+
+def test_frozen_precision_is_detected_and_kept_with_the_model(tiny_model_dir, tmp_path):
+    """bf16 for the frozen layers only where the device computes it natively; a model keeps
+    the precision it was trained with, and scores (``score``) as its training cache did."""
+    cpu = torch.device("cpu")
+    assert frozen_dtype("auto", cpu) == (torch.bfloat16 if native_bf16(cpu) else torch.float32)
+    assert frozen_dtype("float32", cpu) == torch.float32 and frozen_dtype("bfloat16", cpu) == torch.bfloat16
+    with pytest.raises(ValueError, match="auto, float32 or bfloat16"):
+        frozen_dtype("fp8", cpu)
+    pairs = separable_pairs(4)
+    seqs = lambda rm: [rm.encode(p.prompt, a) for p in pairs for a in (p.chosen, p.rejected)]  # noqa: E731
+    states = {}
+    for name in ("float32", "bfloat16"):
+        rm = new_reward_model(str(tiny_model_dir), RewardConfig(train_layers=1, frozen_dtype=name), None, "cpu")
+        assert rm.frozen_dtype == frozen_dtype(name, cpu) and rm.split == 1  # one frozen layer of two
+        states[name] = rm.cache().get(rm.model, seqs(rm))
+        assert all(h.dtype == torch.float32 for h in states[name])  # stored in fp32 either way
+    fp32, bf16 = torch.cat(states["float32"]), torch.cat(states["bfloat16"])
+    rel = float((bf16 - fp32).norm() / fp32.norm())
+    assert 0 < rel < 0.05, rel  # computed in bf16 (not fp32), and close to it
+    rm.save(str(tmp_path / "rm"))
+    assert json.loads((tmp_path / "rm" / "reward_config.json").read_text())["frozen_dtype"] == "bfloat16"
+    loaded = RewardModel.load(str(tmp_path / "rm"))
+    assert loaded.frozen_dtype == torch.bfloat16
+    cached = loaded.scores_of(loaded.cache().get(loaded.model, seqs(loaded)))
+    scored = loaded.score([p.prompt for p in pairs for _ in range(2)],
+                          [a for p in pairs for a in (p.chosen, p.rejected)], normalized=False)
+    assert torch.allclose(cached, scored, atol=2e-2), (cached, scored)
