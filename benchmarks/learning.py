@@ -571,7 +571,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--null-control", action="store_true",
                    help=f"also run the null control ({NULL_CONTROL!r}, expected to be rejected) if not listed")
     p.add_argument("--preferences", type=int, default=300, help="votes to collect (default 300)")
-    p.add_argument("--users", type=int, default=8, help="simulated users at once (default 8)")
+    p.add_argument("--users", type=int, default=16,
+                   help="simulated users at once, each a client of its own; the app decodes as many answers at once "
+                        "(--max-batch, whose default is 16) (default 16)")
     p.add_argument("--heldout", type=int, default=80, help="held-out prompts to evaluate (default 80)")
     p.add_argument("--samples", type=int, default=2, help="answers per held-out prompt and model (default 2)")
     p.add_argument("--model", default="embedded", help="model the app serves (default: the embedded one)")
