@@ -113,12 +113,12 @@ def run_layers(dec, h: torch.Tensor, mask: torch.Tensor, start: int, end: int) -
 def lower_forward(model, ids: torch.Tensor, mask: torch.Tensor, split: int,
                   dtype: torch.dtype = torch.float32) -> Lower:
     """The frozen layers below ``split``, no grad; ``dtype`` bf16 computes them under autocast
-    (``frozen_precision``), returning fp32 states."""
+    (``frozen_precision``) and returns fp32 states.  Otherwise they come in the model's dtype."""
     dec = decoder_of(model)
     with torch.no_grad(), frozen_precision(dtype, ids.device):
         h = dec.embed_tokens(ids)
         h = run_layers(dec, h, mask, 0, split)
-    return Lower(h=h.detach().float(), mask=mask, split=split)
+    return Lower(h=h.detach() if dtype == torch.float32 else h.detach().float(), mask=mask, split=split)
 
 
 def upper_forward(model, lower: Lower, start: int | None = None) -> torch.Tensor:
