@@ -7,7 +7,10 @@ votes, so any user-written oracle plugs in the same way (``get("module:function"
 Shipped tastes: about length (``concise``, ``verbose``), about form (``no_lists``, ``lists``,
 ``no_markdown``), about voice (``no_first_person``) and about engagement (``question_back``);
 the last three compare rates per word or presence, not raw counts, so that a longer answer is
-not favoured just for being longer.  ``random`` is the null control: its votes carry no
+not favoured just for being longer.  Tastes of other kinds (issue 19), none about
+length or a count of list or markdown marks: lexical (``plain_words``, mean word length),
+semantic (``on_topic``, the question's own words), epistemic voice (``no_hedging``) and
+rhythm (``short_sentences``, words per sentence).  ``random`` is the null control: its votes carry no
 preference at all, so the retrain's gate must reject what it learns from them.
 """
 
@@ -147,6 +150,106 @@ def question_back(prompt, a: str, b: str) -> str:
     return "tie" if qa == qb else ("a" if qa else "b")
 
 
+
+# -- tastes of other kinds (issue 19): neither length nor a count of list or markdown marks --------
+def _tie_within(xa: float, xb: float, rel_tol: float) -> bool:
+    return abs(xa - xb) <= rel_tol * max(abs(xa), abs(xb), 1e-9)
+
+
+def _letters_per_word(text: str) -> float:
+    words = re.findall(r"[A-Za-z]+", text or "")
+    return sum(len(w) for w in words) / max(1, len(words))
+
+
+def plain_words(prompt, a: str, b: str, rel_tol: float = 0.03) -> str:
+    """A lexical taste, continuous in every answer: prefers simpler vocabulary, the lower mean
+    word length in letters ("use" over "utilise"); a tie when the two are within 3%.
+    Length-neutral: an answer and the same answer written twice tie.  An empty answer never
+    wins."""
+    verdict = _empty_rule(a, b)
+    if verdict:
+        return verdict
+    la, lb = _letters_per_word(a), _letters_per_word(b)
+    if _tie_within(la, lb, rel_tol):
+        return "tie"
+    return "a" if la < lb else "b"
+
+
+_STOP = frozenset("a an and are as at be by can do does for from how i in is it me my of on or so that the "
+                  "this to was what when where which who why will with you your".split())
+
+
+def _content_words(text: str) -> set[str]:
+    return {w for w in re.findall(r"[a-z]+", (text or "").lower()) if len(w) > 2 and w not in _STOP}
+
+
+def _user_text(prompt) -> str:
+    if isinstance(prompt, str):
+        return prompt
+    users = [m.get("content", "") for m in prompt or [] if m.get("role") == "user"]
+    return users[-1] if users else ""
+
+
+def on_topic(prompt, a: str, b: str, margin: float = 0.15) -> str:
+    """A semantic taste: prefers the answer that stays on the question, the larger share of the
+    question's content words (stop words dropped) that the answer uses *per word of its own*
+    scaled to a length-neutral rate: ``hits / sqrt(words)``; a tie within 15%.  Depends on the
+    prompt, unlike the other tastes.  An empty answer never wins."""
+    verdict = _empty_rule(a, b)
+    if verdict:
+        return verdict
+    q = _content_words(_user_text(prompt))
+    if not q:
+        return "tie"
+
+    def rate(text: str) -> float:
+        words = re.findall(r"[a-z]+", text.lower())
+        hits = sum(w in q for w in words)
+        return hits / max(1.0, len(words)) ** 0.5
+
+    ra, rb = rate(a), rate(b)
+    if _tie_within(ra, rb, margin):
+        return "tie"
+    return "a" if ra > rb else "b"
+
+
+HEDGES = frozenset({"may", "might", "could", "perhaps", "possibly", "probably", "usually", "generally",
+                    "typically", "often", "sometimes", "likely", "somewhat", "maybe", "seems", "seem",
+                    "suggests", "suggest", "appear", "appears", "approximately", "around", "about", "roughly",
+                    "can", "tend", "tends"})
+
+
+def _hedges(text: str) -> int:
+    return sum(w in HEDGES for w in re.findall(r"[a-z]+", (text or "").lower()))
+
+
+def no_hedging(prompt, a: str, b: str) -> str:
+    """An epistemic-voice taste: prefers confident answers, fewer hedges (may, might, could,
+    perhaps, usually, generally, around, can, ...) *per word*; a tie when the counts or the
+    rates are equal; length-neutral as ``no_first_person``.  An empty answer never wins."""
+    return _fewer_per_word(a, b, _hedges)
+
+
+def _sentences(text: str) -> list[str]:
+    return [s for s in re.split(r"(?<=[.!?])\s+|\n+", (text or "").strip()) if re.search(r"\w", s)]
+
+
+def short_sentences(prompt, a: str, b: str, rel_tol: float = 0.1) -> str:
+    """A rhythm taste: prefers the shorter mean sentence (words per sentence), whatever the
+    answer's total length; a tie within 10%.  An empty answer never wins."""
+    verdict = _empty_rule(a, b)
+    if verdict:
+        return verdict
+
+    def mean_len(text: str) -> float:
+        ss = _sentences(text)
+        return sum(_words(s) for s in ss) / max(1, len(ss))
+
+    ma, mb = mean_len(a), mean_len(b)
+    if _tie_within(ma, mb, rel_tol):
+        return "tie"
+    return "a" if ma < mb else "b"
+
 NULL_SEED = 0
 _null_rng = random.Random(NULL_SEED)
 _null_lock = threading.Lock()
@@ -171,7 +274,9 @@ def random_verdict(prompt, a: str, b: str) -> str:
 
 ORACLES: dict[str, Oracle] = {"concise": concise, "verbose": verbose, "no_lists": no_lists, "lists": lists,
                               "no_first_person": no_first_person, "no_markdown": no_markdown,
-                              "question_back": question_back, "random": random_verdict}
+                              "question_back": question_back, "plain_words": plain_words, "on_topic": on_topic,
+                              "no_hedging": no_hedging, "short_sentences": short_sentences,
+                              "random": random_verdict}
 
 
 def get(name: str) -> Oracle:

@@ -1,24 +1,28 @@
-"""How many votes does a reward model need?  A learning curve per oracle, from logged answers.
+"""The reward model's inner loop: out-of-fold accuracy against decisive training pairs, per
+oracle and per design, on a fixed pool of answer pairs.  Minutes, not the half hour of a
+whole learning run.
 
-The learning benchmark (``benchmarks/learning.py``) asks each oracle for 300 votes.  When an
-oracle calls most of them ties, the reward model sees only a few dozen decisive pairs; this
-script measures what that costs and what more votes would buy, without running the app:
+1. the pool (``benchmarks/reward_pool.py``): seeded answer pairs from the app's own serving
+   path over the training prompts, disjoint from the held-out prompts; built once and cached
+   under ``--data-dir`` (``--build-pool`` only builds it);
+2. features of every answer from the frozen SFT model, every layer at once, cached beside it
+   (any feature spec is a slice of these, equal to what ``retrain.features`` computes);
+3. every oracle labels every pair (its decisive rate on these answers);
+4. K outer folds by prompt (``--folds``, a stable hash; a prompt is never on both sides): for
+   each fold and each size n, n decisive training pairs are drawn from the other folds (plus
+   ties at the oracle's own tie rate, as a run would see them), a model of each design is
+   trained, and the fold's decisive pairs are scored.  Accuracy is pooled over the folds, with
+   its Wilson 95% interval; optimiser steps and wall time are per model;
+5. a table, and ``--out`` JSON.
 
-1. read the decided comparisons (answer A, answer B, context) from one or more feedback
-   stores, e.g. the data directories the learning benchmark left behind;
-2. re-label every pair with each oracle: its decisive-vote rate on these very answers;
-3. hold out a fixed test set of decisive pairs (a stable hash of the prompt, so a prompt is
-   never on both sides);
-4. for each training size n, train a fresh reward model exactly as the retrain does
-   (``retrain.reward``, same config) on n decisive pairs plus the ties that came with them,
-   and measure its accuracy on the test set, with a Wilson 95% interval;
-5. print a table: oracle, decisive rate, n, accuracy (CI), and the votes that n decisive
-   pairs cost at that rate.
+Designs (``--designs``, comma-separated):
+- ``lora``: the LoRA reward model on the top layers (``retrain.reward``), early-stopped;
+- ``linear``, ``linear-ens5``, ``mlp-ens5`` ...: heads on frozen features
+  (``retrain.head_rm``), one head or an ensemble of k; ``@8,16,24`` picks the pooled layers,
+  ``+last`` adds the end-of-turn state, ``-nolen`` drops the length feature.
 
-    python benchmarks/reward_curve.py --store /tmp/bench/lists1 --store /tmp/bench/lists2 \\
-        --oracle lists,concise,no_first_person --sizes 16,32,64,128
-
-The SFT model's frozen lower layers are computed once and shared by every model trained here.
+    python benchmarks/reward_curve.py                          # every shipped oracle, the default designs
+    python benchmarks/reward_curve.py --oracle concise,mypkg.tastes:formal --designs linear-ens5,lora
 """
 
 from __future__ import annotations
@@ -26,110 +30,261 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import random
+import re
 import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
 
 from benchmarks import oracles  # noqa: E402
-from feedback.store import FeedbackStore  # noqa: E402
-from retrain.data import Pair, _messages, fold_of  # noqa: E402
-from retrain.reward import RewardConfig, accuracy_of, new_reward_model, pair_margins, train_reward_model  # noqa: E402
+from benchmarks.reward_pool import add_pool_args, build_pool, load_pool, pool_settings  # noqa: E402
+from retrain.data import Pair, _key  # noqa: E402
+from retrain.features import FeatureSpec  # noqa: E402
+from retrain.reward import RewardConfig, wilson  # noqa: E402
+
+DEFAULT_ORACLES = ",".join(oracles.ORACLES)
+DEFAULT_DESIGNS = "linear,linear-ens5,mlp-ens5"
 
 
-def load_comparisons(stores: list[str]) -> list[tuple[list[dict], str, str, str]]:
-    """(prompt messages, answer A, answer B, id) of every regenerate comparison with two answers."""
+# ----------------------------------------------------------------------------- features of the pool
+def feature_bank(sft: str, rows: list[dict], pool_path: Path, max_length: int, dtype_name: str = "auto") -> dict:
+    """Per answer (a, b of every row): every layer's mean over the answer span, every layer's
+    end-of-turn state, and log(1 + span tokens).  Cached beside the pool."""
+    from assistant import models
+    from retrain.backbone import frozen_dtype, pad_left
+    from retrain.features import layer_states, prefix_features, span_mask
+
+    loaded = models.load(sft, Path(sft).parent, device="cpu", dtype="float32")
+    model, tok = loaded.model.eval().requires_grad_(False), loaded.tokenizer
+    dtype = frozen_dtype(dtype_name, torch.device("cpu"))
+    out = pool_path.with_name(pool_path.stem + f"-features-{str(dtype).removeprefix('torch.')}-{max_length}.pt")
+    if out.exists():
+        return torch.load(out)
+    from tqdm.auto import tqdm
+
+    from retrain.backbone import encode_with_start
+
+    n_layers = model.config.num_hidden_layers
+    spec = FeatureSpec(layers=tuple(range(1, n_layers + 1)), last=False, length=True)
+    items = [(r["prompt"], r[k]) for r in rows for k in ("a", "b")]
+    enc = [encode_with_start(tok, p, a, max_length) for p, a in items]
+    order = sorted(range(len(enc)), key=lambda i: len(enc[i][0]))
+    H = model.config.hidden_size
+    means = torch.zeros(len(enc), n_layers, H)
+    lasts = torch.zeros(len(enc), n_layers, H)
+    length = torch.zeros(len(enc))
+    t0 = time.perf_counter()
+    for j in tqdm(range(0, len(order), 8), desc="features of the pool"):
+        idx = order[j:j + 8]
+        ids, mask = pad_left([enc[i][0] for i in idx], tok.pad_token_id)
+        states = layer_states(model, ids, mask, spec.layers, dtype)
+        feats = prefix_features(states, span_mask(mask, torch.tensor([enc[i][1] for i in idx])), spec)[:, -1]
+        for r, i in enumerate(idx):
+            means[i] = feats[r, :-1].view(n_layers, H)
+            lasts[i] = torch.stack([states[layer][r, -1] for layer in spec.layers])
+            length[i] = feats[r, -1]
+    bank = {"means": means, "lasts": lasts, "length": length, "tokens": sum(len(e[0]) for e in enc),
+            "seconds": time.perf_counter() - t0, "dtype": str(dtype)}
+    torch.save(bank, out)
+    return bank
+
+
+def features_of(bank: dict, spec: FeatureSpec) -> torch.Tensor:
+    """[N answers, D]: exactly ``retrain.features``' vector for ``spec``."""
+    parts = [bank["means"][:, layer - 1] for layer in spec.layers]
+    if spec.last:
+        parts.append(bank["lasts"][:, spec.layers[-1] - 1])
+    if spec.length:
+        parts.append(bank["length"][:, None])
+    return torch.cat(parts, -1)
+
+
+# ----------------------------------------------------------------------------- designs
+@dataclasses.dataclass
+class Design:
+    name: str
+    kind: str  # "lora" | "linear" | "mlp"
+    ensemble: int = 1
+    spec: FeatureSpec = dataclasses.field(default_factory=FeatureSpec)
+
+
+def parse_design(name: str, default_spec: FeatureSpec) -> Design:
+    m = re.fullmatch(r"(lora|linear|mlp)(?:-ens(\d+))?(?:@([\d,]+))?(\+last)?(-nolen)?", name)
+    if not m:
+        raise ValueError(f"design {name!r}: use lora, or linear|mlp[-ensK][@L1,L2,..][+last][-nolen]")
+    kind, ens, layers, last, nolen = m.groups()
+    spec = FeatureSpec(layers=tuple(int(x) for x in layers.split(",")) if layers else default_spec.layers,
+                       last=bool(last) or (default_spec.last and not layers), length=not nolen)
+    return Design(name, kind, int(ens or 1), spec)
+
+
+def label(rows: list[dict], oracle) -> list[tuple[int, float]]:
+    """(row index, label) per pair the oracle judged: 1.0 a preferred b... stored as the index
+    of the chosen answer (0 = a, 1 = b) and the label (1 decisive, 0.5 tie)."""
     out = []
-    for path in stores:
-        db = Path(path)
-        store = FeedbackStore(db / "feedback.sqlite" if db.is_dir() else db)
-        for r in store.usable_comparisons():
-            prompt = _messages(r["context"])
-            if r["verdict"] in ("a", "b", "tie") and r["a_text"] and r["b_text"] and r["a_text"] != r["b_text"] \
-                    and prompt and prompt[-1]["role"] == "user":
-                out.append((prompt, r["a_text"], r["b_text"], r["id"]))
-        store.close()
+    for i, r in enumerate(rows):
+        v = oracle(r["prompt"], r["a"], r["b"])
+        if v == "a":
+            out.append((i, 0, 1.0))
+        elif v == "b":
+            out.append((i, 1, 1.0))
+        else:
+            out.append((i, 0, 0.5))
     return out
 
 
-def relabel(rows, oracle) -> tuple[list[Pair], list[Pair]]:
-    """Decisive pairs and ties as the oracle calls them."""
-    decisive, ties = [], []
-    for prompt, a, b, rid in rows:
-        verdict = oracle(prompt, a, b)
-        if verdict == "tie":
-            ties.append(Pair(rid, "", "", prompt, b, a, "tie", 0.5, 1.0, fold_of(prompt)))
-        else:
-            chosen, rejected = (a, b) if verdict == "a" else (b, a)
-            decisive.append(Pair(rid, "", "", prompt, chosen, rejected, "regenerate", 1.0, 1.0, fold_of(prompt)))
-    return decisive, ties
+def outer_fold(row: dict, k: int) -> int:
+    from retrain.head_rm import inner_fold
+
+    return inner_fold("outer:" + _key(row["prompt"]), k)
 
 
-def curve(sft: str, decisive: list[Pair], ties: list[Pair], sizes: list[int], n_test: int, cfg: RewardConfig,
-          cache_holder: dict) -> list[dict]:
-    """Test accuracy of a fresh reward model per training size."""
-    test = [p for p in decisive if p.fold == 1][:n_test]
-    pool = [p for p in decisive if p.fold == 0]
-    tie_pool = [p for p in ties if p.fold == 0]
-    ratio = len(ties) / max(1, len(decisive))
-    rows = []
-    for n in sizes:
-        if n > len(pool):
-            rows.append({"n": n, "skipped": f"only {len(pool)} decisive training pairs"})
-            continue
-        train = pool[:n] + tie_pool[:min(len(tie_pool), round(n * ratio), cfg.batch_size * 32)]
-        rm = new_reward_model(sft, cfg, None, "cpu")
-        cache = cache_holder.setdefault("cache", rm.cache(cfg.lower_batch))
-        t0 = time.perf_counter()
-        metrics = train_reward_model(rm, train, [], cfg, cache=cache, phase="curve")
-        acc = accuracy_of(pair_margins(rm, test, cache), test)
-        rows.append({"n": n, "n_ties": len(train) - n, "accuracy": acc["accuracy"], "ci_low": acc["ci_low"],
-                     "ci_high": acc["ci_high"], "n_test": acc["n"], "train_loss": metrics.train_loss,
-                     "wall_s": round(time.perf_counter() - t0, 1)})
-        print(f"  n={n}: accuracy {acc['accuracy']:.2f} ({acc['ci_low']:.2f}-{acc['ci_high']:.2f}), "
-              f"{rows[-1]['wall_s']} s", flush=True)
-    return rows
+def train_heads(design: Design, feats: torch.Tensor, rows, train, cfg: RewardConfig):
+    from retrain.head_rm import HeadData, train_ensemble
+
+    ci = torch.tensor([2 * i + c for i, c, _ in train])
+    ri = torch.tensor([2 * i + 1 - c for i, c, _ in train])
+    data = HeadData(feats[ci], feats[ri], torch.tensor([y for _, _, y in train]), torch.ones(len(train)),
+                    feats[:0], torch.zeros(0), torch.zeros(0), [_key(rows[i]["prompt"]) for i, _, _ in train], [])
+    hcfg = dataclasses.replace(cfg, head=design.kind, ensemble=design.ensemble)
+    ens, metrics = train_ensemble(data, hcfg)
+    return (lambda idx: ens(feats[idx])), metrics
+
+
+class LoraBench:
+    """The LoRA design: a fresh ``retrain.reward`` model per training set, the frozen lower
+    layers' states cached once for the whole pool."""
+
+    def __init__(self, sft: str, cfg: RewardConfig):
+        self.sft, self.cfg, self.cache = sft, cfg, None
+
+    def train(self, rows, train):
+        from retrain.reward import new_reward_model, train_reward_model
+
+        rm = new_reward_model(self.sft, self.cfg, None, "cpu")
+        self.cache = self.cache or rm.cache(self.cfg.lower_batch)
+        pairs = [Pair(str(i), "", "", rows[i]["prompt"], rows[i]["ab"[c]], rows[i]["ab"[1 - c]],
+                      "regenerate" if y == 1.0 else "tie", y, 1.0, 0) for i, c, y in train]
+        metrics = train_reward_model(rm, pairs, [], self.cfg, cache=self.cache, phase="curve")
+
+        def score(idx):
+            items = [(rows[j // 2]["prompt"], rows[j // 2]["ab"[j % 2]]) for j in idx.tolist()]
+            return rm.scores_of(self.cache.get(rm.model, [rm.encode(p, a) for p, a in items], "curve: test"))
+        return score, {"steps": metrics.steps, "stopped": metrics.stopped, "train_loss": metrics.train_loss}
+
+
+def curve(rows, labels, bank, designs: list[Design], sizes: list[int], k: int, cfg: RewardConfig, lora: LoraBench | None,
+          lora_folds: int, seed: int = 0) -> dict:
+    folds = [outer_fold(r, k) for r in rows]
+    decisive = [x for x in labels if x[2] == 1.0]
+    ties = [x for x in labels if x[2] == 0.5]
+    tie_ratio = len(ties) / max(1, len(decisive))
+    results = {}
+    for design in designs:
+        feats = features_of(bank, design.spec) if design.kind != "lora" else None
+        for n in sizes:
+            correct, total, steps, walls, skipped = 0.0, 0, [], [], None
+            for f in range(k if design.kind != "lora" else min(k, lora_folds)):
+                test = [x for x in decisive if folds[x[0]] == f]
+                pool_d = [x for x in decisive if folds[x[0]] != f]
+                pool_t = [x for x in ties if folds[x[0]] != f]
+                if n > len(pool_d):
+                    skipped = f"only {len(pool_d)} decisive training pairs outside a fold"
+                    break
+                rng = random.Random(seed * 1000 + f)
+                train = rng.sample(pool_d, n) + rng.sample(pool_t, min(len(pool_t), round(n * tie_ratio)))
+                t0 = time.perf_counter()
+                if design.kind == "lora":
+                    score, m = lora.train(rows, train)
+                else:
+                    score, m = train_heads(design, feats, rows, train, cfg)
+                walls.append(time.perf_counter() - t0)
+                steps.append(m["steps"])
+                with torch.no_grad():
+                    sc = score(torch.tensor([2 * i + c for i, c, _ in test])).float()
+                    sr = score(torch.tensor([2 * i + 1 - c for i, c, _ in test])).float()
+                margin = sc - sr
+                correct += float((margin > 0).sum() + 0.5 * (margin == 0).sum())
+                total += len(test)
+            if skipped:
+                results[(design.name, n)] = {"skipped": skipped}
+                continue
+            lo, hi = wilson(correct, total)
+            results[(design.name, n)] = {"accuracy": correct / max(1, total), "ci_low": lo, "ci_high": hi,
+                                         "n_test": total, "steps": sum(steps) / len(steps),
+                                         "wall_s": sum(walls) / len(walls), "folds": len(walls)}
+    return results
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--store", action="append", required=True, help="feedback.sqlite or a data directory; repeatable")
-    ap.add_argument("--oracle", default="lists,concise,no_first_person,no_markdown,question_back",
-                    help="comma-separated oracle names or module:function")
-    ap.add_argument("--sizes", default="16,32,64,128", help="decisive training pairs per point of the curve")
-    ap.add_argument("--test", type=int, default=80, help="decisive test pairs at most")
-    ap.add_argument("--model", default=None, help="SFT model directory (default: the embedded model, converted)")
+    add_pool_args(ap)
+    ap.add_argument("--build-pool", action="store_true", help="only build (or find) the pool and its features")
+    ap.add_argument("--oracle", default=DEFAULT_ORACLES, help="comma-separated oracle names or module:function")
+    ap.add_argument("--designs", default=DEFAULT_DESIGNS, help=f"comma-separated (default {DEFAULT_DESIGNS})")
+    ap.add_argument("--sizes", default="32,64,128,256", help="decisive training pairs per point of the curve")
+    ap.add_argument("--folds", type=int, default=5, help="outer folds by prompt (default 5)")
+    ap.add_argument("--lora-folds", type=int, default=1, help="outer folds the (slow) lora design runs (default 1)")
     ap.add_argument("--reward-config", default=None, help="JSON with RewardConfig fields to override")
     ap.add_argument("--out", default=None, help="write the results as JSON here too")
     args = ap.parse_args(argv)
 
     from assistant import models
-    from assistant.settings import Settings
+    from retrain.data import load_seed_prompts
 
-    sft = args.model or str(models.convert_embedded(Settings().data_path / "models"))
+    settings = pool_settings(args)
+    pool_path = build_pool(settings, load_seed_prompts(), args.pairs, args.seed)
+    rows = load_pool(pool_path)
+    for r in rows:
+        r["ab"] = (r["a"], r["b"])
     cfg = RewardConfig(**json.loads(Path(args.reward_config).read_text())) if args.reward_config else RewardConfig()
-    rows = load_comparisons(args.store)
+    sft = str(models.convert_embedded(settings.models_dir)) if args.model == "embedded" else \
+        models.resolve(args.model, settings.models_dir)
+    bank = feature_bank(sft, rows, pool_path, cfg.max_length, cfg.frozen_dtype)
+    print(f"pool: {len(rows)} pairs ({pool_path}); features: {bank['tokens']} tokens in {bank['seconds']:.0f} s "
+          f"({bank['dtype']})", flush=True)
+    if args.build_pool:
+        return 0
+    default_spec = cfg.feature_spec()
+    designs = [parse_design(d.strip(), default_spec) for d in args.designs.split(",") if d.strip()]
     sizes = [int(s) for s in args.sizes.split(",")]
-    print(f"{len(rows)} answer pairs from {len(args.store)} store(s); reward config {dataclasses.asdict(cfg)}")
-    results, holder = {}, {}
+    lora = LoraBench(sft, cfg) if any(d.kind == "lora" for d in designs) else None
+    report = {}
     for name in args.oracle.split(","):
-        decisive, ties = relabel(rows, oracles.get(name))
-        rate = len(decisive) / max(1, len(rows))
-        print(f"{name}: {len(decisive)} decisive of {len(rows)} ({rate:.0%})", flush=True)
-        results[name] = {"decisive": len(decisive), "pairs": len(rows), "rate": rate,
-                         "curve": curve(sft, decisive, ties, sizes, args.test, cfg, holder)}
-    print("\n| oracle | decisive rate | decisive train pairs | votes at that rate | accuracy (95% CI), test n |")
-    print("|---|---|---|---|---|")
-    for name, r in results.items():
-        for pt in r["curve"]:
-            if "skipped" in pt:
-                print(f"| {name} | {r['rate']:.0%} | {pt['n']} | {pt['n'] / max(r['rate'], 1e-9):.0f} | {pt['skipped']} |")
+        labels = label(rows, oracles.get(name))
+        rate = sum(y == 1.0 for _, _, y in labels) / len(labels)
+        print(f"{name}: {rate:.0%} decisive", flush=True)
+        res = curve(rows, labels, bank, designs, sizes, args.folds, cfg, lora, args.lora_folds, args.seed)
+        report[name] = {"decisive_rate": rate, "points": {f"{d}@{n}": v for (d, n), v in res.items()}}
+        for (d, n), v in res.items():
+            if "skipped" in v:
+                print(f"  {d:>22} n={n:<4} {v['skipped']}")
             else:
-                print(f"| {name} | {r['rate']:.0%} | {pt['n']} | {pt['n'] / max(r['rate'], 1e-9):.0f} | "
-                      f"{pt['accuracy']:.2f} ({pt['ci_low']:.2f}-{pt['ci_high']:.2f}), n={pt['n_test']} |")
+                print(f"  {d:>22} n={n:<4} {v['accuracy']:.3f} ({v['ci_low']:.2f}-{v['ci_high']:.2f}) "
+                      f"test {v['n_test']}, {v['steps']:.0f} steps, {v['wall_s']:.1f} s/model", flush=True)
+    print("\n| oracle | decisive | design | " + " | ".join(f"n={n}" for n in sizes) + " | steps/model | s/model |")
+    print("|---|---|---|" + "---|" * len(sizes) + "---|---|")
+    for name, r in report.items():
+        for d in designs:
+            cells, st, wl = [], [], []
+            for n in sizes:
+                v = r["points"][f"{d.name}@{n}"]
+                if "skipped" in v:
+                    cells.append("–")
+                    continue
+                cells.append(f"{v['accuracy']:.2f} ({v['ci_low']:.2f}-{v['ci_high']:.2f})")
+                st.append(v["steps"])
+                wl.append(v["wall_s"])
+            print(f"| {name} | {r['decisive_rate']:.0%} | {d.name} | " + " | ".join(cells)
+                  + f" | {sum(st) / max(1, len(st)):.0f} | {sum(wl) / max(1, len(wl)):.1f} |")
     if args.out:
-        Path(args.out).write_text(json.dumps(results, indent=1))
+        Path(args.out).write_text(json.dumps({"pool": str(pool_path), "pairs": len(rows), "report": report,
+                                              "config": dataclasses.asdict(cfg)}, indent=1))
     return 0
 
 

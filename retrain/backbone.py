@@ -173,9 +173,17 @@ def prompt_ids(tokenizer, prompt: list[dict]) -> list[int]:
 def encode(tokenizer, prompt: list[dict], response: str, max_length: int) -> list[int]:
     """Prompt (chat template, assistant turn opened) + response + end-of-turn token, cut from
     the left when too long so that the scored last token always stays."""
-    ids = prompt_ids(tokenizer, prompt) + tokenizer(response, add_special_tokens=False)["input_ids"]
+    return encode_with_start(tokenizer, prompt, response, max_length)[0]
+
+
+def encode_with_start(tokenizer, prompt: list[dict], response: str, max_length: int) -> tuple[list[int], int]:
+    """``encode``'s sequence and the index in it of the prompt's last token (the opened
+    assistant turn; 0 when the cut removed it)."""
+    head = prompt_ids(tokenizer, prompt)
+    ids = head + tokenizer(response, add_special_tokens=False)["input_ids"]
     ids.append(end_of_turn_id(tokenizer))
-    return ids[-max_length:]
+    cut = max(0, len(ids) - max_length)
+    return ids[cut:], max(0, len(head) - 1 - cut)
 
 
 class StateCache:

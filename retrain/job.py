@@ -270,7 +270,7 @@ def run_ppo(plan: dict, cfg, *, log=None, should_stop=None):
     plan's paths, trains (every rank), and saves the policy (rank 0).  Returns PPOResult."""
     from retrain.backbone import end_of_turn_id
     from retrain.ppo import train_ppo
-    from retrain.reward import RewardModel
+    from retrain.reward import load_reward_model
     from retrain.rollout import make_sampler
 
     if cfg.threads:
@@ -284,8 +284,12 @@ def run_ppo(plan: dict, cfg, *, log=None, should_stop=None):
     ref_spec = plan["ref_path"]
     if ref_spec and os.path.realpath(models.resolve(ref_spec, Path(ref_spec).parent)) != os.path.realpath(base_path):
         ref_model = models.load(ref_spec, Path(ref_spec).parent, device=device, dtype="float32").model
-    rm = RewardModel.load(plan["reward_path"], device=device)
+    rm = load_reward_model(plan["reward_path"], device=device)
     value = rm.as_value_model()
+    judge = None  # the reward model PPO does not optimise: its score of fresh rollouts stops PPO early
+    if plan.get("judge_path"):
+        judge = load_reward_model(plan["judge_path"], device=device,
+                                  model=rm.model if getattr(rm, "design", "") == "features" else None)
     stop_ids = models.stop_token_ids(policy.get_base_model(), tok) | {end_of_turn_id(tok)}
     sampler = make_sampler(plan.get("sampler", "torch"), base_path, policy, plan.get("gguf_dir") or
                            Path(plan["out_dir"]).parent, threads=cfg.threads, work_dir=Path(plan["out_dir"]).parent)
@@ -293,13 +297,14 @@ def run_ppo(plan: dict, cfg, *, log=None, should_stop=None):
         result = train_ppo(policy, tok, rm, value, plan["prompts"], cfg, stop_ids=stop_ids,
                            eot_id=end_of_turn_id(tok), ref_model=ref_model, log=log, should_stop=should_stop,
                            ptx_pairs=plan["ptx_pairs"], accelerator=accelerator,
-                           sampler=sampler.follow(policy) if sampler else None)
+                           sampler=sampler.follow(policy) if sampler else None, judge=judge)
     finally:
         if sampler:
             sampler.close()
     if accelerator is None or accelerator.is_main_process:
         save_policy(policy, tok, base_path, Path(plan["out_dir"]),
                     {"config": dataclasses.asdict(cfg), "steps": result.steps, "final": result.final,
+                     "stopped": result.stopped, "stop_reason": result.stop_reason, "kept_step": result.kept_step,
                      "policy_from": plan["policy_path"], "ref": ref_spec, "reward_model": plan["reward_path"],
                      "wall_s": result.wall_s})
     if accelerator is not None:
@@ -308,59 +313,70 @@ def run_ppo(plan: dict, cfg, *, log=None, should_stop=None):
 
 
 # ----------------------------------------------------------------------------- the stages
-def train_cross_fitted(sft_path: str, snapshot, config: RetrainConfig, registry: Registry, run: Run) -> dict:
-    """Two reward models on disjoint halves of the training data (``Pair.fold``): the
-    *policy* RM (fold 0), which PPO optimises, and the *judge* (fold 1), which only the gate
-    uses.  Each warm-starts from the previous run's model of the same role.  Their accuracy
-    is measured out of fold: every decisive training pair by the model that never saw it,
-    and every held-out pair by the mean of both.  Returns the models and the evaluation."""
-    import torch
-
-    from retrain.reward import (
-        accuracy_of,
-        new_reward_model,
-        normalize,
-        pair_margins,
-        point_scores,
-        train_reward_model,
-    )
+def fit_role(sft_path: str, pairs, points, reference, config: RetrainConfig, init_from: str | None, run: Run,
+             role: str, shared: dict):
+    """One role's reward model of ``config.reward.design``, trained on its fold and normalised
+    on ``reference`` answers.  ``shared`` carries what both roles reuse (the frozen SFT model
+    and its features or states).  Returns (model, RewardMetrics)."""
+    from retrain.reward import new_reward_model, normalize, train_reward_model
 
     cfg = config.reward
-    rms, trained, previous, cache = {}, {}, {}, None
+    if cfg.design == "features":
+        from retrain.head_rm import fit_feature_model
+
+        return fit_feature_model(sft_path, pairs, points, reference, cfg, init_from, shared, log=run.log,
+                                 phase=f"rm_{role}")
+    if cfg.design != "lora":
+        raise ValueError(f"reward.design must be features or lora, not {cfg.design!r}")
+    rm = new_reward_model(sft_path, cfg, init_from, "cpu")
+    cache = shared.setdefault("cache", rm.cache(cfg.lower_batch))
+    rm.state_cache = cache
+    trained = train_reward_model(rm, pairs, points, cfg, cache=cache, log=run.log, phase=f"rm_{role}")
+    trained.norm = normalize(rm, reference, cache, cfg.max_ref_samples, cfg.seed)
+    return rm, trained
+
+
+def train_cross_fitted(sft_path: str, snapshot, config: RetrainConfig, registry: Registry, run: Run) -> dict:
+    """Two reward models on disjoint halves of the data (``Pair.fold``, by prompt): the *policy*
+    RM (fold 0), which PPO optimises, and the *judge* (fold 1), which the gate and PPO's early
+    stop use.  Each warm-starts from the previous run's model of the same role.  Their
+    accuracy is measured out of fold: every decisive training pair by the model that never saw
+    it, and every held-out pair by the mean of both.  Returns the models and the evaluation."""
+    import torch
+
+    from retrain.reward import accuracy_of
+
+    rms, trained, previous, shared = {}, {}, {}, {}
     for fold, role in ((0, "policy"), (1, "judge")):
         prev = registry.latest_reward_model(role)
         previous[role] = prev
         init_from = prev["path"] if prev and Path(prev["path"]).exists() else None
-        rm = new_reward_model(sft_path, cfg, init_from, "cpu")
-        cache = cache or rm.cache(cfg.lower_batch)
         pairs = [p for p in snapshot.train if p.fold == fold]
         points = [q for q in snapshot.train_points if q.fold == fold]
-        trained[role] = train_reward_model(rm, pairs, points, cfg, cache=cache, log=run.log, phase=f"rm_{role}")
         reference = snapshot.reference or [(p.prompt, a) for p in pairs for a in (p.chosen, p.rejected)]
-        trained[role].norm = normalize(rm, reference, cache, cfg.max_ref_samples, cfg.seed)
+        rms[role], trained[role] = fit_role(sft_path, pairs, points, reference, config, init_from, run, role, shared)
         trained[role].norm["norm_source"] = "reference model answers" if snapshot.reference else "training answers"
-        rms[role] = rm
     # out-of-fold evaluation
     unseen_by_policy = [p for p in snapshot.train if p.fold == 1]
     unseen_by_judge = [p for p in snapshot.train if p.fold == 0]
     oof = unseen_by_policy + unseen_by_judge
-    margins = [pair_margins(rms["policy"], unseen_by_policy, cache), pair_margins(rms["judge"], unseen_by_judge, cache)]
+    margins = [rms["policy"].pair_margins(unseen_by_policy), rms["judge"].pair_margins(unseen_by_judge)]
     both = None
     if snapshot.heldout:
-        both = (pair_margins(rms["policy"], snapshot.heldout, cache) + pair_margins(rms["judge"], snapshot.heldout,
-                                                                                    cache)) / 2
+        both = (rms["policy"].pair_margins(snapshot.heldout) + rms["judge"].pair_margins(snapshot.heldout)) / 2
         margins.append(both)
     all_margins = torch.cat(margins)
     ev = accuracy_of(all_margins, oof + snapshot.heldout)
     held = accuracy_of(both, snapshot.heldout) if both is not None else {}
-    ev.update(heldout_accuracy=held.get("accuracy"), heldout_n=held.get("n", 0))
+    ev.update(heldout_accuracy=held.get("accuracy"), heldout_n=held.get("n", 0), design=config.reward.design,
+              steps_policy=trained["policy"].steps, steps_judge=trained["judge"].steps)
     run.log("rm", 0, {k: float(v) for k, v in ev.items() if isinstance(v, (int, float)) and v is not None})
     # every unpaired label scored the same way: by the model that never trained on it
     points = [q for q in snapshot.train_points if q.fold == 1], [q for q in snapshot.train_points if q.fold == 0]
-    scores = [point_scores(rms["policy"], points[0], cache), point_scores(rms["judge"], points[1], cache)]
+    scores = [rms["policy"].point_scores(points[0]), rms["judge"].point_scores(points[1])]
     if snapshot.heldout_points:
-        scores.append((point_scores(rms["policy"], snapshot.heldout_points, cache)
-                       + point_scores(rms["judge"], snapshot.heldout_points, cache)) / 2)
+        scores.append((rms["policy"].point_scores(snapshot.heldout_points)
+                       + rms["judge"].point_scores(snapshot.heldout_points)) / 2)
     labels = label_scores(oof + snapshot.heldout, all_margins.tolist(),
                           [*points[0], *points[1], *snapshot.heldout_points], torch.cat(scores).tolist())
     return {"models": rms, "trained": trained, "previous": previous, "eval": ev, "label_scores": labels}
@@ -402,7 +418,9 @@ def save_reward_models(fitted: dict, config: RetrainConfig, registry: Registry, 
         tr = fitted["trained"][role]
         with atomic_dir(final) as tmp:
             rm.save(str(tmp), extra={"role": role, "report": {**ev, **tr.norm, "n_pairs": tr.n_pairs,
-                                                              "n_ties": tr.n_ties, "n_points": tr.n_points},
+                                                              "n_ties": tr.n_ties, "n_points": tr.n_points,
+                                                              "steps": tr.steps, "stopped": tr.stopped,
+                                                              "val_curve": tr.val_curve},
                                      "config": dataclasses.asdict(config.reward)})
         prev = fitted["previous"][role]
         registry.register_reward_model(id=rm_id, role=role, parent_id=prev["id"] if prev else None, run_id=run.id,
@@ -469,6 +487,7 @@ def _train_and_gate(settings: Settings, registry: Registry, run: Run, config: Re
     ppo_cfg = config.ppo
     plan = {"run_id": run.id, "policy_path": served_path,
             "ref_path": sft_path if ppo_cfg.ref == "sft" else served_path, "reward_path": ids["policy"][1],
+            "judge_path": ids["judge"][1],
             "prompts": snapshot.rollout_prompts, "out_dir": str(work / "policy"),
             "ptx_pairs": snapshot.train if ppo_cfg.ptx_coef > 0 else None,  # PPO-ptx: chosen answers, rewrites
             "sampler": config.sampler or "auto", "gguf_dir": str(settings.models_dir / "gguf")}
@@ -502,6 +521,8 @@ def _train_and_gate(settings: Settings, registry: Registry, run: Run, config: Re
     kl = report.metrics.get("kl_candidate_sft")
     decision = {"passed": report.passed, "reasons": report.reasons, "checks": report.checks,
                 "metrics": report.metrics, "timings": timings, "ppo": result.final, "rm": ev,
+                "ppo_stop": {"stopped": result.stopped, "reason": result.stop_reason, "kept_step": result.kept_step,
+                             "steps": result.steps},
                 "sampler": result.sampler,
                 "policy_reward_model": ids["policy"][0], "judge_reward_model": ids["judge"][0],
                 "judgements": snapshot.judgements}

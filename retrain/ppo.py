@@ -101,6 +101,19 @@ class PPOConfig:
     """Clip the normalised RM score to +-score_clip."""
     ptx_coef: float = 0.0
     """PPO-ptx: LM loss on chosen answers and rewrites (0 = off)."""
+    # -- early stopping (``EarlyStop``)
+    judge_patience: int = 6
+    """Stop when the judge's score of the fresh rollouts (mean over ``judge_window`` steps) has
+    not beaten its best by ``judge_min_delta`` for this many steps (0 = never)."""
+    judge_window: int = 3
+    """Steps averaged for the judge's score (each is one rollout batch)."""
+    judge_min_delta: float = 0.05
+    """Improvement of the judge's windowed score (normalised units) that counts as progress."""
+    max_eos_drop: float = 0.15
+    """Stop when the end-of-answer rate (windowed) falls this far below the first step's."""
+    keep_best: bool = True
+    """End at the policy of the judge's best windowed score (the served policy when it never
+    improved), not the last one."""
     # -- optimisation
     lr: float = 5e-4
     """LoRA learning rate (full fine-tuning would be ~1e-6..3e-6)."""
@@ -132,6 +145,9 @@ class PPOResult:
     wall_s: float = 0.0
     sample_s: float = 0.0  # of which sampling rollouts
     sampler: str = "torch"  # what sampled them (``retrain.rollout``)
+    stopped: str = "steps"  # why it ended: "steps" (all done), "judge", "eos" or "asked" (should_stop)
+    stop_reason: str = ""  # the early stop in words
+    kept_step: int = 0  # the step whose policy was kept (``keep_best``); 0: the last
 
 
 # ----------------------------------------------------------------------------- pure pieces (tested)
@@ -203,6 +219,41 @@ class AdaptiveKL:
     def update(self, kl: float, n: int) -> None:
         err = max(-0.2, min(0.2, kl / self.target - 1))
         self.beta *= 1 + err * n / self.horizon
+
+
+class EarlyStop:
+    """When PPO stops, and which policy it keeps.  ``update(judge_score, eos_rate)`` is called
+    once per step with the judge's mean score of that step's fresh rollouts (sampled by the
+    policy *before* the step's update, from prompts it was not yet updated on) and their
+    end-of-answer rate; it returns a reason to stop, or None.  ``improved`` says whether the
+    policy that sampled this step is the new best (the caller snapshots it)."""
+
+    def __init__(self, cfg: PPOConfig):
+        self.cfg = cfg
+        self.judge: list[float] = []
+        self.eos: list[float] = []
+        self.best = -math.inf
+        self.best_step = 0
+        self.improved = False
+
+    def update(self, step: int, judge_score: float | None, eos_rate: float) -> str | None:
+        cfg = self.cfg
+        w = max(1, cfg.judge_window)
+        self.eos.append(eos_rate)
+        window_eos = sum(self.eos[-w:]) / len(self.eos[-w:])
+        self.improved = False
+        if judge_score is not None:
+            self.judge.append(judge_score)
+            window = sum(self.judge[-w:]) / len(self.judge[-w:])
+            if step == 1 or window > self.best + cfg.judge_min_delta:
+                self.best, self.best_step, self.improved = window, step, True
+        if len(self.eos) > 1 and window_eos < self.eos[0] - cfg.max_eos_drop:
+            return (f"end-of-answer rate fell to {window_eos:.0%} (mean of the last {len(self.eos[-w:])} steps) "
+                    f"from {self.eos[0]:.0%} at step 1")
+        if judge_score is not None and cfg.judge_patience and step - self.best_step >= cfg.judge_patience:
+            return (f"the judge's score stopped improving: best {self.best:.3f} at step {self.best_step}, "
+                    f"none better by {cfg.judge_min_delta} in {cfg.judge_patience} steps")
+        return None
 
 
 # ----------------------------------------------------------------------------- sampling
@@ -279,16 +330,36 @@ def with_end_of_turn(ids, pmask, resp, rmask, ended, eot: int, pad_id: int):
     return full, fmask, last
 
 
+def scorer(rm, full: torch.Tensor, fmask: torch.Tensor, P: int, L: int, last: torch.Tensor, lower: Lower,
+           feats: torch.Tensor | None = None):
+    """(normalised scores [B], the features the feature design computed or None) of the rollouts
+    by a reward model of either design; ``feats``: features of the same spec already computed."""
+    if getattr(rm, "design", "lora") == "features":
+        feats = feats if feats is not None else rm.rollout_features(full, fmask, P, L)
+        return rm.rollout_scores(feats), feats
+    # the RM scores on frozen states of the precision it was trained on (its ``frozen_dtype``)
+    rm_lower = lower if rm.frozen_dtype == torch.float32 and lower.split <= rm.split else rm.lower(full, fmask)
+    return rm.values(rm_lower, normalized=True).float()[torch.arange(len(last)), last], None
+
+
+def critic_values(value, lower: Lower, feats: torch.Tensor | None, P: int, L: int) -> torch.Tensor:
+    """[B, L] values before each response token, from the critic of either design."""
+    if getattr(value, "design", "lora") == "features":
+        return value.values(feats).float()
+    return value.values(lower, normalized=False)[:, P - 1:P - 1 + L].float()
+
+
 def train_ppo(policy, tok, rm: RewardModel, value: RewardModel, prompts: list[list[dict]], cfg: PPOConfig, *,
               stop_ids: set[int], eot_id: int, ref_model=None, log=None, should_stop=None, ptx_pairs=None,
-              accelerator=None, sampler: Sampler | None = None) -> PPOResult:
+              accelerator=None, sampler: Sampler | None = None, judge=None) -> PPOResult:
     """Runs ``cfg.steps`` PPO iterations on ``policy`` (a PEFT model whose adapter 'default'
     is trained in place) and ``value`` (the critic, trained in place) against the frozen
     ``rm``; returns the metrics.  ``ref_model`` is the frozen KL reference; None means the
     policy's own base with the adapter disabled (the SFT model, no second copy).
     ``should_stop()`` is polled between steps.  ``sampler`` draws the rollouts (``retrain.rollout``;
     None: the policy itself in torch, adapter merged); it must follow the policy's weights.  ``cfg.temperature`` and ``cfg.max_new_tokens``
-    must be set (``retrain.job`` fills them from the app's settings)."""
+    must be set (``retrain.job`` fills them from the app's settings).  ``judge``: the reward
+    model PPO does not optimise; its score of each fresh rollout batch drives ``EarlyStop``."""
     from retrain.backbone import prompt_ids
 
     t0 = time.perf_counter()
@@ -304,7 +375,8 @@ def train_ppo(policy, tok, rm: RewardModel, value: RewardModel, prompts: list[li
         raise ValueError("no rollout prompts")
     sampler = sampler or TorchSampler(policy)
     lm_head = _lm_head(policy)
-    split = min(_lora_min_layer(policy.peft_config["default"]), rm.split, value.split)
+    split = min([_lora_min_layer(policy.peft_config["default"])]
+                + [m.split for m in (rm, value) if getattr(m, "design", "lora") == "lora"])
     if ref_model is not None:
         split = 0  # another model's layers: no shared lower stack with it
     pol_params = [p for p in policy.parameters() if p.requires_grad]
@@ -326,9 +398,12 @@ def train_ppo(policy, tok, rm: RewardModel, value: RewardModel, prompts: list[li
     final: dict = {}
     steps_done = 0
     sample_s = 0.0
+    stopper = EarlyStop(cfg)
+    stopped, stop_reason, best_state = "steps", "", None
     bar = tqdm(total=cfg.steps, desc="ppo", leave=False)
     for step in range(1, cfg.steps + 1):
         if should_stop and should_stop():
+            stopped = "asked"
             break
         ts = time.perf_counter()
         # ---- rollouts --------------------------------------------------------------
@@ -356,15 +431,30 @@ def train_ppo(policy, tok, rm: RewardModel, value: RewardModel, prompts: list[li
             else:
                 ref_lower = lower_forward(ref_model, full, fmask, 0)
                 ref_logp, _ = token_logprobs(ref_model, _lm_head(ref_model), ref_lower, P, resp, cfg.temperature)
-            old_values = value.values(lower, normalized=False)[:, P - 1:P - 1 + L].float()
-            # the RM scores on frozen states of the precision it was trained on (its ``frozen_dtype``)
-            rm_lower = lower if rm.frozen_dtype == torch.float32 else rm.lower(full, fmask)
-            rm_scores = rm.values(rm_lower, normalized=True).float()[torch.arange(len(last)), last]
+            rm_scores, feats = scorer(rm, full, fmask, P, L, last, lower)
+            old_values = critic_values(value, lower, feats, P, L)
+            judge_scores = None
+            if judge is not None:
+                same = feats is not None and getattr(judge, "spec", None) == rm.spec \
+                    and judge.frozen_dtype == rm.frozen_dtype
+                judge_scores, _ = scorer(judge, full, fmask, P, L, last, lower, feats if same else None)
             score = truncation_scores(rm_scores, ended, cfg)
             rewards, kl = kl_rewards(old_logp, ref_logp, rmaskf, score, beta)
             adv, returns = gae(rewards, old_values, rmaskf, cfg.gamma, cfg.lam)
             if cfg.whiten_advantages:
                 adv = whiten(adv, rmaskf)
+        # ---- early stop: the judge's score and the end-of-answer rate of these fresh rollouts
+        jm = truncation_scores(judge_scores, ended, cfg).mean() if judge_scores is not None else None
+        jm, eos_now = _global_means(jm, ended.float().mean(), accelerator)  # every rank decides alike
+        why = stopper.update(step, jm, eos_now)
+        if stopper.improved and cfg.keep_best:  # the policy that sampled this batch, before its update
+            best_state = {k: v.detach().clone() for k, v in policy.state_dict().items() if "lora_" in k}
+        if why:
+            stopped, stop_reason = ("eos" if why.startswith("end-of-answer") else "judge"), why
+            if log:
+                log("ppo", step, {"early_stop": 1.0, "judge_score": stopper.judge[-1] if stopper.judge else 0.0,
+                                  "eos_rate": float(ended.float().mean())})
+            break
         # ---- PPO epochs --------------------------------------------------------------
         stats = {"pg_loss": [], "vf_loss": [], "clipfrac": [], "approx_kl": [], "entropy": [], "ptx_loss": []}
         n = len(batch_idx)
@@ -377,7 +467,7 @@ def train_ppo(policy, tok, rm: RewardModel, value: RewardModel, prompts: list[li
                                            with_entropy=_epoch == 0)  # logged: once per rollout is enough
                 m = rmaskf[mb]
                 pg, clipfrac, approx_kl = policy_loss(logp, old_logp[mb], adv[mb], m, cfg.cliprange)
-                vpred = value.values(sub, normalized=False)[:, P - 1:P - 1 + L].float()
+                vpred = critic_values(value, sub, feats[mb] if feats is not None else None, P, L)
                 vf = value_loss(vpred, old_values[mb], returns[mb], m, cfg.cliprange_value)
                 loss = pg + cfg.vf_coef * vf
                 if ptx:
@@ -418,6 +508,9 @@ def train_ppo(policy, tok, rm: RewardModel, value: RewardModel, prompts: list[li
             if n > 2 else float("nan"),
             "gen_s": t_gen, "step_s": time.perf_counter() - ts,
         }
+        if judge_scores is not None:
+            final["judge_score"] = float(judge_scores.mean())
+            final["judge_best"] = stopper.best
         if stats["ptx_loss"]:
             final["ptx_loss"] = _mean(stats["ptx_loss"])
         final = {k: (v if not (isinstance(v, float) and math.isnan(v)) else 0.0) for k, v in final.items()}
@@ -427,8 +520,27 @@ def train_ppo(policy, tok, rm: RewardModel, value: RewardModel, prompts: list[li
         bar.update(1)
         bar.set_postfix(score=f"{final['score']:.2f}", kl=f"{mean_kl:.2f}", len=f"{final['response_length']:.0f}")
     bar.close()
+    kept = 0
+    if cfg.keep_best and best_state is not None and stopper.best_step <= steps_done:
+        kept = stopper.best_step  # the policy before update ``kept``: 1 means the one PPO started from
+        policy.load_state_dict(best_state, strict=False)
+    final = {**final, "kept_step": kept, "stopped": stopped}
     return PPOResult(steps=steps_done, final=final, wall_s=time.perf_counter() - t0, sample_s=sample_s,
-                     sampler=getattr(sampler, "name", type(sampler).__name__))
+                     sampler=getattr(sampler, "name", type(sampler).__name__), stopped=stopped,
+                     stop_reason=stop_reason, kept_step=kept)
+
+
+def _global_means(judge_mean, eos_mean, accelerator) -> tuple[float | None, float]:
+    """The judge's mean score and the end-of-answer rate over every process's rollouts."""
+    if accelerator is None or accelerator.num_processes <= 1:
+        return (None if judge_mean is None else float(judge_mean)), float(eos_mean)
+    import torch.distributed as dist
+
+    t = torch.stack([torch.as_tensor(0.0 if judge_mean is None else float(judge_mean)),
+                     torch.as_tensor(float(eos_mean))]).to(accelerator.device)
+    dist.all_reduce(t)
+    t = (t / accelerator.num_processes).tolist()
+    return (None if judge_mean is None else t[0]), t[1]
 
 
 def _mean(xs: list[float]) -> float:

@@ -94,6 +94,33 @@ def pointwise_loss(score: torch.Tensor, label: torch.Tensor, weight: torch.Tenso
 # ----------------------------------------------------------------------------- config / metrics
 @dataclass
 class RewardConfig:
+    design: str = "features"
+    """``features``: an ensemble of heads on pooled frozen SFT features (``retrain.head_rm``),
+    chosen by the curve in docs/rlhf.md §2; ``lora``: LoRA (or full fine-tuning) of the top
+    layers with a scalar head read at the end-of-turn token (this module)."""
+    feature_layers: str = "8,16,24"
+    """``features``: the decoder layers whose states are mean-pooled over the answer."""
+    feature_last: bool = False
+    """``features``: add the top pooled layer's state at the end-of-turn token."""
+    feature_length: bool = True
+    """``features``: add log(1 + answer tokens)."""
+    head: str = "linear"
+    """``features``: each member is ``linear`` or ``mlp`` (one hidden layer of ``head_hidden``)."""
+    head_hidden: int = 64
+    """``features``: hidden units of an ``mlp`` member."""
+    ensemble: int = 5
+    """``features``: members; member m early-stops on inner fold m and trains on the rest."""
+    head_max_steps: int = 2000
+    """``features``: most full-batch optimiser steps per member."""
+    head_patience: int = 100
+    """``features``: steps without a better validation loss before a member stops; the best
+    state is kept."""
+    val_fraction: float = 0.2
+    """``lora``: the inner validation split of the training data (by prompt) for early stopping."""
+    eval_every: int = 4
+    """``lora``: optimiser steps between validation evaluations."""
+    lora_patience: int = 6
+    """``lora``: evaluations without a better validation loss before training stops."""
     lora: bool = True
     """LoRA on the top layers (True) or full fine-tuning of them (False)."""
     train_layers: int = 4
@@ -107,9 +134,9 @@ class RewardConfig:
     lr: float = 5e-4
     """Learning rate of the adapted layers (full fine-tuning: use ~1e-5)."""
     head_lr: float = 1e-3
-    """Learning rate of the scalar head."""
-    epochs: int = 2
-    """Passes over the training items."""
+    """Learning rate of the scalar head (``lora``) or of every member (``features``)."""
+    epochs: int = 8
+    """``lora``: most passes over the training items (early stopping usually ends sooner)."""
     batch_size: int = 8
     """Pairs per step (2x sequences), plus as many unpaired items."""
     max_length: int = 384
@@ -133,6 +160,14 @@ class RewardConfig:
     ``auto`` is bf16 where the device computes it natively (AVX-512 BF16 / AMX CPUs, CUDA) and
     fp32 elsewhere; ``float32``; ``bfloat16``.  Kept with the model, which scores the same way."""
 
+    def feature_spec(self):
+        from retrain.features import FeatureSpec
+
+        layers = tuple(int(x) for x in str(self.feature_layers).split(",") if x.strip())
+        if not layers:
+            raise ValueError("reward.feature_layers: name at least one layer, e.g. 8,16,24")
+        return FeatureSpec(layers=layers, last=self.feature_last, length=self.feature_length)
+
 
 @dataclass
 class RewardMetrics:
@@ -146,11 +181,18 @@ class RewardMetrics:
     wall_s: float = 0.0
     losses: list = field(default_factory=list)
     norm: dict = field(default_factory=dict)  # normalisation (set by ``normalize``'s caller)
+    steps: int = 0  # optimiser steps taken
+    best_step: int = 0  # the step whose state was kept (best validation loss)
+    stopped: str = ""  # "early" | "max_steps" | "no_validation"
+    val_curve: list = field(default_factory=list)  # [step, validation loss, validation accuracy]
 
 
 # ----------------------------------------------------------------------------- the model
 class RewardModel:
     """A scalar-head model over the SFT backbone; ``score`` gives one number per response."""
+
+    design = "lora"
+    state_cache: StateCache | None = None  # the frozen states it evaluates from (``pair_margins``)
 
     def __init__(self, model, head: torch.nn.Linear, tokenizer, split: int, *, norm_mean: float = 0.0,
                  norm_std: float = 1.0, max_length: int = 384, base: str = "", lora: bool = True,
@@ -201,6 +243,14 @@ class RewardModel:
             ids, mask = pad_left(seqs, self.tokenizer.pad_token_id)
             out.append(self.values(self.lower(ids, mask), normalized)[:, -1].float().cpu())
         return torch.cat(out) if out else torch.zeros(0)
+
+    def pair_margins(self, pairs: list[Pair]) -> torch.Tensor:
+        self.state_cache = self.state_cache or self.cache()
+        return pair_margins(self, pairs, self.state_cache)
+
+    def point_scores(self, points: list[Point]) -> torch.Tensor:
+        self.state_cache = self.state_cache or self.cache()
+        return point_scores(self, points, self.state_cache)
 
     def as_value_model(self) -> RewardModel:
         """A trainable copy to serve as PPO's critic: the normalisation folded into the head so
@@ -280,10 +330,21 @@ class RewardModel:
                    frozen_dtype=frozen_dtype(cfg.get("frozen_dtype", "float32"), head.weight.device))
 
 
+def load_reward_model(path: str, device: str = "cpu", model=None):
+    """A saved reward model of either design (``reward_config.json`` says which); ``model``: an
+    SFT model already loaded, which a feature model shares."""
+    cfg = json.loads(Path(path, "reward_config.json").read_text())
+    if cfg.get("design", "lora") == "features":
+        from retrain.head_rm import FeatureRewardModel
+
+        return FeatureRewardModel.load(path, device=device, model=model)
+    return RewardModel.load(path, device=device)
+
+
 def new_reward_model(sft_path: str, cfg: RewardConfig, init_from: str | None, device: str) -> RewardModel:
     if init_from and Path(init_from, "reward_config.json").exists():
         prev = json.loads(Path(init_from, "reward_config.json").read_text())
-        if prev.get("lora", True) == cfg.lora and os.path.realpath(prev["base"]) == os.path.realpath(sft_path):
+        if prev.get("design", "lora") == "lora" and prev.get("lora", True) == cfg.lora and os.path.realpath(prev["base"]) == os.path.realpath(sft_path):
             rm = RewardModel.load(init_from, device=device, trainable=True)
             rm.norm_mean, rm.norm_std = 0.0, 1.0  # re-normalised after training
             rm.frozen_dtype = frozen_dtype(cfg.frozen_dtype, rm.device)
@@ -327,10 +388,43 @@ def _items(pairs: list[Pair], points: list[Point], cfg: RewardConfig, rng: rando
             for j in range(n)]
 
 
+def _val_split(keys: list[str], fraction: float) -> list[bool]:
+    from retrain.head_rm import inner_fold
+
+    return [inner_fold(k, 1000) < fraction * 1000 for k in keys]
+
+
+def _batch_loss(rm: RewardModel, pairs, points, p_idx, q_idx, h_pairs, h_points, cfg: RewardConfig):
+    """The loss of one batch (pairs ``p_idx``, points ``q_idx``) and its decisive accuracy."""
+    states = [h_pairs[2 * i] for i in p_idx] + [h_pairs[2 * i + 1] for i in p_idx] + [h_points[i] for i in q_idx]
+    r = rm.values(pad_hidden_left(states, rm.split), normalized=False)[:, -1]
+    n = len(p_idx)
+    loss = r.new_zeros(())
+    metrics = {}
+    if n:
+        label = torch.tensor([pairs[i].label for i in p_idx], dtype=r.dtype)
+        weight = torch.tensor([pairs[i].weight for i in p_idx], dtype=r.dtype)
+        rc, rr = r[:n], r[n:2 * n]
+        loss = loss + preference_loss(rc, rr, label, weight, cfg.margin)
+        decisive = label != 0.5
+        if decisive.any():
+            metrics["accuracy"] = float((rc > rr)[decisive].float().mean())
+    if q_idx:
+        label = torch.tensor([points[i].label for i in q_idx], dtype=r.dtype)
+        weight = torch.tensor([points[i].weight for i in q_idx], dtype=r.dtype)
+        loss = loss + cfg.unpaired_coef * pointwise_loss(r[2 * n:], label, weight)
+    return loss, metrics
+
+
 def train_reward_model(rm: RewardModel, pairs: list[Pair], points: list[Point], cfg: RewardConfig, *,
                        cache: StateCache | None = None, log=None, phase: str = "rm") -> RewardMetrics:
-    """Trains ``rm`` in place on ``pairs`` (tie-aware) and ``points`` (unpaired labels);
-    returns the training metrics.  Logs ``{phase}/loss``-style metrics per step."""
+    """Trains ``rm`` in place on ``pairs`` (tie-aware) and ``points`` (unpaired labels) for at
+    most ``cfg.epochs`` passes, early-stopped on an inner validation split (``val_fraction`` of
+    the prompts): every ``eval_every`` steps the validation loss is measured, training ends after
+    ``lora_patience`` evaluations without improvement, and the best state is kept.  Returns the
+    training metrics.  Logs ``{phase}/loss``-style metrics per step."""
+    from retrain.data import _key
+
     t0 = time.perf_counter()
     torch.manual_seed(cfg.seed)
     rng = random.Random(cfg.seed)
@@ -340,51 +434,81 @@ def train_reward_model(rm: RewardModel, pairs: list[Pair], points: list[Point], 
     h_pairs = cache.get(rm.model, [s for p in pairs for s in (rm.encode(p.prompt, p.chosen),
                                                                rm.encode(p.prompt, p.rejected))], f"{phase}: pairs")
     h_points = cache.get(rm.model, [rm.encode(q.prompt, q.answer) for q in points], f"{phase}: labels")
+    p_val = _val_split([_key(p.prompt) for p in pairs], cfg.val_fraction)
+    q_val = _val_split([_key(q.prompt) for q in points], cfg.val_fraction)
+    if all(p_val) and all(q_val):  # everything fell in the validation split: train on it all
+        p_val, q_val = [False] * len(pairs), [False] * len(points)
+    val_p = [i for i, v in enumerate(p_val) if v]
+    val_q = [i for i, v in enumerate(q_val) if v]
+    tr_pairs = [p for p, v in zip(pairs, p_val) if not v]
+    tr_points = [q for q, v in zip(points, q_val) if not v]
+    tr_hp = [h for i, p in enumerate(pairs) if not p_val[i] for h in (h_pairs[2 * i], h_pairs[2 * i + 1])]
+    tr_hq = [h_points[i] for i, v in enumerate(q_val) if not v]
     lora_params = [p for p in rm.model.parameters() if p.requires_grad]
     head_params = list(rm.head.parameters())
+    trainable = lora_params + head_params
     opt = torch.optim.AdamW([{"params": lora_params, "lr": cfg.lr}, {"params": head_params, "lr": cfg.head_lr}],
                             weight_decay=cfg.weight_decay, eps=1e-8)
-    steps_per_epoch = len(_items(pairs, points, cfg, random.Random(0)))
+    steps_per_epoch = len(_items(tr_pairs, tr_points, cfg, random.Random(0)))
     total = max(1, steps_per_epoch * cfg.epochs)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: max(0.0, 1 - s / total))
+
+    def val_loss() -> tuple[float, float]:
+        with torch.no_grad():
+            loss, acc, n = 0.0, [], 0
+            for j in range(0, max(len(val_p), len(val_q)), cfg.batch_size):
+                pi, qi = val_p[j:j + cfg.batch_size], val_q[j:j + cfg.batch_size]
+                lo, m = _batch_loss(rm, pairs, points, pi, qi, h_pairs, h_points, cfg)
+                loss += float(lo) * (len(pi) + len(qi))
+                n += len(pi) + len(qi)
+                if "accuracy" in m:
+                    acc.append(m["accuracy"])
+            return loss / max(1, n), (sum(acc) / len(acc) if acc else float("nan"))
+
+    has_val = bool(val_p or val_q)
+    best, best_step, best_state, bad = math.inf, 0, None, 0
+    val_curve: list = []
     losses: list[float] = []
-    step = 0
+    step, stopped = 0, "max_steps" if has_val else "no_validation"
     bar = tqdm(total=total, desc=phase, leave=False)
     for _epoch in range(cfg.epochs):
-        for p_idx, q_idx in _items(pairs, points, cfg, rng):
-            states = [h_pairs[2 * i] for i in p_idx] + [h_pairs[2 * i + 1] for i in p_idx] + [h_points[i] for i in q_idx]
-            r = rm.values(pad_hidden_left(states, rm.split), normalized=False)[:, -1]
-            n = len(p_idx)
-            loss = r.new_zeros(())
-            metrics = {}
-            if n:
-                label = torch.tensor([pairs[i].label for i in p_idx], dtype=r.dtype)
-                weight = torch.tensor([pairs[i].weight for i in p_idx], dtype=r.dtype)
-                rc, rr = r[:n], r[n:2 * n]
-                loss = loss + preference_loss(rc, rr, label, weight, cfg.margin)
-                decisive = label != 0.5
-                if decisive.any():
-                    metrics["accuracy"] = float((rc > rr)[decisive].float().mean())
-            if q_idx:
-                label = torch.tensor([points[i].label for i in q_idx], dtype=r.dtype)
-                weight = torch.tensor([points[i].weight for i in q_idx], dtype=r.dtype)
-                loss = loss + cfg.unpaired_coef * pointwise_loss(r[2 * n:], label, weight)
+        for p_idx, q_idx in _items(tr_pairs, tr_points, cfg, rng):
+            loss, metrics = _batch_loss(rm, tr_pairs, tr_points, p_idx, q_idx, tr_hp, tr_hq, cfg)
             opt.zero_grad(set_to_none=True)
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(lora_params + head_params, cfg.grad_clip)
+            torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip)
             opt.step()
             sched.step()
             step += 1
             losses.append(loss.item())
+            if has_val and (step % cfg.eval_every == 0 or step == total):
+                vl, va = val_loss()
+                val_curve.append([step, round(vl, 5), round(va, 4)])
+                metrics.update(val_loss=vl, val_accuracy=va)
+                if vl < best - 1e-5:
+                    best, best_step, bad = vl, step, 0
+                    best_state = [p.detach().clone() for p in trainable]
+                else:
+                    bad += 1
             if log:
                 log(phase, step, {"loss": losses[-1], **metrics})
             bar.update(1)
             bar.set_postfix(loss=f"{losses[-1]:.3f}")
+            if has_val and bad >= cfg.lora_patience:
+                stopped = "early"
+                break
+        if stopped == "early":
+            break
     bar.close()
-    last = losses[-steps_per_epoch:]
+    if best_state is not None:
+        with torch.no_grad():
+            for p, b in zip(trainable, best_state):
+                p.copy_(b)
+    last = losses[-max(1, steps_per_epoch):]
     return RewardMetrics(n_pairs=len(pairs), n_ties=sum(not p.decisive for p in pairs), n_points=len(points),
                          first_loss=losses[0], train_loss=sum(last) / len(last), wall_s=time.perf_counter() - t0,
-                         losses=losses)
+                         losses=losses, steps=step, best_step=best_step if has_val else step, stopped=stopped,
+                         val_curve=val_curve)
 
 
 def normalize(rm: RewardModel, samples: list[tuple[list[dict], str]], cache: StateCache, max_samples: int = 256,
