@@ -18,7 +18,7 @@ whole learning run.
 Designs (``--designs``, comma-separated):
 - ``lora``: the LoRA reward model on the top layers (``retrain.reward``), early-stopped;
 - ``linear``, ``linear-ens5``, ``mlp-ens5`` ...: heads on frozen features
-  (``retrain.head_rm``), one head or an ensemble of k; ``@8,16,24`` picks the pooled layers,
+  (``retrain.head_rm``), one head or an ensemble of k; ``@8/16/24`` picks the pooled layers,
   ``+last`` adds the end-of-turn state, ``-nolen`` drops the length feature.
 
     python benchmarks/reward_curve.py                          # every shipped oracle, the default designs
@@ -114,18 +114,18 @@ class Design:
 
 
 def parse_design(name: str, default_spec: FeatureSpec) -> Design:
-    m = re.fullmatch(r"(lora|linear|mlp)(?:-ens(\d+))?(?:@([\d,]+))?(\+last)?(-nolen)?", name)
+    m = re.fullmatch(r"(lora|linear|mlp)(?:-ens(\d+))?(?:@([\d/]+))?(\+last)?(-nolen)?", name)
     if not m:
-        raise ValueError(f"design {name!r}: use lora, or linear|mlp[-ensK][@L1,L2,..][+last][-nolen]")
+        raise ValueError(f"design {name!r}: use lora, or linear|mlp[-ensK][@L1/L2/..][+last][-nolen]")
     kind, ens, layers, last, nolen = m.groups()
-    spec = FeatureSpec(layers=tuple(int(x) for x in layers.split(",")) if layers else default_spec.layers,
+    spec = FeatureSpec(layers=tuple(int(x) for x in layers.split("/")) if layers else default_spec.layers,
                        last=bool(last) or (default_spec.last and not layers), length=not nolen)
     return Design(name, kind, int(ens or 1), spec)
 
 
 def label(rows: list[dict], oracle) -> list[tuple[int, float]]:
-    """(row index, label) per pair the oracle judged: 1.0 a preferred b... stored as the index
-    of the chosen answer (0 = a, 1 = b) and the label (1 decisive, 0.5 tie)."""
+    """(row index, index of the chosen answer (0 = a, 1 = b), label: 1 decisive, 0.5 a tie)
+    for every pair, as the oracle judges it."""
     out = []
     for i, r in enumerate(rows):
         v = oracle(r["prompt"], r["a"], r["b"])

@@ -152,3 +152,47 @@ def test_token_logprobs_and_entropy_are_the_models_at_the_temperature(tiny_model
         want = torch.log_softmax(model(full).logits[:, 3:6].float() / T, -1)
     assert torch.allclose(logp, want.gather(-1, resp[..., None])[..., 0], atol=1e-5)
     assert torch.allclose(ent, -(want.exp() * want).sum(-1), atol=1e-4)
+
+
+def test_early_stop_on_a_falling_end_of_answer_rate_says_why():
+    from retrain.ppo import EarlyStop
+
+    stop = EarlyStop(PPOConfig(max_eos_drop=0.15, judge_window=2, judge_patience=0))
+    assert stop.update(1, 0.0, 0.5) is None and stop.improved  # step 1: the served policy is the first best
+    assert stop.update(2, 0.1, 0.45) is None
+    why = stop.update(3, 0.2, 0.1)  # window (0.45 + 0.1) / 2 = 0.275 < 0.5 - 0.15
+    assert why and why.startswith("end-of-answer rate fell to 28%") and "50% at step 1" in why
+
+
+def test_early_stop_on_a_judge_that_stopped_improving_keeps_the_best_policy():
+    from retrain.ppo import EarlyStop
+
+    stop = EarlyStop(PPOConfig(judge_window=1, judge_patience=2, judge_min_delta=0.05, max_eos_drop=1.0))
+    assert stop.update(1, 0.0, 0.5) is None
+    assert stop.update(2, 0.3, 0.5) is None and stop.improved and stop.best_step == 2
+    assert stop.update(3, 0.32, 0.5) is None and not stop.improved  # within min_delta: no progress
+    why = stop.update(4, 0.1, 0.5)
+    assert why and "best 0.300 at step 2" in why
+
+
+def test_ppo_stopped_by_the_judge_keeps_the_policy_it_started_from(tiny_model_dir, tmp_path):
+    """A judge that never sees progress: PPO stops, records why, and leaves the served policy."""
+    from retrain.job import load_policy
+    from retrain.reward import RewardModel
+
+    tiny_reward_model(tiny_model_dir, tmp_path / "rm")
+    cfg = PPOConfig(steps=4, batch_size=2, minibatch_size=2, ppo_epochs=1, max_new_tokens=6, lora_layers=1,
+                    temperature=0.7, judge_patience=2, judge_min_delta=1e9, max_eos_drop=1.0, lr=5e-2)
+    policy, tok, _ = load_policy(str(tiny_model_dir), cfg, "cpu")
+    start = {k: v.clone() for k, v in policy.state_dict().items() if "lora_" in k}
+    rm = RewardModel.load(str(tmp_path / "rm"))
+    judge = RewardModel.load(str(tmp_path / "rm"))
+    from retrain.backbone import end_of_turn_id
+    from retrain.ppo import train_ppo
+
+    res = train_ppo(policy, tok, rm, rm.as_value_model(), [p.prompt for p in separable_pairs(4)], cfg,
+                    stop_ids={end_of_turn_id(tok)}, eot_id=end_of_turn_id(tok), judge=judge)
+    assert res.stopped == "judge" and "stopped improving" in res.stop_reason and res.kept_step == 1
+    assert res.steps == 2  # two updates were made, then undone
+    now = {k: v for k, v in policy.state_dict().items() if "lora_" in k}
+    assert all(torch.equal(start[k], now[k]) for k in start)
