@@ -28,7 +28,7 @@ from retrain.backbone import decoder_of, encode_with_start, frozen_precision, pa
 
 @dataclass(frozen=True)
 class FeatureSpec:
-    layers: tuple[int, ...] = (8, 16, 24)
+    layers: tuple[int, ...] = (2, 4, 6, 8, 12, 16, 20, 24)
     """Decoder layers whose states are mean-pooled (1 = the first layer's output; the model's
     layer count = the last layer's).  Layers past the model's depth are clipped to it."""
     last: bool = False

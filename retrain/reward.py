@@ -98,7 +98,7 @@ class RewardConfig:
     """``features``: an ensemble of heads on pooled frozen SFT features (``retrain.head_rm``),
     chosen by the curve in docs/rlhf.md §2; ``lora``: LoRA (or full fine-tuning) of the top
     layers with a scalar head read at the end-of-turn token (this module)."""
-    feature_layers: str = "8,16,24"
+    feature_layers: str = "2,4,6,8,12,16,20,24"
     """``features``: the decoder layers whose states are mean-pooled over the answer."""
     feature_last: bool = False
     """``features``: add the top pooled layer's state at the end-of-turn token."""
