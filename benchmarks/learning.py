@@ -60,7 +60,7 @@ from benchmarks.leakcheck import check_run_prompts, near_duplicates, normalise  
 from benchmarks.oracles import get as get_oracle  # noqa: E402
 
 SYSTEM = "You are a helpful AI assistant."
-DEFAULT_ORACLES = "concise,verbose,no_lists,lists,no_first_person,no_markdown,question_back,random"
+DEFAULT_ORACLES = ",".join(oracles_mod.ORACLES)  # every shipped taste, the null control (random) last
 NULL_CONTROL = "random"
 LENGTH_MATCH_TOLERANCE = 0.15
 PHASES = ("start_app", "baseline_answers", "collect_preferences", "retrain", "canary", "swap", "new_answers", "total")

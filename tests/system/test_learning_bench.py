@@ -30,9 +30,23 @@ def words(n: int, word: str = "word") -> str:
 
 def test_registry_has_every_oracle():
     assert set(oracles.ORACLES) == {"concise", "verbose", "no_lists", "lists", "no_first_person", "no_markdown",
-                                    "question_back", "random"}
+                                    "question_back", "plain_words", "on_topic", "no_hedging", "short_sentences",
+                                    "random"}
     assert oracles.get("random") is oracles.random_verdict
     assert oracles.get("benchmarks.oracles:lists") is oracles.lists
+
+
+def test_tastes_of_other_kinds_judge_what_they_say_and_are_length_neutral():
+    q = [{"role": "user", "content": "How do bicycles stay upright?"}]
+    assert oracles.plain_words(q, "I use a cat.", "I utilise felines.") == "a"
+    assert oracles.plain_words(q, "I use a cat.", "I use a cat. I use a cat.") == "tie"
+    assert oracles.on_topic(q, "Cats are nice animals.", "Bicycles stay upright by steering.") == "b"
+    assert oracles.no_hedging(q, "It is blue.", "It might be blue.") == "a"
+    assert oracles.no_hedging(q, "It might be blue.", "It might be blue. It might be blue.") == "tie"
+    assert oracles.short_sentences(q, "Yes. No. Go.", "This one sentence has many words in it.") == "a"
+    assert oracles.short_sentences(q, "Yes. No.", "Yes. No. Yes. No.") == "tie"
+    for taste in (oracles.plain_words, oracles.on_topic, oracles.no_hedging, oracles.short_sentences):
+        assert taste(q, "", "Bicycles stay upright.") == "b"  # an empty answer never wins
 
 
 def test_length_oracles_unchanged():
