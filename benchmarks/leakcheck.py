@@ -140,3 +140,13 @@ def check_run_prompts(path: str | Path, heldout: list[str]) -> dict:
                f"{len(gate)} gate prompts")
     return {"available": True, "leaked": leaked, "n_heldout": len(heldout), "n_rollout": len(rollout),
             "n_gate": len(gate), "message": message}
+
+
+def check_disjoint(heldout: list[str], prompts: list[str], what: str = "the pool's prompts") -> None:
+    """Raises ValueError when a held-out prompt is among ``prompts`` or a near-paraphrase of one."""
+    overlap = {normalise(h) for h in heldout} & {normalise(p) for p in prompts}
+    if overlap:
+        raise ValueError(f"held-out prompts leak into {what}: {sorted(overlap)[:3]}")
+    near = near_duplicates(heldout, prompts)
+    if near:
+        raise ValueError(f"held-out prompts are near-paraphrases of {what}: {near[:3]}")

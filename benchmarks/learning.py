@@ -56,7 +56,7 @@ sys.path.insert(0, str(ROOT))
 from assistant.client import free_port  # noqa: E402
 from assistant.client import message_text as text_of  # noqa: E402
 from benchmarks import oracles as oracles_mod  # noqa: E402
-from benchmarks.leakcheck import check_run_prompts, near_duplicates, normalise  # noqa: E402
+from benchmarks.leakcheck import check_disjoint, check_run_prompts  # noqa: E402
 from benchmarks.oracles import get as get_oracle  # noqa: E402
 
 SYSTEM = "You are a helpful AI assistant."
@@ -607,12 +607,10 @@ def main(argv: list[str] | None = None) -> int:
     from retrain.data import load_seed_prompts
 
     seeds = load_seed_prompts()
-    overlap = {normalise(h) for h in heldout} & {normalise(s) for s in seeds}
-    if overlap:
-        raise SystemExit(f"held-out prompts leak into the seed prompts: {sorted(overlap)[:3]}")
-    near = near_duplicates(heldout, seeds)
-    if near:
-        raise SystemExit(f"held-out prompts are near-paraphrases of seed prompts: {near[:3]}")
+    try:
+        check_disjoint(heldout, seeds, "the seed prompts")
+    except ValueError as exc:
+        raise SystemExit(str(exc)) from None
     env = {**os.environ, "PYTHONPATH": str(ROOT), "TOKENIZERS_PARALLELISM": "false"}
 
     reports = []

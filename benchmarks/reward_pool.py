@@ -32,7 +32,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.leakcheck import near_duplicates, normalise  # noqa: E402
+from benchmarks.leakcheck import check_disjoint  # noqa: E402
 
 SYSTEM = "You are a helpful AI assistant."  # the app's default system prompt, as the learning benchmark uses
 
@@ -40,16 +40,6 @@ SYSTEM = "You are a helpful AI assistant."  # the app's default system prompt, a
 def load_heldout() -> list[str]:
     path = ROOT / "benchmarks" / "heldout_prompts.txt"
     return [ln.strip() for ln in path.read_text().splitlines() if ln.strip() and not ln.startswith("#")]
-
-
-def check_disjoint(heldout: list[str], prompts: list[str], what: str = "the pool's prompts") -> None:
-    """Raises ValueError when a held-out prompt is among ``prompts`` or a near-paraphrase of one."""
-    overlap = {normalise(h) for h in heldout} & {normalise(p) for p in prompts}
-    if overlap:
-        raise ValueError(f"held-out prompts leak into {what}: {sorted(overlap)[:3]}")
-    near = near_duplicates(heldout, prompts)
-    if near:
-        raise ValueError(f"held-out prompts are near-paraphrases of {what}: {near[:3]}")
 
 
 def pair_seeds(seed: int, i: int) -> tuple[int, int]:

@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 
 from benchmarks import oracles
+from benchmarks.leakcheck import check_disjoint
 from benchmarks.reward_curve import label, outer_fold, parse_design
-from benchmarks.reward_pool import build_pool, check_disjoint, load_pool
+from benchmarks.reward_pool import build_pool, load_pool
 from retrain.features import FeatureSpec
 
 PROMPT = [{"role": "user", "content": "How do I make tea?"}]
