@@ -29,6 +29,7 @@ class SamplingParams:
 
 
 NUCLEUS_TOPK = 128  # top-p looks at the k most likely tokens first; a full sort only if they hold < top_p
+NUCLEUS_SLACK = 1e-4  # the nucleus keeps tokens within this relative margin below its floor (float noise)
 
 
 def _uniform(generator: torch.Generator | None) -> float:
@@ -41,9 +42,16 @@ def sample_batch(logits: torch.Tensor, params: list[SamplingParams],
 
     Greedy rows (T <= 0) take the argmax.  The others draw by inverse CDF with one uniform
     number from their own generator (so a seed reproduces an answer whatever else is in the
-    batch): softmax at their temperature, then, for top-p, the nucleus found among the
-    ``NUCLEUS_TOPK`` most likely tokens, which avoids sorting the whole vocabulary per row
-    unless the nucleus is wider than that.
+    batch), at their temperature.  For top-p, the smallest probability in the nucleus, less
+    ``NUCLEUS_SLACK``, is a floor, and the draw is over every token at or above it.  The
+    nucleus is looked for among the ``NUCLEUS_TOPK`` most likely tokens, which avoids
+    touching the whole vocabulary per row unless it is wider than that.
+
+    The CDF runs in vocabulary order, not in order of probability.  A batched forward pass
+    (llama.cpp's kernels change with the batch) moves logits by ~1e-7; sorted, that reorders
+    near-equal tokens and can move the pick to a neighbour, while in vocabulary order it moves
+    the CDF by far less than one token's mass, so the seeded answer stays the same.  The slack
+    keeps near-ties at the nucleus's edge on the same side of it whichever way noise breaks them.
     """
     n, vocab = logits.shape
     out = [0] * n
@@ -58,38 +66,38 @@ def sample_batch(logits: torch.Tensor, params: list[SamplingParams],
     hot = [i for i, p in enumerate(params) if p.temperature > 0]
     temps = torch.tensor([[params[i].temperature] for i in hot], dtype=logits.dtype)
     probs = torch.softmax((logits if len(hot) == n else logits[hot]) / temps, dim=-1)
-    uniforms = [_uniform(generators[i]) for i in hot]
-    nucleus = [j for j, i in enumerate(hot) if 0 < params[i].top_p < 1]
-    full = [j for j, i in enumerate(hot) if not 0 < params[i].top_p < 1]
-    if full:
-        cum = probs[full].cumsum(-1)
-        target = torch.tensor(uniforms, dtype=cum.dtype)[full, None] * cum[:, -1:]
-        picks = torch.searchsorted(cum, target, right=True).clamp_(max=vocab - 1)[:, 0].tolist()
-        for j, tok in zip(full, picks):
-            out[hot[j]] = tok
-    if nucleus:
-        top_p = torch.tensor([[params[hot[j]].top_p] for j in nucleus], dtype=probs.dtype)
-        sub = probs[nucleus]
-        vals, idx = sub.topk(min(NUCLEUS_TOPK, vocab), dim=-1)
-        cum = vals.cumsum(-1)
-        wide = set((cum[:, -1] < top_p[:, 0]).nonzero()[:, 0].tolist())  # nucleus beyond the top k
-        for r in wide:
-            out[hot[nucleus[r]]] = _nucleus_one(sub[r], float(top_p[r, 0]), uniforms[nucleus[r]])
-        keep = (cum - vals) < top_p  # always keeps the top token
-        kept = (vals * keep).cumsum(-1)
-        target = torch.tensor([uniforms[j] for j in nucleus], dtype=kept.dtype)[:, None] * kept[:, -1:]
-        pos = torch.searchsorted(kept, target, right=True).clamp_(max=vals.shape[1] - 1)
-        picks = idx.gather(1, pos)[:, 0].tolist()
-        for r, (j, tok) in enumerate(zip(nucleus, picks)):
-            if r not in wide:
+    uniforms = torch.tensor([_uniform(generators[i]) for i in hot], dtype=probs.dtype)[:, None]
+    top_p = torch.tensor([[p if 0 < p < 1 else 2.0] for p in (params[i].top_p for i in hot)], dtype=probs.dtype)
+    narrow = (top_p[:, 0] < 1).nonzero()[:, 0]
+    wide = (top_p[:, 0] >= 1).nonzero()[:, 0].tolist()  # no top-p, or (below) a nucleus beyond the top k
+    if len(narrow):  # the nucleus among the top k, drawn over its tokens in vocabulary order
+        vals, idx = (probs if len(narrow) == len(hot) else probs[narrow]).topk(min(NUCLEUS_TOPK, vocab), dim=-1)
+        floor = _floor(vals, top_p[narrow])
+        keep = vals >= floor
+        beyond = keep[:, -1] & (vals.shape[1] < vocab)  # the nucleus (or its slack) reaches past the top k
+        ids, _ = torch.where(keep, idx, vocab).sort(-1)
+        cum = torch.where(ids < vocab, probs[narrow[:, None], ids.clamp(max=vocab - 1)], 0).cumsum(-1)
+        pos = torch.searchsorted(cum, uniforms[narrow] * cum[:, -1:], right=True).clamp_(max=ids.shape[1] - 1)
+        for j, tok, far in zip(narrow.tolist(), ids.gather(1, pos)[:, 0].tolist(), beyond.tolist()):
+            if far:
+                wide.append(j)
+            else:
                 out[hot[j]] = tok
+    if wide:  # over the whole vocabulary, with a floor from a full sort where there is top-p
+        floor = torch.zeros(len(wide), 1, dtype=probs.dtype)
+        for r, j in enumerate(wide):
+            if top_p[j, 0] < 1:
+                floor[r] = _floor(torch.sort(probs[j], descending=True)[0][None], top_p[j:j + 1])
+        sub = probs[wide]
+        cum = torch.where(sub >= floor, sub, 0).cumsum(-1)
+        picks = torch.searchsorted(cum, uniforms[wide] * cum[:, -1:], right=True).clamp_(max=vocab - 1)
+        for j, tok in zip(wide, picks[:, 0].tolist()):
+            out[hot[j]] = tok
     return out
 
 
-def _nucleus_one(probs: torch.Tensor, top_p: float, u: float) -> int:
-    vals, order = torch.sort(probs, descending=True)
-    cum = vals.cumsum(-1)
-    kept = (vals * ((cum - vals) < top_p)).cumsum(-1)
-    pos = int(torch.searchsorted(kept, kept[-1:] * u, right=True).clamp_(max=len(vals) - 1))
-    return int(order[pos])
-
+def _floor(vals: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """[B, 1] smallest kept probability, less the slack, of rows of probabilities sorted in
+    descending order: the last token whose mass before it is under top_p (the top one always)."""
+    inside = ((vals.cumsum(-1) - vals) < top_p).sum(-1, keepdim=True)
+    return vals.gather(1, inside - 1) * (1 - NUCLEUS_SLACK)
