@@ -158,6 +158,9 @@ class Comparison:
     verdict: str | None = None
     # "compare more": answers C, D once complete ({"label", "generation_id", "text"})
     extras: list[dict] = field(default_factory=list)
+    # opened while a candidate was on trial (the live canary): until the vote, nothing shown
+    # or returned says which version wrote which answer, whether or not B is the candidate's
+    blind: bool = False
 
     def texts(self) -> dict[str, str]:
         """label -> answer text, A and B first."""
@@ -201,6 +204,14 @@ class ChatSession:
     def history(self) -> list[dict]:
         """The conversation as Chatbot messages."""
         return [{"role": m["role"], "content": m["content"]} for m in self.messages]
+
+    @property
+    def shown_version(self) -> str:
+        """The model version the page and the API may show: none while a blind comparison
+        (``Comparison.blind``) waits for its vote, else the latest answer's."""
+        if self.comparison is not None and self.comparison.blind and self.comparison.verdict is None:
+            return ""
+        return self.model_version
 
     def answer_turns(self) -> list[int]:
         return [i for i, m in enumerate(self.messages) if m["role"] == "assistant"]
@@ -571,6 +582,8 @@ class ChatService:
                 {"role": "user", "content": message}]
             self._refuse_while_generating(sess)
             self._refuse_if_changed_elsewhere(sess)
+            if sess.conversation_id is None:
+                self._refuse_past_chat_cap(sess)  # before the answer is written, not after
             self.message_limit.hit(sess.client_key, "messages")
             user_turn = len(sess.messages)
             running = self._start(sess, context, params)
@@ -579,7 +592,8 @@ class ChatService:
             with self._storing():  # the whole turn or nothing
                 self._refuse_if_changed_elsewhere(sess)
                 if sess.conversation_id is None:
-                    self.store.ensure_session(sess.session_id, client=sess.client, owner=sess.owner)
+                    self.store.ensure_session(sess.session_id, client=sess.client, owner=sess.owner,
+                                              contributor=self.store.contributor_of(sess.address))
                 if sess.conversation_id is None:
                     sess.system_prompt = system
                 conv = sess.conversation_id or self.store.start_conversation(sess.session_id, system)
@@ -613,8 +627,8 @@ class ChatService:
             context = kept["context"]
             # answer B: from the candidate on trial (the live canary) in a share of turns, else from
             # the served model, with a hidden style hint when --regenerate-style-hints is on
-            on_trial = (self.settings.canary_enabled and self.holder.canary_version is not None
-                        and self._rng.random() < self.settings.canary_share)
+            trial = self.settings.canary_enabled and self.holder.canary_version is not None
+            on_trial = trial and self._rng.random() < self.settings.canary_share
             hint = self._rng.choice(STYLE_HINTS) if self.settings.regenerate_style_hints and not on_trial else None
             running = self._start(sess, with_style_hint(context, hint), params, canary=on_trial, style_hint=hint)
         answer = yield from self._stream(sess, running)
@@ -625,7 +639,8 @@ class ChatService:
                                                      conversation_id=sess.conversation_id, turn=turn,
                                                      a_generation_id=kept["generation_id"], b_generation_id=b_id)
             sess.comparison = Comparison(id=comp_id, turn=turn, a_generation_id=kept["generation_id"],
-                                         b_generation_id=b_id, a_text=kept["content"], b_text=answer.text)
+                                         b_generation_id=b_id, a_text=kept["content"], b_text=answer.text,
+                                         blind=trial)
             sess.model_version, sess.finish_reason = answer.version, answer.finish_reason
 
     def stop(self, sess: ChatSession | None) -> bool:
@@ -647,6 +662,14 @@ class ChatService:
     def _refuse_while_generating(self, sess: ChatSession) -> None:
         if self.generating(sess):
             raise ChatError("an answer is still being written: wait for it or press Stop")
+
+    def _refuse_past_chat_cap(self, sess: ChatSession) -> None:
+        """A new chat (or branch) past ``--max-chats-per-browser`` is refused before any work
+        (the store checks again when it starts one)."""
+        try:
+            self.store.check_room_for_chat(sess.owner)
+        except StoreError as exc:
+            raise ChatError(str(exc)) from None
 
     def _refuse_if_changed_elsewhere(self, sess: ChatSession) -> None:
         """A chat reopened in two windows, or deleted in another one, must not be continued
@@ -944,6 +967,7 @@ class ChatService:
                 raise ChatError("the edited message is the same as before; nothing was changed")
             if edited["role"] == "assistant":
                 return self._branch_at_answer(sess, index, text)
+            self._refuse_past_chat_cap(sess)  # a branch is a new chat: refused before its answer is written
             self.message_limit.hit(sess.client_key, "messages")
             system = self._system_at(sess, index + 1)
             prefix = [dict(m) for m in sess.messages[:index]]

@@ -74,8 +74,9 @@ def get_auth(ctx: AppContext) -> ConsoleAuth:
 
 
 def _client_address(request) -> str:
-    """The caller's address, for the login lockout (behind a proxy on this host, uvicorn
-    takes it from X-Forwarded-For); empty when unknown (a direct call)."""
+    """The caller's address, for the login lockout (behind a proxy listed in
+    ``--trusted-proxies``, uvicorn takes it from X-Forwarded-For; otherwise the connection's);
+    empty when unknown (a direct call)."""
     client = getattr(request, "client", None) if request is not None else None
     return str(getattr(client, "host", "") or "")
 
@@ -509,7 +510,7 @@ def build_quality_tab(service: ConsoleService, guard: Guard) -> None:
     self-contradicting and one-button sessions, inhumanly fast voters, reason tags over
     time; each list offers "exclude with a reason"."""
     with gr.Tab("Label quality", id="quality") as tab:
-        queue_keys, consistency_keys, fast_keys = gr.State([]), gr.State([]), gr.State([])  # the rows' keys
+        queue_keys, consistency_keys, fast_keys, burst_keys = (gr.State([]) for _ in range(4))  # the rows' keys
         refresh_btn = gr.Button("Refresh", size="sm", scale=0)
         gr.Markdown("#### Disagreement queue\nJudgements the current reward models most strongly disagree "
                     "with. Click one to read it; exclude it if the label is wrong.")
@@ -521,11 +522,14 @@ def build_quality_tab(service: ConsoleService, guard: Guard) -> None:
             ref_reason = gr.Textbox(label="Reason (required)", elem_id="console-quality-reason", scale=3)
             exclude_ref_btn = gr.Button("Exclude from training", variant="stop", elem_id="console-quality-exclude")
         gr.Markdown("#### Sessions\nSessions that contradict themselves (the same two answers judged both ways) or "
-                    "press one button, and sessions that vote faster than anyone can read. Click a session to pick it.")
+                    "press one button, sessions that vote faster than anyone can read, and clients that write "
+                    "bursts of judgements of any kind. Click a row to pick its session.")
         consistency_info = gr.Markdown("")
         consistency = _grid(label="Consistency", elem_id="console-consistency", max_height=300)
         fast_info = gr.Markdown("")
         fast = _grid(label="Inhuman speed", elem_id="console-fast", max_height=300)
+        burst_info = gr.Markdown("")
+        burst = _grid(label="Bursts", elem_id="console-bursts", max_height=300)
         with gr.Row():
             session = gr.Textbox(label="Session", elem_id="console-quality-session", scale=2)
             session_reason = gr.Textbox(label="Reason (required)", scale=3, elem_id="console-session-reason")
@@ -538,9 +542,9 @@ def build_quality_tab(service: ConsoleService, guard: Guard) -> None:
 
     @guard
     def refresh(user):
-        q, c, f = service.disagreements(), service.consistency(), service.fast_voters()
+        q, c, f, b = service.disagreements(), service.consistency(), service.fast_voters(), service.bursts()
         rows, table = service.reason_counts()
-        return (q.info, q.table, q.keys, c.info, c.table, c.keys, f.info, f.table, f.keys,
+        return (q.info, q.table, q.keys, c.info, c.table, c.keys, f.info, f.table, f.keys, b.info, b.table, b.keys,
                 _per_day_figure(rows, "reason", "Reason tags of ratings per day", "no reason tags yet"), table)
 
     def _row(evt: gr.SelectData) -> int:
@@ -565,12 +569,13 @@ def build_quality_tab(service: ConsoleService, guard: Guard) -> None:
         return service.exclude_session(session_id, why, user)
 
     lists = [queue_info, queue, queue_keys, consistency_info, consistency, consistency_keys, fast_info, fast,
-             fast_keys, reasons_plot, reasons]
+             fast_keys, burst_info, burst, burst_keys, reasons_plot, reasons]
     guard.on(tab.select, refresh, [], lists, "quality_tab")
     guard.on(refresh_btn.click, refresh, [], lists, "quality")
     guard.on(queue.select, pick_record, [queue_keys], [record_md, ref], "quality_pick")
     guard.on(consistency.select, pick_session, [consistency_keys], [session], "consistency_pick")
     guard.on(fast.select, pick_session, [fast_keys], [session], "fast_pick")
+    guard.on(burst.select, pick_session, [burst_keys], [session], "burst_pick")
     excluded = guard.on(exclude_ref_btn.click, exclude_record, [ref, ref_reason], [record_md, quality_msg],
                         "quality_exclude")
     guard.on(excluded.success, refresh, [], lists, "quality_after_exclude")

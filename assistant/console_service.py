@@ -58,6 +58,8 @@ DISAGREEMENT_COLUMNS = ["time", "kind", "human said", "reward models say", "disa
                         "record"]
 CONSISTENCY_COLUMNS = ["user", "votes", "contradictions", "A share", "most pressed", "excluded", "session"]
 FAST_COLUMNS = ["user", "votes", "too fast", "median s", "excluded", "session"]
+BURST_COLUMNS = ["client", "most in 10 min", "votes", "rewrites", "rankings", "thumbs", "sessions", "excluded",
+                 "busiest session"]
 REASON_COLUMNS = ["day", "reason", "thumb", "ratings"]
 QUEUE_SIZE = 50
 SERVE_ACTIONS = ("rollback", "promote")
@@ -466,6 +468,21 @@ class ConsoleService:
         return Queue(table, [r["session_id"] for r in rows],
                      f"{len(rows)} sessions cast half or more of their votes too fast to read ({rule})."
                      if rows else f"No session votes inhumanly fast ({rule}).")
+
+    def bursts(self) -> Queue:
+        """Clients that wrote many judgements of any kind within minutes (a flood of rewrites
+        needs no generation, so it is not fast voting); a row picks its busiest session."""
+        minutes, least = 10, 30
+        rows = quality.bursts(self.store, minutes, least)
+        table = pd.DataFrame([[r["client"], r["peak"], *(r["kinds"].get(k, 0) for k in
+                                                        ("votes", "rewrites", "rankings", "thumbs")),
+                               len(r["sessions"]), r["excluded"], r["sessions"][0]] for r in rows],
+                             columns=BURST_COLUMNS)
+        return Queue(table, [r["sessions"][0] for r in rows],
+                     f"{len(rows)} client{'s' * (len(rows) != 1)} wrote {least}+ judgements within {minutes} minutes "
+                     "(a client is one address, or one browser); the retrain keeps at most a share of a run "
+                     "from any one client." if rows else
+                     f"No client wrote {least} or more judgements within {minutes} minutes.")
 
     def reason_counts(self) -> tuple[list[dict], pd.DataFrame]:
         """Rating reason tags per day: the rows for the plot, and the table."""

@@ -51,9 +51,14 @@ class Settings:
     rate_messages_per_minute: int = _opt(30, "messages one client (address) may send per minute")
     rate_votes_per_minute: int = _opt(60, "votes, ratings, edits and opt-outs one client (address) may send "
                                           "per minute")
+    max_request_bytes: int = _opt(1024 * 1024, "largest HTTP request body accepted, in bytes; a larger one is "
+                                               "refused with 413 before it is read (0 = no limit)")
+    max_chats_per_browser: int = _opt(200, "chats one browser (or API session) keeps; past it a new chat is "
+                                           "refused until the user deletes their data (0 = no limit)")
     # --- fairness: per client (the connection's address, or what a trusted proxy names) ----
-    trusted_proxies: str = _opt("127.0.0.1,::1", "comma-separated addresses or networks of reverse proxies whose "
-                                                 "X-Forwarded-For header names the client ('' = trust none)")
+    trusted_proxies: str = _opt("", "comma-separated addresses or networks of reverse proxies whose "
+                                    "X-Forwarded-For header names the client (default '': trust none, so no "
+                                    "caller can pick its own address; behind a proxy on this host: 127.0.0.1,::1)")
     client_max_streams: int = _opt(2, "answers one client may have decoding at once")
     client_max_waiting: int = _opt(4, "answers one client may have waiting for a slot; more are refused at once")
     max_waiting: int = _opt(32, "answers waiting for a slot in all; more are refused at once ('busy, try again')")
@@ -77,6 +82,9 @@ class Settings:
     canary_min_votes: int = _opt(10, "decisive votes needed before the canary decides")
     canary_max_votes: int = _opt(300, "votes after which an undecided canary is rejected")
     canary_max_minutes: float = _opt(1440.0, "minutes after which an undecided canary is rejected")
+    canary_max_votes_per_client: int = _opt(5, "decisive canary votes counted from one client (address) and one "
+                                               "browser, the earliest")
+    canary_min_clients: int = _opt(5, "distinct clients whose votes count before the canary decides")
 
     # ----------------------------------------------------------------------------------
     @property

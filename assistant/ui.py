@@ -59,8 +59,15 @@ whose new answer is streamed.  The original chat and its votes stay as they were
 (no such message, unchanged or empty text, an answer still being written) changes nothing.
 
 ``/rate`` stores each reason tag once; ``/opt_out`` is rate-limited per client address and
-writes only a change.  Gradio's upload route takes files up to ``UPLOADS.max_file_bytes``
-and its cache is cleaned hourly (``UploadPolicy``).
+writes only a change.  A browser keeps at most ``--max-chats-per-browser`` chats (a new one
+past it is refused with a message; all of them are listed).
+
+What the page shows of a message (the Chatbot, the comparison's answers, and what the API
+returns) has no images from other sites (``assistant.markup``; the store keeps the text as
+written), and every page carries a Content-Security-Policy that loads images only from this
+origin.  Every request goes through ``assistant.http_guard.HttpGuard``: a body over
+``--max-request-bytes`` gets 413 before it is read, Gradio's upload route answers 403 (no
+component takes files; ``UploadPolicy``), and so does its fetch-any-URL route.
 
 Every other event is ``api_visibility="private"``.  Refusals raise ``gr.Error`` for API
 clients.  In the page, sending a message, a verdict button and the Chatbot's edit run as
@@ -78,15 +85,17 @@ import logging
 import os
 import secrets
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import gradio as gr
+from starlette.middleware import Middleware
 
 from assistant import console
 from assistant.chat import ChatError, ChatService, ChatSession, sampling
 from assistant.context import AppContext
+from assistant.http_guard import LINKS_HEAD, UPLOADS, HttpGuard, UploadPolicy, takes_uploads
+from assistant.markup import without_remote_images
 from feedback import ranking
-from feedback.store import REASON_TAGS, FeedbackStore
+from feedback.store import REASON_TAGS, FeedbackStore, StoreError
 
 log = logging.getLogger(__name__)
 
@@ -188,24 +197,6 @@ HEAD = """<script>
 </script>"""
 
 
-@dataclass(frozen=True)
-class UploadPolicy:
-    """Gradio's upload route (``/gradio_api/upload``) is open to anyone who can reach the
-    page, although no component of this app takes a file; without a size limit and cache
-    cleaning it lets anyone fill the server's disk.  Gradio also keeps files it serves (the
-    console's exports) in that cache, so they too are deleted once ``max_age_s`` old."""
-    max_file_bytes: int = 1024 * 1024
-    clean_every_s: int = 3600
-    max_age_s: int = 3600
-
-    @property
-    def delete_cache(self) -> tuple[int, int]:
-        return (self.clean_every_s, self.max_age_s)
-
-
-UPLOADS = UploadPolicy()
-
-
 def _client(request: gr.Request | None) -> str | None:
     if request is None:
         return None
@@ -278,14 +269,15 @@ def _edited_text(value) -> str:
 
 
 def _errors_to_gradio(fn: Callable) -> Callable:
-    """ChatError -> gr.Error (the message reaches the browser and API clients), for plain
-    handlers and streaming (generator) ones alike."""
+    """ChatError, and a StoreError the service lets through (too many chats), -> gr.Error (the
+    message reaches the browser and API clients), for plain handlers and streaming (generator)
+    ones alike."""
     if inspect.isgeneratorfunction(fn):
         @functools.wraps(fn)  # keeps the signature: Gradio injects gr.Request by it
         def streaming(*args, **kwargs):
             try:
                 yield from fn(*args, **kwargs)
-            except ChatError as exc:
+            except (ChatError, StoreError) as exc:
                 raise gr.Error(str(exc), print_exception=False) from None
         return streaming
 
@@ -293,7 +285,7 @@ def _errors_to_gradio(fn: Callable) -> Callable:
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
-        except ChatError as exc:
+        except (ChatError, StoreError) as exc:
             raise gr.Error(str(exc), print_exception=False) from None
     return wrapper
 
@@ -304,6 +296,7 @@ def build_app(ctx: AppContext, uploads: UploadPolicy = UPLOADS) -> gr.Blocks:
     service = ChatService(s, ctx.store, ctx.holder)
     ctx.extras["chat_service"] = service
     ctx.extras["uploads"] = uploads  # ``launch`` sets the size limit, Blocks the cleaning
+    ctx.store.max_chats_per_owner = s.max_chats_per_browser
 
     # -- handlers -----------------------------------------------------------------------
     def caller(state: ChatSession | None, request: gr.Request | None) -> ChatSession:
@@ -319,7 +312,7 @@ def build_app(ctx: AppContext, uploads: UploadPolicy = UPLOADS) -> gr.Blocks:
         shown = sess.history() + [{"role": "user", "content": message}]
         for text in service.chat(sess, message, params, system_prompt):
             yield shown + [{"role": "assistant", "content": text}], gr.skip(), "", sess
-        yield sess.history(), _version_md(sess.model_version), _finish_note(sess), sess
+        yield sess.history(), _version_md(sess.shown_version), _finish_note(sess), sess
 
     def chat_in_page(message: str, system_prompt: str, temperature: float, top_p: float, max_new_tokens: int,
                      seed: int, state: ChatSession | None, request: gr.Request):
@@ -344,7 +337,7 @@ def build_app(ctx: AppContext, uploads: UploadPolicy = UPLOADS) -> gr.Blocks:
         for text in service.regenerate(sess, params):
             yield a_text, text, gr.skip(), "", sess
         comp = sess.comparison
-        yield (comp.a_text, comp.b_text, _version_md(sess.model_version),
+        yield (comp.a_text, comp.b_text, _version_md(sess.shown_version),
                " ".join(filter(None, ["Which answer is better?", _finish_note(sess)])), sess)
 
     @_errors_to_gradio
@@ -373,7 +366,7 @@ def build_app(ctx: AppContext, uploads: UploadPolicy = UPLOADS) -> gr.Blocks:
         for c_text, d_text in service.compare_more(sess, params):
             yield c_text, d_text or gr.skip(), gr.skip(), "", sess
         texts = sess.comparison.texts()
-        yield (texts["C"], texts["D"], _version_md(sess.model_version),
+        yield (texts["C"], texts["D"], _version_md(sess.shown_version),
                " ".join(filter(None, ["Rank the four answers: 1 = best.", _finish_note(sess)])), sess)
 
     @_errors_to_gradio
@@ -415,7 +408,7 @@ def build_app(ctx: AppContext, uploads: UploadPolicy = UPLOADS) -> gr.Blocks:
         finally:
             if edits is not None:
                 edits.close()
-        yield sess.history(), _version_md(sess.model_version), " ".join(filter(None, [note, _finish_note(sess)])), sess
+        yield sess.history(), _version_md(sess.shown_version), " ".join(filter(None, [note, _finish_note(sess)])), sess
 
     def on_edit(temperature: float, top_p: float, max_new_tokens: int, seed: int, state: ChatSession | None,
                 request: gr.Request, evt: gr.EditData):
@@ -590,9 +583,10 @@ def build_app(ctx: AppContext, uploads: UploadPolicy = UPLOADS) -> gr.Blocks:
             version_md = gr.Markdown(_version_md(ctx.holder.version), label="model_version", show_label=False,
                                      elem_id="model-version")
         notice_md = gr.Markdown("", visible=False, elem_id="update-notice")
-        chatbot = gr.Chatbot(label="Conversation", height=440, sanitize_html=True, render_markdown=True,
-                             allow_tags=False, feedback_options=("Like", "Dislike"), buttons=["copy"],
-                             editable="all", placeholder=CHAT_PLACEHOLDER, elem_id="chatbot")
+        chatbot = without_remote_images(gr.Chatbot(
+            label="Conversation", height=440, sanitize_html=True, render_markdown=True, allow_tags=False,
+            feedback_options=("Like", "Dislike"), buttons=["copy"], editable="all", placeholder=CHAT_PLACEHOLDER,
+            elem_id="chatbot"))
         with gr.Row(elem_id="composer"):
             msg = gr.Textbox(show_label=False, placeholder="Message the assistant…",
                              scale=8, max_lines=8, autofocus=True, elem_id="message")
@@ -614,7 +608,8 @@ def build_app(ctx: AppContext, uploads: UploadPolicy = UPLOADS) -> gr.Blocks:
                 """One answer of the comparison, with its rank selector (shown while ranking four)."""
                 with gr.Column(min_width=0):
                     gr.Markdown(f"**Answer {label}** · {note}")
-                    text = gr.Markdown("", label=f"answer_{label.lower()}", elem_id=f"answer-{label.lower()}")
+                    text = without_remote_images(gr.Markdown("", label=f"answer_{label.lower()}",
+                                                             elem_id=f"answer-{label.lower()}"))
                     pick = gr.Radio(RANK_CHOICES, value=None, label=f"Rank of answer {label} (1 = best)",
                                     visible=False, container=False, elem_id=f"rank-{label.lower()}",
                                     elem_classes=["rank-pick"])
@@ -758,19 +753,27 @@ def build_app(ctx: AppContext, uploads: UploadPolicy = UPLOADS) -> gr.Blocks:
 
 def launch(demo: gr.Blocks, ctx: AppContext, *, prevent_thread_lock: bool = False,
            port: int | None = None, quiet: bool = False):
-    """Queues and starts the server; returns (app, local_url, share_url) like Blocks.launch."""
+    """Queues and starts the server; returns (app, local_url, share_url) like Blocks.launch.
+    Every request goes through ``HttpGuard`` (installed before the server starts)."""
     s = ctx.settings
     demo.queue(default_concurrency_limit=None, max_size=512)
     blocking = not prevent_thread_lock
     uploads: UploadPolicy = ctx.extras.get("uploads", UPLOADS)
-    os.environ["FORWARDED_ALLOW_IPS"] = s.trusted_proxies  # read by uvicorn's proxy-headers middleware
+    uploads_open = takes_uploads(demo) if uploads.open is None else uploads.open
+    ctx.extras["uploads_open"] = uploads_open
+    # read by uvicorn's proxy-headers middleware: X-Forwarded-For counts only from these ('' = none)
+    os.environ["FORWARDED_ALLOW_IPS"] = s.trusted_proxies
+    # an open upload route keeps its own cap: one file of max_file_bytes (Gradio refuses a larger file)
+    guard = Middleware(HttpGuard, max_body_bytes=s.max_request_bytes, uploads_open=uploads_open,
+                       upload_bytes=uploads.request_bytes)
     # a stream holds a worker thread while it waits for tokens; the engine's limits bound how
     # many can (decoding + waiting), and the rest of the pool is kept for votes and the console
     threads = s.max_batch + s.max_waiting + 40
     result = demo.launch(server_name=s.host, server_port=s.port if port is None else port,
                          prevent_thread_lock=True, quiet=quiet, show_error=True, max_threads=threads,
                          run_history=False, footer_links=["api"], max_file_size=uploads.max_file_bytes,
-                         css=CSS, head=HEAD)
+                         css=CSS, head=HEAD + LINKS_HEAD, app_kwargs={"middleware": [guard]},
+                         num_workers=0)  # no static-file worker processes: every route behind the guard
     _answer_unknown_endpoints(result[0])
     if blocking:
         demo.block_thread()

@@ -53,7 +53,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from assistant.client import free_port  # noqa: E402
+from assistant.client import LOOPBACK_PROXIES, free_port  # noqa: E402
 from assistant.client import message_text as text_of  # noqa: E402
 from benchmarks import oracles as oracles_mod  # noqa: E402
 from benchmarks.leakcheck import check_disjoint, check_run_prompts  # noqa: E402
@@ -105,7 +105,9 @@ class App:
                "--rate-messages-per-minute", "100000", "--rate-votes-per-minute", "100000",
                # the live canary decides inside the app, within the benchmark's bounds
                "--canary-share", str(args.canary_share), "--canary-max-votes", str(args.canary_votes),
-               "--canary-max-minutes", str(args.canary_minutes)]
+               "--canary-max-minutes", str(args.canary_minutes),
+               # each simulated user is a client of its own by X-Forwarded-For (``as_client``)
+               "--trusted-proxies", LOOPBACK_PROXIES]
         self.log = open(Path(args.data_dir) / "app.log", "ab")
         self.proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=self.log, stderr=subprocess.STDOUT)
 

@@ -32,6 +32,20 @@ long as the users run.  The users' time to first token is then what fairness buy
 
     python benchmarks/load.py --users 1 --turns 5 --flood 24 --flood-tokens 1024
     python benchmarks/load.py --users 1 --turns 5 --flood 24 --flood-tokens 1024 --no-fairness
+
+``--body-flood N`` first posts N request bodies of ``--body-mb`` MiB each (JSON for the chat's
+``/gradio_api/queue/join``, every other one sent chunked, ``--body-concurrency`` at a time)
+and reports the app's resident memory before, at its peak and after, measured in the same
+run; with the request-body cap (``--max-request-bytes``, 1 MiB) every one is refused (413)
+before it is read.  ``--no-body-limit`` starts the app without the cap, for the figure
+without it (the users may be 0):
+
+    python benchmarks/load.py --users 0 --body-flood 50 --body-mb 30
+    python benchmarks/load.py --users 0 --body-flood 50 --body-mb 30 --no-body-limit
+
+The started app trusts X-Forwarded-For from loopback (``--trusted-proxies 127.0.0.1,::1``),
+so each simulated user is a client of its own (``as_client``); a running app given with
+``--url`` must be started so too.
 """
 
 from __future__ import annotations
@@ -48,6 +62,7 @@ import sys
 import tempfile
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlparse
@@ -55,7 +70,7 @@ from urllib.parse import urlparse
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from assistant.client import as_client, free_port  # noqa: E402
+from assistant.client import LOOPBACK_PROXIES, as_client, free_port  # noqa: E402
 
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 VERDICTS = ("a", "b", "tie", "both_bad")
@@ -82,7 +97,8 @@ def percentile(values: list[float], q: float) -> float | None:
 def start_app(data_dir: Path, model: str, port: int, log_path: Path, extra: list[str] | None = None,
               env: dict | None = None) -> subprocess.Popen:
     cmd = [sys.executable, str(ROOT / "app.py"), "--data-dir", str(data_dir), "--port", str(port),
-           "--host", "127.0.0.1", "--model", model, "--no-retrain-enabled", *(extra or [])]
+           "--host", "127.0.0.1", "--model", model, "--no-retrain-enabled",
+           "--trusted-proxies", LOOPBACK_PROXIES, *(extra or [])]  # the users' X-Forwarded-For (as_client)
     log = open(log_path, "ab")
     return subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
                             env={**os.environ, **(env or {})}, start_new_session=True)
@@ -277,6 +293,87 @@ def run_flooder(url: str, session: int, tokens: int, stop: threading.Event, res:
             stop.wait(1.0)
 
 
+# ----------------------------------------------------------------------------- large bodies
+@dataclass
+class BodyFloodResult:
+    requests: int = 0
+    statuses: dict[str, int] = field(default_factory=dict)  # HTTP status (or exception name) -> count
+    sent_mb: float = 0.0
+    duration_s: float = 0.0
+    rss_before_mb: float | None = None
+    rss_peak_mb: float | None = None
+    rss_after_mb: float | None = None
+
+
+def _rss_mb(pid: int | None) -> float | None:
+    if not pid:
+        return None
+    try:
+        import psutil
+
+        return psutil.Process(pid).memory_info().rss / 2**20
+    except Exception:  # noqa: BLE001 - psutil missing or the process gone: no figure
+        return None
+
+
+def run_body_flood(url: str, pid: int | None, n: int, mb: int, concurrency: int, settle_s: float = 3.0
+                   ) -> BodyFloodResult:
+    """``n`` POSTs of ``mb`` MiB each to the chat's queue/join (JSON the app would parse),
+    alternately with a Content-Length and chunked, ``concurrency`` at a time; the app's RSS
+    before, at its peak (sampled every 0.1 s) and ``settle_s`` after the last one."""
+    import httpx
+
+    base = url.rstrip("/")
+    cfg = httpx.get(base + "/config", timeout=30).json()
+    fn = next(d["id"] for d in cfg["dependencies"] if d.get("api_name") == "chat")
+    # a /chat call whose message is the padding: {..., "data": ["xxx...", "", 0.7, 0.9, 8, -1, null]}
+    head = json.dumps({"fn_index": fn, "session_hash": "body-flood", "event_data": None, "trigger_id": None,
+                       "data": ""})[:-3].encode() + b'["'
+    tail = b'", "", 0.7, 0.9, 8, -1, null]}'
+    body = head + b"x" * (mb * 2**20 - len(head) - len(tail)) + tail  # one buffer, reused by every request
+    res = BodyFloodResult(requests=n)
+    lock = threading.Lock()
+    time.sleep(settle_s)
+    res.rss_before_mb = res.rss_peak_mb = _rss_mb(pid)
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.wait(0.1):
+            rss = _rss_mb(pid)
+            if rss is not None:
+                with lock:
+                    res.rss_peak_mb = max(res.rss_peak_mb or 0.0, rss)
+
+    def chunks():
+        view = memoryview(body)
+        for i in range(0, len(body), 2**20):
+            yield bytes(view[i:i + 2**20])
+
+    def post(i: int) -> None:
+        try:
+            with httpx.Client(timeout=120) as http:
+                r = http.post(base + "/gradio_api/queue/join", content=body if i % 2 == 0 else chunks(),
+                              headers={"content-type": "application/json"})
+            outcome = str(r.status_code)
+        except httpx.HTTPError as exc:
+            outcome = type(exc).__name__
+        with lock:
+            res.statuses[outcome] = res.statuses.get(outcome, 0) + 1
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    t0 = time.monotonic()
+    with ThreadPoolExecutor(max_workers=max(1, concurrency)) as pool:
+        list(pool.map(post, range(n)))
+    res.duration_s = round(time.monotonic() - t0, 1)
+    res.sent_mb = n * len(body) / 2**20
+    time.sleep(settle_s)
+    done.set()
+    sampler.join()
+    res.rss_after_mb = _rss_mb(pid)
+    return res
+
+
 # ----------------------------------------------------------------------------- checks
 def verify(db_path: Path, results: list[UserResult]) -> list[str]:
     """What the database holds against what the clients were told; returns the problems."""
@@ -346,13 +443,18 @@ def run(args: argparse.Namespace) -> dict:
         url = f"http://127.0.0.1:{port}/"
         log_path = data_dir / "app.log"
         extra = ["--max-new-tokens", str(args.max_new_tokens), "--max-batch", str(args.max_batch),
-                 "--threads", str(args.threads), *(NO_FAIRNESS if args.no_fairness else [])]
+                 "--threads", str(args.threads), *(NO_FAIRNESS if args.no_fairness else []),
+                 *(["--max-request-bytes", "0"] if args.no_body_limit else [])]
         app = start_app(data_dir, args.model, port, log_path, extra)
     db_path = data_dir / "feedback.sqlite"
     report: dict = {"users": args.users, "turns": args.turns, "model": args.model, "url": url}
     try:
         if app is not None:
             wait_ready(url, app, args.start_timeout)
+        if args.body_flood:
+            bf = run_body_flood(url, app.pid if app is not None else args.app_pid, args.body_flood, args.body_mb,
+                                args.body_concurrency)
+            report["body_flood"] = {**bf.__dict__, "mb_each": args.body_mb, "limit": not args.no_body_limit}
         if args.during_retrain:
             cmd = [sys.executable, "-m", "retrain", "run", "--now", "--data-dir", str(data_dir),
                    "--model", args.model, "--retrain-threads", "1"]
@@ -427,7 +529,9 @@ def run(args: argparse.Namespace) -> dict:
         report["server_errors"] = server_errors(log_path)[:10]
         report["ok"] = (report["errors"] == 0 and not report["db_problems"] and not report["server_errors"]
                         and report["turns_done"] == args.users * args.turns
-                        and not report.get("flood", {}).get("failed"))
+                        and not report.get("flood", {}).get("failed")
+                        and (not args.body_flood or args.no_body_limit
+                             or report["body_flood"]["statuses"] == {"413": args.body_flood}))
         return report
     finally:
         for proc in (retrain, app):
@@ -477,6 +581,17 @@ def format_report(r: dict) -> str:
         lines.append(f"flood: one client, {f['sessions']} sessions x {f['tokens']} tokens, fairness "
                      f"{'on' if f['fairness'] else 'off'}: {f['answered']} answered, {f['refused_busy']} refused "
                      f"busy, {f['refused_rate']} refused by the rate limit, {len(f['failed'])} failed")
+    if "body_flood" in r:
+        b = r["body_flood"]
+
+        def mb(x):
+            return "-" if x is None else f"{x:.0f} MB"
+
+        ratio = (f" ({b['rss_after_mb'] / b['rss_before_mb']:.2f} x)" if b["rss_after_mb"] and b["rss_before_mb"]
+                 else "")
+        lines.append(f"body flood: {b['requests']} x {b['mb_each']} MiB ({b['sent_mb']:.0f} MiB) in {b['duration_s']} s, "
+                     f"body limit {'on' if b['limit'] else 'off'}: answers {b['statuses']}; app RSS before "
+                     f"{mb(b['rss_before_mb'])}, peak {mb(b['rss_peak_mb'])}, after {mb(b['rss_after_mb'])}{ratio}")
     if "retrain" in r:
         lines.append(f"retrain: running at start {r.get('retrain_running_at_start')}; {r['retrain']}; "
                      f"runs {r['retrain_runs']}")
@@ -509,6 +624,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--flood-tokens", type=int, default=1024, help="max new tokens of each flood answer")
     p.add_argument("--flood-head-start", type=float, default=10, help="seconds the flood runs before the users start")
     p.add_argument("--no-fairness", action="store_true", help="lift the app's per-client limits (for comparison)")
+    p.add_argument("--body-flood", type=int, default=0, help="large request bodies posted before the users start")
+    p.add_argument("--body-mb", type=int, default=30, help="MiB per body of --body-flood")
+    p.add_argument("--body-concurrency", type=int, default=5, help="bodies of --body-flood in flight at once")
+    p.add_argument("--no-body-limit", action="store_true",
+                   help="start the app without its request-body cap (for comparison)")
+    p.add_argument("--app-pid", type=int, default=0, help="with --url: the app's process id, for its RSS")
     p.add_argument("--keep", action="store_true", help="keep the temporary data directory")
     p.add_argument("--json", default="", help="also write the report as JSON here")
     return p

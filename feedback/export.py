@@ -27,6 +27,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from feedback import ranking
+from feedback.store import SERVER_SECRETS
 
 
 def trl_record(prompt: list[dict], chosen: str, rejected: str) -> dict:
@@ -209,8 +210,10 @@ def backup_db(source: Path | str, dest: Path | str) -> Path:
 
 def shareable_db_copy(source: Path | str, dest: Path | str) -> Path:
     """A consistent copy (``backup_db``) fit to hand out from the console: the ``users``
-    table is emptied (password hashes stay on the server) and every row of an opted-out
-    session is deleted, in any table that names the session or one of its conversations.
+    table is emptied (password hashes stay on the server), the server's secrets in
+    ``app_state`` are left out (``store.SERVER_SECRETS``: the browsers' storage secret, the
+    contributor salt), and every row of an opted-out session is deleted, in any table that
+    names the session or one of its conversations.
     ``secure_delete`` and ``VACUUM`` make sure the deleted bytes are not left in free pages.
     The schema is untouched, so the app can open the copy."""
     dest = Path(dest)
@@ -235,6 +238,7 @@ def _drop_private_rows(conn: sqlite3.Connection) -> None:
     """Deletes the users and everything recorded for opted-out sessions (see above); tables
     are found by their columns, so tables added later are covered too."""
     conn.execute("DELETE FROM users")
+    conn.execute(f"DELETE FROM app_state WHERE key IN ({','.join('?' * len(SERVER_SECRETS))})", SERVER_SECRETS)
     conn.execute("CREATE TEMP TABLE gone_sessions AS SELECT id FROM sessions WHERE opt_out = 1")
     conn.execute("CREATE TEMP TABLE gone_conversations AS SELECT id FROM conversations "
                  "WHERE session_id IN (SELECT id FROM gone_sessions)")

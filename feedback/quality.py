@@ -6,6 +6,9 @@ reviews before a retrain trusts the labels.
   of button is (a session that always presses "A" is not reading);
 - ``fast_sessions``: sessions that decide comparisons faster than anyone can read the two
   answers (the time from answer B being complete to the vote, against the words shown);
+- ``bursts``: clients (an address, else a browser key) that wrote many judgements of any
+  kind (votes, rewrites, rankings, thumbs) within a few minutes: a flood of rewrites needs
+  no generation, so it never shows up as fast voting;
 - ``reason_counts``: thumbs-down reason tags per day (a tag that jumps after a release says
   what the new version broke);
 - ``records``: the rows behind a list of record references, for the disagreement queue
@@ -105,6 +108,45 @@ def fast_sessions(store: FeedbackStore, limits: SpeedLimits = SpeedLimits(), min
                     "median_seconds": median(r["seconds"] for r in rows), "fastest": fastest["id"],
                     "excluded": sum(r["excluded"] for r in rows)})
     return sorted(out, key=lambda s: (-s["fast"] / s["votes"], s["median_seconds"]))
+
+
+def bursts(store: FeedbackStore, window_minutes: float = 10.0, min_judgements: int = 30) -> list[dict]:
+    """Clients with at least ``min_judgements`` judgements within some ``window_minutes``,
+    the busiest first: the most in one window (``peak``), the counts per kind over all
+    time, their sessions (the busiest first) and how many of the judgements are excluded.
+    A client is the session's ``contributor`` (its address, hashed), else its browser key,
+    else the session itself, as the retrain's per-client cap counts them."""
+    rows = store.query(
+        "SELECT COALESCE(s.contributor, s.owner, 'session:' || s.id) AS client, s.id AS session_id, s.user, "
+        "CASE c.verdict WHEN 'edit' THEN 'rewrites' WHEN 'rank' THEN 'rankings' ELSE 'votes' END AS kind, "
+        "julianday(COALESCE(c.decided_at, c.created_at)) AS day, c.excluded "
+        "FROM comparisons c JOIN sessions s ON s.id = c.session_id WHERE c.verdict IS NOT NULL "
+        "UNION ALL SELECT COALESCE(s.contributor, s.owner, 'session:' || s.id), s.id, s.user, 'thumbs', "
+        "julianday(r.created_at), r.excluded FROM ratings r JOIN sessions s ON s.id = r.session_id "
+        "ORDER BY 5")
+    by_client: dict[str, list[dict]] = defaultdict(list)
+    for r in rows:
+        by_client[r["client"]].append(r)
+    window = window_minutes / 1440.0
+    out = []
+    for client, items in by_client.items():
+        peak, start = 0, 0
+        for end, r in enumerate(items):  # two pointers over the client's judgements in time order
+            while r["day"] - items[start]["day"] > window:
+                start += 1
+            peak = max(peak, end - start + 1)
+        if peak < min_judgements:
+            continue
+        kinds: dict[str, int] = defaultdict(int)
+        sessions: dict[str, int] = defaultdict(int)
+        for r in items:
+            kinds[r["kind"]] += 1
+            sessions[r["session_id"]] += 1
+        out.append({"client": client[:12], "peak": peak, "judgements": len(items), "kinds": dict(kinds),
+                    "sessions": sorted(sessions, key=lambda sid: -sessions[sid]),
+                    "user": next((r["user"] for r in items if r["user"]), None),
+                    "excluded": sum(r["excluded"] for r in items)})
+    return sorted(out, key=lambda b: -b["peak"])
 
 
 def reason_counts(store: FeedbackStore, since: str = "") -> list[dict]:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any
+from typing import Any, NamedTuple
 
 from feedback.store import FeedbackStore, NotFound, StoreError, _json, new_id, now
 
@@ -259,9 +259,13 @@ class Registry:
 
     def canary_votes(self, version_id: str, parent_id: str, since: str) -> list[dict]:
         """Users' decided A/B votes between the candidate and its parent since the trial
-        began (not excluded, not from opted-out sessions), with each answer's version."""
+        began (not excluded, not from opted-out sessions), with each answer's version, the
+        voter's ``client`` (its address, hashed; else its browser key; else its session) and
+        ``browser`` (its key, hashed; else its session)."""
         return self.store.query(
-            "SELECT c.id, c.verdict, c.decided_at, ga.model_version AS a_version, gb.model_version AS b_version "
+            "SELECT c.id, c.verdict, c.decided_at, ga.model_version AS a_version, gb.model_version AS b_version, "
+            "COALESCE(s.contributor, s.owner, 'session:' || s.id) AS client, "
+            "COALESCE(s.owner, 'session:' || s.id) AS browser "
             "FROM comparisons c JOIN sessions s ON s.id = c.session_id "
             "JOIN generations ga ON ga.id = c.a_generation_id JOIN generations gb ON gb.id = c.b_generation_id "
             "WHERE c.verdict IN ('a', 'b', 'tie', 'both_bad') AND c.excluded = 0 AND s.opt_out = 0 "
@@ -270,18 +274,40 @@ class Registry:
             (since, version_id, parent_id, parent_id, version_id))
 
 
-def canary_tally(votes: list[dict], version_id: str) -> tuple[int, int, int]:
-    """(wins, losses, ties) of the candidate in ``canary_votes`` rows; a tie or "both bad"
-    is a tie."""
-    wins = losses = ties = 0
-    for v in votes:
+class Tally(NamedTuple):
+    wins: int
+    losses: int
+    ties: int
+    clients: int = 0
+    """Distinct clients whose decisive votes were counted."""
+    capped: int = 0
+    """Decisive votes not counted: past ``per_client`` from one client or one browser."""
+
+
+def canary_tally(votes: list[dict], version_id: str, per_client: int | None = None) -> Tally:
+    """The candidate's wins, losses and ties in ``canary_votes`` rows (a tie or "both bad" is
+    a tie), oldest first.  With ``per_client``, at most that many decisive votes count from
+    one client and from one browser key, so no one user decides a trial."""
+    wins = losses = ties = capped = 0
+    counted: dict[str, int] = {}
+    clients: set[str] = set()
+    for i, v in enumerate(votes):
         if v["verdict"] not in ("a", "b"):
             ties += 1
-        elif (v["a_version"] if v["verdict"] == "a" else v["b_version"]) == version_id:
+            continue
+        own = str(v.get("id", i))  # a vote without a client is a client of its own
+        who = [v.get("client") or own, "browser:" + (v.get("browser") or own)]
+        if per_client is not None and any(counted.get(k, 0) >= per_client for k in who):
+            capped += 1
+            continue
+        for k in who:
+            counted[k] = counted.get(k, 0) + 1
+        clients.add(who[0])
+        if (v["a_version"] if v["verdict"] == "a" else v["b_version"]) == version_id:
             wins += 1
         else:
             losses += 1
-    return wins, losses, ties
+    return Tally(wins, losses, ties, len(clients), capped)
 
 
 def loads(text: str | None) -> Any:

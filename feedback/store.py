@@ -28,8 +28,10 @@ hash, and neither the database nor a copy of it lets anyone act as the browser.
 from __future__ import annotations
 
 import hashlib
+import hmac
 import json
 import math
+import secrets
 import sqlite3
 import threading
 import uuid
@@ -62,6 +64,10 @@ class AlreadyDecided(StoreError):
     pass
 
 
+class TooManyChats(StoreError):
+    """A browser (owner) already keeps ``max_chats_per_owner`` chats."""
+
+
 def now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
 
@@ -85,6 +91,11 @@ def _json(value: Any) -> str:
     """Standard JSON, so SQLite's own JSON functions read it too: Python's ``NaN`` (a metric
     that is not a number, e.g. a correlation over two steps) is written as null."""
     return json.dumps(_finite(value), ensure_ascii=False, allow_nan=False)
+
+
+CONTRIBUTOR_SALT = "contributor_salt"
+SERVER_SECRETS = ("browser_storage", CONTRIBUTOR_SALT)
+"""``app_state`` keys that are server secrets: the console's copy of the database leaves them out."""
 
 
 def owner_hash(key: str) -> str:
@@ -192,9 +203,17 @@ def _m5_rankings_and_branches(db: sqlite_utils.Database) -> None:
     db["conversations"].add_column("branch_turn", int)
 
 
+def _m6_contributors(db: sqlite_utils.Database) -> None:
+    """Who contributed a judgement, for the retrain's per-client cap: ``sessions.contributor``
+    is a keyed hash (``FeedbackStore.contributor_of``) of the network address the session was
+    first stored from.  Older sessions have none; the cap then counts their browser key."""
+    db["sessions"].add_column("contributor", str)
+    db["sessions"].create_index(["contributor"])
+
+
 MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_m1_core, _m2_review_and_training,
                                                             _m3_reward_model_roles, _m4_owners,
-                                                            _m5_rankings_and_branches]
+                                                            _m5_rankings_and_branches, _m6_contributors]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
@@ -235,6 +254,11 @@ class Message:
 
 class FeedbackStore:
     """Python API over the feedback database; no UI code, no training code."""
+
+    # Chats one owner (a browser's key) may keep; a new one past it is refused (TooManyChats) and
+    # the list shows all of them, so none drops off it.  0 = no limit.  The app sets it from
+    # ``--max-chats-per-browser``.
+    max_chats_per_owner: int = 200
 
     def __init__(self, path: Path | str, scrub_pii: bool = True, timeout_s: float = 10.0):
         self.path = Path(path)
@@ -306,12 +330,29 @@ class FeedbackStore:
 
     # -- sessions and conversations -----------------------------------------------------------
     def ensure_session(self, session_id: str, user: str | None = None, client: str | None = None,
-                       owner: str | None = None) -> None:
-        """Writes the session's row once; ``owner``: ``owner_hash`` of the browser's key."""
+                       owner: str | None = None, contributor: str | None = None) -> None:
+        """Writes the session's row once; ``owner``: ``owner_hash`` of the browser's key;
+        ``contributor``: ``contributor_of`` the caller's address."""
         with self.transaction() as db:
             if not db["sessions"].count_where("id = ?", [session_id]):
                 db["sessions"].insert({"id": session_id, "user": user, "client": self._clean(client), "opt_out": 0,
-                                       "created_at": now(), "updated_at": now(), "owner": owner})
+                                       "created_at": now(), "updated_at": now(), "owner": owner,
+                                       "contributor": contributor})
+
+    def contributor_of(self, address: str | None) -> str | None:
+        """What the store keeps of a client's network address: an HMAC-SHA-256 under a secret
+        of this database (``CONTRIBUTOR_SALT``, left out of the console's copy), so the same
+        address is the same contributor but a copy of the file does not give addresses away
+        (a plain hash of an IPv4 address is reversed by trying them all)."""
+        if not address:
+            return None
+        salt = self.get_state(CONTRIBUTOR_SALT)
+        if not salt:
+            with self.transaction() as db:  # two threads may race: the first salt written wins
+                db.execute("INSERT OR IGNORE INTO app_state (key, value, updated_at) VALUES (?, ?, ?)",
+                           [CONTRIBUTOR_SALT, _json(secrets.token_hex(16)), now()])
+            salt = self.get_state(CONTRIBUTOR_SALT)
+        return hmac.new(salt.encode(), address.encode(), hashlib.sha256).hexdigest()[:32]
 
     def set_opt_out(self, session_id: str, opt_out: bool, client: str | None = None,
                     owner: str | None = None) -> bool:
@@ -337,9 +378,13 @@ class FeedbackStore:
         return rows[0] if rows else None
 
     def start_conversation(self, session_id: str, system_prompt: str) -> str:
+        """A new conversation of the session; TooManyChats when the session's owner already
+        keeps ``max_chats_per_owner`` chats (counted in the same write transaction, so two
+        windows cannot both take the last place)."""
         conv_id = new_id()
         self.ensure_session(session_id)
         with self.transaction() as db:
+            self._refuse_past_chat_cap(session_id)
             db["conversations"].insert({"id": conv_id, "session_id": session_id,
                                         "system_prompt": self._clean(system_prompt), "created_at": now()})
         return conv_id
@@ -353,10 +398,32 @@ class FeedbackStore:
             raise NotFound("no such conversation in this session")
         conv_id = new_id()
         with self.transaction() as db:
+            self._refuse_past_chat_cap(session_id)
             db["conversations"].insert({"id": conv_id, "session_id": session_id,
                                         "system_prompt": rows[0]["system_prompt"], "created_at": now(),
                                         "branch_of": branch_of, "branch_turn": int(branch_turn)})
         return conv_id
+
+    def owner_chat_count(self, owner: str | None) -> int:
+        """How many chats the owner keeps: its conversations that hold a message (what
+        ``owner_conversations`` lists)."""
+        if not owner:
+            return 0
+        return self.query("SELECT count(*) AS n FROM conversations c JOIN sessions s ON s.id = c.session_id "
+                          "WHERE s.owner = ? AND EXISTS (SELECT 1 FROM messages m WHERE m.conversation_id = c.id)",
+                          (owner,))[0]["n"]
+
+    def check_room_for_chat(self, owner: str | None) -> None:
+        """TooManyChats when the owner already keeps ``max_chats_per_owner`` chats (a caller
+        may ask before it does the work a new chat costs; the store asks again when it starts one)."""
+        cap = int(self.max_chats_per_owner or 0)
+        if cap > 0 and owner and self.owner_chat_count(owner) >= cap:
+            raise TooManyChats(f"you already have {cap} chats, the most this server keeps for one browser: "
+                               "continue one of them from \"Your chats\", or delete your data to start afresh")
+
+    def _refuse_past_chat_cap(self, session_id: str) -> None:
+        rows = self.query("SELECT owner FROM sessions WHERE id = ?", (session_id,))
+        self.check_room_for_chat(rows[0]["owner"] if rows else None)
 
     def set_message(self, conversation_id: str, turn: int, role: str, content: str,
                     generation_id: str | None = None) -> None:
@@ -373,12 +440,16 @@ class FeedbackStore:
                           "WHERE conversation_id = ? ORDER BY turn", (conversation_id,))
 
     # -- a browser's own chats: every query is scoped by the owner hash -------------------------
-    def owner_conversations(self, owner: str, limit: int = 200) -> list[dict]:
+    def owner_conversations(self, owner: str, limit: int | None = None) -> list[dict]:
         """The owner's conversations that hold a message, most recently active first: id,
         title (the first user message), created_at, updated_at (latest message), messages,
-        branch_of (the conversation an edit branched it from, if any)."""
+        branch_of (the conversation an edit branched it from, if any).  ``limit`` None: all of
+        them, as the cap (``max_chats_per_owner``) refuses more; at least 200 are shown when
+        the cap was lowered below what a browser already kept."""
         if not owner:
             return []
+        if limit is None:
+            limit = max(int(self.max_chats_per_owner), 200) if self.max_chats_per_owner else -1
         return self.query(
             "SELECT c.id, c.created_at, c.branch_of, "
             "(SELECT m.content FROM messages m WHERE m.conversation_id = c.id AND m.role = 'user' "
@@ -704,9 +775,9 @@ class FeedbackStore:
     # -- what training may use -----------------------------------------------------------------
     def usable_comparisons(self, since: str | None = None) -> list[dict]:
         """Decided comparisons a retrain may use: not excluded, not from opted-out sessions,
-        verdict set.  Ordered by decision time, then by insertion (``rowid``) for the same
+        verdict set; with the session's ``contributor`` and ``owner`` (for the per-client cap).  Ordered by decision time, then by insertion (``rowid``) for the same
         millisecond: the held-out split relies on this order."""
-        sql = ("SELECT c.* FROM comparisons c JOIN sessions s ON s.id = c.session_id "
+        sql = ("SELECT c.*, s.contributor, s.owner FROM comparisons c JOIN sessions s ON s.id = c.session_id "
                "WHERE c.verdict IS NOT NULL AND c.excluded = 0 AND s.opt_out = 0")
         params: list = []
         if since:
@@ -722,7 +793,7 @@ class FeedbackStore:
             "AND c.used_in_run IS NULL")[0]["n"]
 
     def usable_ratings(self) -> list[dict]:
-        return self.query("SELECT r.* FROM ratings r JOIN sessions s ON s.id = r.session_id "
+        return self.query("SELECT r.*, s.contributor, s.owner FROM ratings r JOIN sessions s ON s.id = r.session_id "
                           "WHERE r.excluded = 0 AND s.opt_out = 0 ORDER BY r.created_at, r.rowid")
 
     def user_prompts(self) -> list[dict]:

@@ -9,6 +9,11 @@ reads those votes and decides:
 - each decisive vote is a win or a loss for the candidate; ties and "both bad" say nothing
   about which is better, so the decision is a sign test over the decisive votes (ties are
   counted and reported, and the ties-half win rate is reported beside it);
+- no one user decides it: at most ``max_votes_per_client`` decisive votes count from one
+  client (its address) and from one browser key, the earliest; the rest are counted as
+  ``capped``, and no decision on the evidence is taken before ``min_clients`` distinct
+  clients have voted (the page and the API do not say which answer the candidate wrote
+  before the vote, ``assistant.chat``);
 - **promote** when at least ``min_votes`` decisive votes are in and the Wilson lower bound
   (``z`` = 1.645, one-sided 95%) of the candidate's win rate is above 0.5;
 - **reject** when the upper bound is below 0.5 (users prefer what is served), when
@@ -45,11 +50,17 @@ class CanaryConfig:
     """Minutes after which an undecided trial is rejected as inconclusive."""
     z: float = 1.645
     """Wilson z of the decision bounds (1.645: one-sided 95%)."""
+    max_votes_per_client: int = 5
+    """Decisive votes counted from one client (address) and from one browser key, the earliest."""
+    min_clients: int = 5
+    """Distinct clients whose decisive votes count, before any decision on the evidence."""
 
     @classmethod
     def from_settings(cls, settings) -> CanaryConfig:
         return cls(share=settings.canary_share, min_votes=settings.canary_min_votes,
-                   max_votes=settings.canary_max_votes, max_minutes=settings.canary_max_minutes)
+                   max_votes=settings.canary_max_votes, max_minutes=settings.canary_max_minutes,
+                   max_votes_per_client=settings.canary_max_votes_per_client,
+                   min_clients=settings.canary_min_clients)
 
 
 @dataclass
@@ -65,26 +76,38 @@ class CanaryDecision:
     ci_high: float
     win_rate_ties_half: float
     minutes: float
+    clients: int = 0
+    """Distinct clients whose decisive votes were counted."""
+    capped: int = 0
+    """Decisive votes not counted (past ``max_votes_per_client`` from one client or browser)."""
 
 
-def decide(wins: int, losses: int, ties: int, minutes: float, cfg: CanaryConfig) -> CanaryDecision:
-    """The trial's decision from the tallies so far (pure; tested by hand)."""
+def decide(wins: int, losses: int, ties: int, minutes: float, cfg: CanaryConfig, clients: int | None = None,
+           capped: int = 0) -> CanaryDecision:
+    """The trial's decision from the tallies so far (pure; tested by hand); ``clients``: the
+    distinct clients behind the decisive votes (None: enough), ``capped``: votes not counted."""
     n = wins + losses
-    total = n + ties
+    total = n + ties + capped
     lo, hi = wilson(wins, n, cfg.z)
     rate = wins / n if n else float("nan")
-    half = (wins + 0.5 * ties) / total if total else float("nan")
-    what = f"users preferred the candidate in {wins} of {n} decisive votes ({ties} ties), " \
-           f"bounds {lo:.0%}-{hi:.0%}"
-    if n >= cfg.min_votes and lo > 0.5:
+    half = (wins + 0.5 * ties) / (n + ties) if n + ties else float("nan")
+    who = "" if clients is None else f" from {clients} client{'s' * (clients != 1)}"
+    what = f"users preferred the candidate in {wins} of {n} decisive votes{who} ({ties} ties" + \
+           (f", {capped} more past {cfg.max_votes_per_client} per client not counted" if capped else "") + \
+           f"), bounds {lo:.0%}-{hi:.0%}"
+    enough = n >= cfg.min_votes and (clients is None or clients >= cfg.min_clients)
+    if enough and lo > 0.5:
         action, reason = "promote", f"canary: {what}"
-    elif n >= cfg.min_votes and hi < 0.5:
+    elif enough and hi < 0.5:
         action, reason = "reject", f"canary: users prefer the served version; {what}"
     elif total >= cfg.max_votes or minutes >= cfg.max_minutes:
         action, reason = "reject", f"canary inconclusive after {total} votes and {minutes:.0f} min: {what}"
     else:
-        action, reason = "continue", f"canary running: {what}"
-    return CanaryDecision(action, reason, total, wins, losses, ties, rate, lo, hi, half, minutes)
+        action, reason = "continue", f"canary running: {what}" + (
+            f"; waiting for votes from {cfg.min_clients - clients} more clients"
+            if clients is not None and clients < cfg.min_clients and n >= cfg.min_votes else "")
+    return CanaryDecision(action, reason, total, wins, losses, ties, rate, lo, hi, half, minutes,
+                          clients or 0, capped)
 
 
 def status(registry: Registry, cfg: CanaryConfig, now: datetime | None = None) -> CanaryDecision | None:
@@ -95,7 +118,8 @@ def status(registry: Registry, cfg: CanaryConfig, now: datetime | None = None) -
     votes = registry.canary_votes(state["version_id"], state["parent_id"], state["started_at"])
     now = now or datetime.now(timezone.utc)
     minutes = (now - datetime.fromisoformat(state["started_at"])).total_seconds() / 60
-    return decide(*canary_tally(votes, state["version_id"]), minutes, cfg)
+    t = canary_tally(votes, state["version_id"], cfg.max_votes_per_client)
+    return decide(t.wins, t.losses, t.ties, minutes, cfg, t.clients, t.capped)
 
 
 def check(registry: Registry, cfg: CanaryConfig, now: datetime | None = None) -> CanaryDecision | None:

@@ -41,6 +41,12 @@ class DataConfig:
     """Use thumbs up/down as unpaired labels (and up/down pairs)."""
     max_reference: int = 256
     """Logged answers of the reference (SFT) model used for the reward normalisation."""
+    max_client_share: float = 0.25
+    """Most of a run's judgements one client (address) or browser key keeps; its earliest are
+    kept, the rest dropped and counted in the ledger.  1 turns the cap off."""
+    min_per_client: int = 50
+    """A client keeps at least this many judgements whatever its share (one or two clients
+    are never capped: there is no crowd to outweigh)."""
 
 
 @dataclass

@@ -34,6 +34,15 @@ thumbs up / down          an unpaired *good* / *bad* label on the answer (KTO-st
 Nothing is dropped silently: ``Snapshot.judgements`` counts, per kind, what was seen, what
 was used and what was dropped with the reason (shown in the console's run page).
 
+Per-client cap: one client must not write the training data (InstructGPT capped the prompts
+per labeller).  Each judgement has a contributor (``sessions.contributor``, a keyed hash of
+the client's address; a session without one counts as its own) and a browser key
+(``sessions.owner``).  Per run, no contributor, and no browser key, keeps more than
+``max_client_share`` of the run's judgements (at least ``min_per_client``, and one or two
+contributors are never capped: there is no crowd to outweigh).  Its earliest judgements are
+kept; the rest are dropped and counted in the ledger, with the number of clients capped in
+``stats["capped_clients"]``.
+
 Held-out split: by time (exactly the newest ``heldout_fraction`` of the labelled items; the
 default) or by session (a stable hash of the session id), never by random row: one user's
 votes correlate.
@@ -187,6 +196,10 @@ class LabelConfig:
     each answer counts once and the ranking K / 2 votes (see the table above)."""
 
 
+_KIND_OF = {"a": "preference", "b": "preference", "tie": "tie", "edit": "edit", "both_bad": "both_bad",
+            ranking.RANK: "rank"}  # verdict -> kind of judgement
+
+
 def ranking_pairs(r: dict, prompt: list[dict], fold: int, labels: LabelConfig) -> tuple[list[Pair], int]:
     """The pairs of one ranking row (see the table above) and how many were skipped
     (identical or empty answers).  No pairs when its order is malformed."""
@@ -222,8 +235,7 @@ def comparison_pairs(rows: list[dict], ledger: Ledger, labels: LabelConfig,
     used: list[str] = []
     for r in rows:
         verdict, prompt = r["verdict"], _messages(r["context"])
-        kind = {"a": "preference", "b": "preference", "tie": "tie", "edit": "edit", "both_bad": "both_bad",
-                ranking.RANK: "rank"}.get(verdict)
+        kind = _KIND_OF.get(verdict)
         if kind is None:
             continue  # an unknown verdict cannot be stored (the store validates verdicts)
         ledger.seen(kind)
@@ -318,6 +330,61 @@ def rating_labels(rows: list[dict], ledger: Ledger, labels: LabelConfig) -> tupl
     return pairs, points, used
 
 
+CAPPED = "over the per-client cap (data.max_client_share)"
+
+
+def _client_cap(counts: list[int], share: float, floor: int) -> int | None:
+    """The most judgements one of the contributors with ``counts`` may keep: the largest c
+    with c <= max(floor, s * sum(min(n, c))), where s = max(share, 2 / len(counts)).  None
+    when nobody is over it."""
+    if not counts:
+        return None
+    s = max(share, 2 / len(counts))
+    cap = max(counts)
+    while True:  # c -> s * total(c) falls to its fixed point
+        new = max(floor, int(s * sum(min(n, cap) for n in counts)))
+        if new >= cap:
+            return None if cap == max(counts) else cap
+        cap = new
+
+
+def cap_clients(comparisons: list[dict], ratings: list[dict], ledger: Ledger, share: float,
+                floor: int) -> tuple[list[dict], list[dict], dict]:
+    """The rows each contributor and each browser key may keep (see the module's docstring),
+    in their order; a dropped row is seen and dropped in ``ledger``.  Returns the kept
+    comparisons and ratings, and stats: clients capped, judgements dropped, the caps."""
+    rows = [(r, "comparison") for r in comparisons] + [(r, "rating") for r in ratings]
+    rows.sort(key=lambda item: item[0].get("decided_at") or item[0]["created_at"])
+    keep = [True] * len(rows)
+    stats = {"capped_clients": 0, "capped_judgements": 0}
+    for who in ("contributor", "owner"):
+        counts: dict[str, int] = defaultdict(int)
+        for (r, _), kept in zip(rows, keep):
+            if kept:
+                counts[r.get(who) or "session:" + r["session_id"]] += 1
+        cap = _client_cap(list(counts.values()), share, floor)
+        if cap is None:
+            continue
+        stats[f"{who}_cap"] = cap
+        stats["capped_clients"] += sum(n > cap for n in counts.values())
+        taken: dict[str, int] = defaultdict(int)
+        for i, (r, _) in enumerate(rows):
+            key = r.get(who) or "session:" + r["session_id"]
+            if keep[i]:
+                taken[key] += 1
+                keep[i] = taken[key] <= cap
+    for (r, table), kept in zip(rows, keep):
+        if not kept:
+            kind = f"thumb_{r['thumb']}" if table == "rating" else _KIND_OF.get(r["verdict"])
+            if kind:
+                ledger.seen(kind)
+                ledger.dropped(kind, CAPPED)
+            stats["capped_judgements"] += 1
+    kept_rows = [r for (r, _), k in zip(rows, keep) if k]
+    kept_ids = {id(r) for r in kept_rows}
+    return [r for r in comparisons if id(r) in kept_ids], [r for r in ratings if id(r) in kept_ids], stats
+
+
 def _split_flags(items: list[tuple[str, str]], heldout_fraction: float,
                  split: str, groups: list[str | None] | None = None) -> tuple[list[bool], str | None]:
     """items: (session_id, at), in the order the store recorded them.  Returns held-out flags
@@ -348,17 +415,21 @@ def build_snapshot(store, *, heldout_fraction: float = 0.2, split: str = "time",
                    min_seed_prompts: int = 64, min_heldout_prompts: int = 24, include_thumbs: bool = True,
                    since: str | None = None, system_prompt: str = DEFAULT_SYSTEM_PROMPT,
                    reference_version: str | None = "sft", max_reference: int = 256,
-                   labels: LabelConfig | None = None) -> Snapshot:
+                   labels: LabelConfig | None = None, max_client_share: float = 0.25,
+                   min_per_client: int = 50) -> Snapshot:
     """Reads what training may use from the store and turns it into a :class:`Snapshot`."""
     labels = labels or LabelConfig()
     stats: dict = defaultdict(int)
     ledger = Ledger()
     rows = store.usable_comparisons(since=since)
     stats["comparisons"] = len(rows)
+    rows, ratings, capped = cap_clients(rows, store.usable_ratings() if include_thumbs else [], ledger,
+                                        max_client_share, min_per_client)
+    stats.update(capped)
     pairs, points, used = comparison_pairs(rows, ledger, labels, stats)
     rating_ids: list[str] = []
     if include_thumbs:
-        t_pairs, t_points, rating_ids = rating_labels(store.usable_ratings(), ledger, labels)
+        t_pairs, t_points, rating_ids = rating_labels(ratings, ledger, labels)
         pairs += t_pairs
         points += t_points
         stats["thumb_pairs"] = len(t_pairs)

@@ -43,7 +43,7 @@ def test_tally_reads_which_side_was_the_candidate():
              {"verdict": "b", "a_version": "sft", "b_version": "cand"},
              {"verdict": "tie", "a_version": "sft", "b_version": "cand"},
              {"verdict": "both_bad", "a_version": "sft", "b_version": "cand"}]
-    assert canary_tally(votes, "cand") == (2, 1, 2)
+    assert canary_tally(votes, "cand")[:3] == (2, 1, 2)
 
 
 @pytest.fixture

@@ -435,3 +435,29 @@ def test_reason_tags_are_counted_per_day(console):
     assert rows == [{"day": day, "reason": "inaccurate", "thumb": "down", "n": 1},
                     {"day": day, "reason": "too long", "thumb": "down", "n": 1}]
     assert list(table.columns) == ["day", "reason", "thumb", "ratings"]
+
+
+def test_bursts_flag_a_client_that_floods_rewrites_over_many_sessions(console):
+    """A flood of rewrites needs no generation, so it is never fast voting; the burst list
+    finds the client by its address across sessions, and leaves an ordinary user alone."""
+    service, store, _, _ = console
+    assert service.bursts().keys == [] and "No client" in service.bursts().info
+    flood = store.contributor_of("198.51.100.7")
+    for s in range(6):
+        store.ensure_session(f"sess-flood{s}", owner=f"key{s}", contributor=flood)
+        for k in range(6):
+            conv = store.start_conversation(f"sess-flood{s}", "You are a helpful AI assistant.")
+            gen = store.record_generation(content="an answer", model_version="sft", session_id=f"sess-flood{s}",
+                                          conversation_id=conv, turn=1, context=[{"role": "user", "content": "q"}],
+                                          sampling={}, prompt_tokens=1, completion_tokens=1, ttft_ms=1.0,
+                                          latency_ms=1.0, finish_reason="stop")
+            store.record_edit(session_id=f"sess-flood{s}", conversation_id=conv, turn=1, generation_id=gen,
+                              rewrite=f"my rewrite {s}-{k}")
+    store.ensure_session("sess-calm", owner="calm", contributor=store.contributor_of("203.0.113.9"))
+    for i in range(5):
+        _vote(store, "sess-calm", "sft", "v2", "a", question=f"q{i}")
+    bursts = service.bursts()
+    row = bursts.table.iloc[0]
+    assert len(bursts.table) == 1 and row["rewrites"] == 36 and row["most in 10 min"] == 36
+    assert row["sessions"] == 6 and row["client"] == flood[:12] and "198.51" not in row["client"]
+    assert bursts.keys[0].startswith("sess-flood") and "1 client wrote 30+" in bursts.info

@@ -121,15 +121,20 @@ def test_csv_cells_cannot_start_a_formula(store, tmp_path):
     assert {r["user"] for r in rows} == {"'=cmd"} and {r["b_text"] for r in rows} >= {"plain answer"}
 
 
-def test_shareable_copy_leaves_out_users_and_opted_out_sessions(store, tmp_path):
+def test_shareable_copy_leaves_out_users_secrets_and_opted_out_sessions(store, tmp_path):
     ids = filled(store)
+    from assistant.ui import browser_storage
     from feedback import auth
     auth.add_user(store, "maria", "long enough pw")
     digest = auth.user_row(store, "maria")["password_hash"].rsplit("$", 1)[-1]
+    secret = browser_storage(store)["secret"]  # encrypts every browser's key
+    store.contributor_of("203.0.113.5")  # makes the contributor salt
+    salt = store.get_state("contributor_salt")
     store.set_opt_out("sess-alice", True)
     copy = export.shareable_db_copy(store.path, tmp_path / "copy.sqlite")
     raw = copy.read_bytes()
     assert digest.encode() not in raw and b"sess-alice" not in raw
+    assert secret.encode() not in raw and salt.encode() not in raw
     assert b"capital of France" not in raw and b"Explain recursion" not in raw and b"haiku" in raw
     with sqlite3.connect(copy) as conn:
         assert conn.execute("PRAGMA integrity_check").fetchone() == ("ok",)
@@ -143,3 +148,5 @@ def test_shareable_copy_leaves_out_users_and_opted_out_sessions(store, tmp_path)
     full = export.backup_db(store.path, tmp_path / "full.sqlite")
     with sqlite3.connect(full) as conn:
         assert conn.execute("SELECT COUNT(*) FROM users").fetchone() == (1,)
+        assert conn.execute("SELECT COUNT(*) FROM app_state WHERE key IN ('browser_storage', 'contributor_salt')"
+                            ).fetchone() == (2,)

@@ -2,11 +2,11 @@
 cannot starve another client, its excess is refused at once with a wait estimate, and
 votes never wait behind generation.
 
-Clients are told apart by address; the app trusts X-Forwarded-For from loopback (its
-default ``--trusted-proxies``), which is how these tests play several clients.  The engine
-is slowed (a sleep per decode step, end-of-turn ignored) so the flood's answers are still
-being written while the other client is served: the assertions are about order and
-outcome, not about timings.
+Clients are told apart by address; the app here trusts X-Forwarded-For from loopback
+(``--trusted-proxies 127.0.0.1,::1``; the default trusts none), which is how these tests play
+several clients.  The engine is slowed (a sleep per decode step, end-of-turn ignored) so the
+flood's answers are still being written while the other client is served: the assertions are
+about order and outcome, not about timings.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import time
 import pytest
 from gradio_client import Client
 
-from assistant.client import as_client
+from assistant.client import LOOPBACK_PROXIES, as_client
 from tests.factories import app_settings, launch_app, wait_for
 
 LONG = (0.7, 0.9, 400, -1)  # temperature, top_p, max_new_tokens, seed
@@ -27,7 +27,7 @@ STEP_S = 0.05  # 400 tokens take 20 s: far longer than the checks made meanwhile
 @pytest.fixture
 def fair_app(tmp_path, tiny_model_dir):
     settings = app_settings(tmp_path, tiny_model_dir, max_batch=4, max_new_tokens=400, client_max_streams=2,
-                            client_max_waiting=2, max_waiting=8)
+                            client_max_waiting=2, max_waiting=8, trusted_proxies=LOOPBACK_PROXIES)
     url, ctx, close = launch_app(settings)
     _, engine = ctx.holder.current()
     engine.stop_ids = set()  # every answer runs to its max_new_tokens

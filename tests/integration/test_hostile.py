@@ -1,7 +1,7 @@
 """Hostile input, abuse limits and isolation: NUL bytes, lone surrogates, 1 MB of text,
 deeply nested markdown, HTML and script, prompt injection aimed at the console, wrong
 types, missing fields, unknown ids, replayed votes, huge reason lists, seeds beyond 64 bits,
-oversized uploads; per-session rate limits and the per-client opt-out limit; one session
+uploads (the route is shut); per-session rate limits and the per-client opt-out limit; one session
 reading or changing another's data.  Each input gets a clear error or is stored verbatim
 (and rendered inert); after each the server still answers a normal chat.
 
@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 
 from assistant import console_service
 from assistant.chat import ChatError, ChatService, ChatSession
-from assistant.client import free_port
+from assistant.client import LOOPBACK_PROXIES, free_port
 from assistant.client import message_text as text_of
 from assistant.engine import Engine, SamplingParams
 from assistant.holder import ModelHolder
@@ -356,23 +356,26 @@ def upload(url: str, size: int) -> httpx.Response:
                       timeout=60)
 
 
-def test_an_upload_over_the_limit_is_refused(app):
-    from assistant.ui import UPLOADS
+def test_the_upload_route_is_shut(app):
+    """No component of the app takes a file, so the route refuses every upload, of any size."""
+    from assistant.http_guard import UPLOADS
 
     url, _ = app
-    refused = upload(url, UPLOADS.max_file_bytes + 1)
-    assert refused.status_code == 413, (refused.status_code, refused.text[:200])
-    assert upload(url, 1000).status_code == 200
+    for size in (UPLOADS.max_file_bytes + 1, 1000):
+        refused = upload(url, size)
+        assert refused.status_code == 403, (refused.status_code, refused.text[:200])
+        assert refused.json() == {"error": "this app takes no file uploads"}
     still_serving(url)
 
 
 def test_uploaded_files_are_deleted_once_old(tmp_path, tiny_model_dir):
+    """The cache holds the console's exports too; here the route is opened to put files in it."""
     import app as app_module
-    from assistant import ui
+    from assistant import http_guard, ui
 
     settings = app_settings(tmp_path, tiny_model_dir, port=free_port())
     ctx = app_module.create_context(settings)
-    demo = ui.build_app(ctx, uploads=ui.UploadPolicy(max_file_bytes=1024, clean_every_s=1, max_age_s=1))
+    demo = ui.build_app(ctx, uploads=http_guard.UploadPolicy(max_file_bytes=1024, clean_every_s=1, max_age_s=1, open=True))
     try:
         _, url, _ = ui.launch(demo, ctx, prevent_thread_lock=True, quiet=True)
         assert upload(url, 1025).status_code == 413
@@ -418,7 +421,7 @@ def test_console_renders_hostile_records_inert(app):
 @pytest.fixture(scope="module")
 def limited_app(tmp_path_factory, tiny_model_dir):
     settings = app_settings(tmp_path_factory.mktemp("limited-app"), tiny_model_dir,
-                            rate_messages_per_minute=3, rate_votes_per_minute=2)
+                            rate_messages_per_minute=3, rate_votes_per_minute=2, trusted_proxies=LOOPBACK_PROXIES)
     url, ctx, close = launch_app(settings)
     yield url, ctx
     close()
@@ -459,7 +462,7 @@ def test_one_client_cannot_flood_the_log_or_the_model(limited_app):
     # a fresh session from the same address is not a way round the limit (sessions are free)
     with pytest.raises(AppError, match="too many messages: at most 3 per minute"):
         chat(Client(url, verbose=False), "flood from a new session")
-    # another client (here: named by the trusted proxy on loopback) is unaffected
+    # another client (here: named by the proxy on loopback this app trusts) is unaffected
     other = Client(url, verbose=False, headers={"X-Forwarded-For": "203.0.113.7"})
     chat(other, "other user")
     other.predict(*SAMPLING, api_name="/regenerate")
@@ -468,7 +471,8 @@ def test_one_client_cannot_flood_the_log_or_the_model(limited_app):
 
 def test_opt_out_is_rate_limited_per_client_not_per_session(limited_app):
     """Sessions are free (every new API client is one), so the limit follows the address
-    (here one named by the trusted proxy on loopback, so earlier tests' limits don't count)."""
+    (here one named by the proxy on loopback this app trusts, so earlier tests' limits don't
+    count; with the default, trusting none, a forged header changes nothing: test_hardening_http.py)."""
     url, ctx = limited_app
 
     def client() -> Client:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from retrain.data import LabelConfig, build_snapshot, fold_of, load_seed_prompts
 
 SYS = "You are a helpful AI assistant."
@@ -146,3 +148,69 @@ def test_time_split_is_exact_when_timestamps_tie():
     assert flags == [False] * 8 + [True] * 2 and cut == same  # the last two recorded
     flags, _ = _split_flags([("s", "b"), ("s", "a"), ("s", "c"), ("s", "a")], 0.5, "time")
     assert flags == [True, False, True, False]  # the newest by time, then by recorded order
+
+
+def _flood_and_crowd(store, flood_key: str):
+    """16 ordinary users with 10 votes each, and one client who edits 210 answers over 30
+    sessions of its own; ``flood_key``: what the flood's sessions share ('address' or
+    'browser', the other rotated)."""
+    for u in range(16):
+        sid = f"user{u}"
+        store.ensure_session(sid, owner=f"owner{u}", contributor=store.contributor_of(f"203.0.113.{u}"))
+        for k in range(10):
+            _vote(store, sid, f"question {u}-{k}", f"answer a {u}-{k}", f"answer b {u}-{k}", "ab"[k % 2])
+    for s in range(30):
+        sid = f"flood{s}"
+        address = "198.51.100.7" if flood_key == "address" else f"198.51.100.{s}"
+        store.ensure_session(sid, owner="flooder" if flood_key == "browser" else f"flood-owner{s}",
+                             contributor=store.contributor_of(address))
+        for k in range(7):
+            conv, ga, _ = _turn(store, sid, f"flood question {s}-{k}", "the model's answer", None)
+            store.record_edit(session_id=sid, conversation_id=conv, turn=1, generation_id=ga,
+                              rewrite=f"the flooder's rewrite {s}-{k}")
+
+
+@pytest.mark.parametrize("flood_key", ["address", "browser"])
+def test_one_client_cannot_outweigh_sixteen_users(store, flood_key):
+    """InstructGPT capped prompts per labeller: here a flood of 210 rewrites (each weighs 2
+    votes) from one client, by address or by browser key, keeps less weight in the run than
+    16 ordinary users' 160 votes, and the ledger says what was dropped and why."""
+    from retrain.data import CAPPED
+
+    _flood_and_crowd(store, flood_key)
+    snap = build_snapshot(store, heldout_fraction=0.2)
+    items = snap.train + snap.heldout
+    flood = sum(p.weight for p in items if p.session_id.startswith("flood"))
+    crowd = sum(p.weight for p in items if p.session_id.startswith("user"))
+    assert crowd == 160  # nobody in the crowd lost a vote
+    assert 0 < flood < crowd
+    edits = snap.judgements["edit"]
+    assert edits["seen"] == 210 and edits["dropped"] == {CAPPED: 210 - edits["used"]}
+    assert snap.stats["capped_clients"] == 1 and snap.stats["capped_judgements"] == 210 - edits["used"]
+    # without the cap, the flood outweighs the crowd
+    uncapped = build_snapshot(store, heldout_fraction=0.2, max_client_share=1.0)
+    assert sum(p.weight for p in uncapped.train + uncapped.heldout if p.session_id.startswith("flood")) > crowd
+
+
+def test_one_or_two_clients_are_never_capped(store):
+    """A household's own assistant: one person who votes a lot is the whole crowd."""
+    store.ensure_session("me", owner="me", contributor=store.contributor_of("192.0.2.1"))
+    store.ensure_session("partner", owner="partner", contributor=store.contributor_of("192.0.2.2"))
+    for k in range(120):
+        _vote(store, "me", f"q{k}", f"a{k}", f"b{k}", "a")
+    _vote(store, "partner", "hello", "x", "y", "b")
+    snap = build_snapshot(store, heldout_fraction=0.0)
+    assert len(snap.train) == 121 and snap.stats["capped_judgements"] == 0
+
+
+def test_the_contributor_is_a_keyed_hash_of_the_address(store, tmp_path):
+    from feedback.store import FeedbackStore
+
+    a = store.contributor_of("203.0.113.5")
+    assert a == store.contributor_of("203.0.113.5") != store.contributor_of("203.0.113.6")
+    assert "203.0.113.5" not in a and store.contributor_of(None) is None
+    other = FeedbackStore(tmp_path / "other.sqlite")
+    try:
+        assert other.contributor_of("203.0.113.5") != a  # a salt of each database's own
+    finally:
+        other.close()
