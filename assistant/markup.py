@@ -241,12 +241,38 @@ def no_remote_images(text: str) -> str:
 @functools.lru_cache(maxsize=512)  # the history is postprocessed again with every streamed token
 def _no_remote_images(text: str) -> str:
     """Repeated until nothing changes: stripping one construct may join the text around it
-    into another.  Each round removes a "!" or a "<", so it ends."""
+    into another.  Each round removes a "!" or a "<", so it ends.  Then a CommonMark parser
+    (markdown-it, a reading independent of the one above) checks the result: should it still
+    find an image from elsewhere, every image opener is escaped ("!\\["), and should it find a
+    fetching tag, every "<" is ("&lt;"), so nothing is fetched whatever the heuristics missed."""
     while True:
         cleaned = _strip_html_images(_strip_markdown_images(text))
         if cleaned == text:
-            return text
+            break
         text = cleaned
+    images, tags = _remote_by_commonmark(text)
+    if images:
+        text = text.replace("![", "!\\[")
+    if tags:
+        text = text.replace("<", "&lt;")
+    return text
+
+
+def _remote_by_commonmark(text: str) -> tuple[bool, bool]:
+    """Whether markdown-it's CommonMark reading of ``text`` has an image from another site,
+    and whether its raw HTML has a tag that fetches from one."""
+    from markdown_it import MarkdownIt
+
+    images = tags = False
+    for token in MarkdownIt("commonmark").parse(text):
+        if token.type in ("html_block", "html_inline"):
+            tags = tags or bool(_fetching_tags(token.content))
+        for child in token.children or []:
+            if child.type == "image" and not is_local_url(child.attrGet("src") or ""):
+                images = True
+            elif child.type == "html_inline":
+                tags = tags or bool(_fetching_tags(child.content))
+    return images, tags
 
 
 def without_remote_images(component):

@@ -473,6 +473,10 @@ def run_oracle(name: str, args: argparse.Namespace, heldout: list[str], train_pr
                                 "ci_high": run["rm_ci_high"]},
         "mean_words": {"sft": round(words(sft_answers), 1), "new": round(words(new_answers), 1)},
         "leak_check": leak, "retrain_timings": decision.get("timings"), "phases_s": phases,
+        "reward_model": {k: (decision.get("rm") or {}).get(k) for k in ("design", "steps_policy", "steps_judge")},
+        "ppo_stop": decision.get("ppo_stop"),
+        "eos_rate": {"candidate": (decision.get("metrics") or {}).get("candidate_eos_rate"),
+                     "served": (decision.get("metrics") or {}).get("served_eos_rate")},
     }
 
 
@@ -540,6 +544,18 @@ def matrix(reports: list[dict]) -> str:
                      f"| {_rate(r['length_matched_win_rate'], True)} "
                      f"| {r['mean_words']['sft']:.0f}→{r['mean_words']['new']:.0f} "
                      f"| {r['status']}: {_clip(r['reason'])} | {r['expected']}{ok} | {leak_s} |")
+    lines += ["", "| oracle | RM design | RM steps policy/judge | RM phase (s) | PPO stop (kept step) "
+              "| end-of-answer rate, candidate vs served |", "|---|---|---|---|---|---|"]
+    for r in reports:
+        if "error" in r:
+            continue
+        rm, stop, eos = r.get("reward_model") or {}, r.get("ppo_stop") or {}, r.get("eos_rate") or {}
+        reward_s = (r.get("retrain_timings") or {}).get("reward_s")
+        stop_s = (f"{stop.get('stopped')}{': ' + _clip(stop['reason'], 40) if stop.get('reason') else ''} "
+                  f"({stop.get('kept_step')} of {stop.get('steps')})") if stop else "–"
+        lines.append(f"| {r['oracle']} | {rm.get('design') or '–'} | {rm.get('steps_policy', '–')}/"
+                     f"{rm.get('steps_judge', '–')} | {'–' if reward_s is None else f'{reward_s:.0f}'} | {stop_s} "
+                     f"| {_pct(eos.get('candidate'))} vs {_pct(eos.get('served'))} |")
     lines += ["", "| oracle | " + " | ".join(f"{p} (s)" for p in PHASES) + " |",
               "|---|" + "---|" * len(PHASES)]
     for r in reports:

