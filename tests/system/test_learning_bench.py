@@ -265,9 +265,17 @@ def test_matrix_and_failures():
     reports = [_report("concise", "promoted", []), _report("random", "promoted", []),
                _report("lists", "rejected", ["What is an atom?"]),
                {"oracle": "verbose", "expected": "promoted", "error": "CalledProcessError: boom"}]
+    reports[0].update(reward_model={"design": "features", "steps_policy": 558, "steps_judge": 692},
+                      ppo_stop={"stopped": "judge", "reason": "the judge's score stopped improving", "kept_step": 5,
+                                "steps": 9},
+                      eos_rate={"candidate": 0.9, "served": 0.5}, retrain_timings={"reward_s": 236.3})
     table = learning.matrix(reports)
     rows = [ln for ln in table.splitlines() if ln.startswith("| ")]
-    assert len(rows) == 2 * (1 + len(reports))  # two tables: header + one row per oracle
+    # three tables, each a header and a row per oracle (the reward-model one skips a failed run)
+    assert len(rows) == 3 * (1 + len(reports)) - 1
+    assert ("| concise | features | 558/692 | 236 | judge: the judge's score stopped improving (5 of 9) "
+            "| 90.0% vs 50.0% |") in table
+    assert "| random | – | –/– | – | – | – vs – |" in table
     assert "| concise | 3/2/1 (errors 0)" not in table  # zero counts are not shown
     assert "| concise | 3/2/1 | a 3/3, tie 0/1 −1 | 0.90 (0.80-0.95) | 3.20 | 80.0% (70.0-90.0%)" in table
     assert "| random |" in table and "rejected ✗" in table and "LEAK 1" in table and "ERROR" in table
