@@ -8,7 +8,9 @@ for each client session, so one ``Client`` drives one conversation):
     /chat(message, system_prompt, temperature, top_p, max_new_tokens, seed)
         -> (chat_history, model_version, status)              streams
     /regenerate(temperature, top_p, max_new_tokens, seed)
-        -> (answer_a, answer_b, model_version, status)        streams answer B
+        -> (answer_a, answer_b, model_version, status)        streams answer B; model_version
+                                                                 is "" while a candidate is on
+                                                                 trial (blind until the vote)
     /vote(verdict)  verdict in a | b | tie | both_bad        -> (chat_history, status)
     /compare_more(temperature, top_p, max_new_tokens, seed)
         -> (answer_c, answer_d, model_version, status)        streams C, then D
