@@ -473,7 +473,8 @@ def run_oracle(name: str, args: argparse.Namespace, heldout: list[str], train_pr
                                 "ci_high": run["rm_ci_high"]},
         "mean_words": {"sft": round(words(sft_answers), 1), "new": round(words(new_answers), 1)},
         "leak_check": leak, "retrain_timings": decision.get("timings"), "phases_s": phases,
-        "reward_model": {k: (decision.get("rm") or {}).get(k) for k in ("design", "steps_policy", "steps_judge")},
+        "reward_model": {k: (decision.get("rm") or {}).get(k) for k in ("design", "steps_policy", "steps_judge",
+                                                                          "interaction_policy", "interaction_judge")},
         "ppo_stop": decision.get("ppo_stop"),
         "eos_rate": {"candidate": (decision.get("metrics") or {}).get("candidate_eos_rate"),
                      "served": (decision.get("metrics") or {}).get("served_eos_rate")},
@@ -553,7 +554,11 @@ def matrix(reports: list[dict]) -> str:
         reward_s = (r.get("retrain_timings") or {}).get("reward_s")
         stop_s = (f"{stop.get('stopped')}{': ' + _clip(stop['reason'], 40) if stop.get('reason') else ''} "
                   f"({stop.get('kept_step')} of {stop.get('steps')})") if stop else "–"
-        lines.append(f"| {r['oracle']} | {rm.get('design') or '–'} | {rm.get('steps_policy', '–')}/"
+        design = rm.get("design") or "–"
+        if rm.get("interaction_policy") is not None:
+            design += " + interaction: " + "/".join("yes" if rm.get(f"interaction_{x}") else "no"
+                                                    for x in ("policy", "judge"))
+        lines.append(f"| {r['oracle']} | {design} | {rm.get('steps_policy', '–')}/"
                      f"{rm.get('steps_judge', '–')} | {'–' if reward_s is None else f'{reward_s:.0f}'} | {stop_s} "
                      f"| {_pct(eos.get('candidate'))} vs {_pct(eos.get('served'))} |")
     lines += ["", "| oracle | " + " | ".join(f"{p} (s)" for p in PHASES) + " |",

@@ -19,7 +19,9 @@ Designs (``--designs``, comma-separated):
 - ``lora``: the LoRA reward model on the top layers (``retrain.reward``), early-stopped;
 - ``linear``, ``linear-ens5``, ``mlp-ens5`` ...: heads on frozen features
   (``retrain.head_rm``), one head or an ensemble of k; ``@8/16/24`` picks the pooled layers,
-  ``+last`` adds the end-of-turn state, ``-nolen`` drops the length feature.
+  ``+last`` adds the end-of-turn state, ``-nolen`` drops the length feature, ``+prompt`` /
+  ``-noprompt`` always / never reads the prompt-answer interaction (by default: as
+  ``reward.feature_prompt``, ``auto``, which trains both and keeps the one that validates better).
 
     python benchmarks/reward_curve.py                          # every shipped oracle, the default designs
     python benchmarks/reward_curve.py --oracle concise,mypkg.tastes:formal --designs linear-ens5,lora
@@ -63,11 +65,16 @@ def feature_bank(sft: str, rows: list[dict], pool_path: Path, max_length: int, d
     model, tok = loaded.model.eval().requires_grad_(False), loaded.tokenizer
     dtype = frozen_dtype(dtype_name, torch.device("cpu"))
     out = pool_path.with_name(pool_path.stem + f"-features-{str(dtype).removeprefix('torch.')}-{max_length}.pt")
-    if out.exists():
-        return torch.load(out)
     from tqdm.auto import tqdm
 
     from retrain.backbone import encode_with_start
+
+    if out.exists():
+        bank = torch.load(out)
+        if "prompt_means" not in bank:  # a bank cached before prompt features: add them
+            bank["prompt_means"] = prompt_means(model, tok, rows, max_length, dtype)
+            torch.save(bank, out)
+        return bank
 
     n_layers = model.config.num_hidden_layers
     spec = FeatureSpec(layers=tuple(range(1, n_layers + 1)), last=False, length=True)
@@ -89,9 +96,29 @@ def feature_bank(sft: str, rows: list[dict], pool_path: Path, max_length: int, d
             lasts[i] = torch.stack([states[layer][r, -1] for layer in spec.layers])
             length[i] = feats[r, -1]
     bank = {"means": means, "lasts": lasts, "length": length, "tokens": sum(len(e[0]) for e in enc),
-            "seconds": time.perf_counter() - t0, "dtype": str(dtype)}
+            "seconds": time.perf_counter() - t0, "dtype": str(dtype),
+            "prompt_means": prompt_means(model, tok, rows, max_length, dtype)}
     torch.save(bank, out)
     return bank
+
+
+def prompt_means(model, tok, rows: list[dict], max_length: int, dtype) -> torch.Tensor:
+    """[N answers, layers, H]: every layer's mean over each answer's prompt (the real tokens
+    before its span, as ``retrain.features`` pools them); computed once per distinct prompt."""
+    from retrain.backbone import encode_with_start
+    from retrain.features import layer_states
+
+    n_layers = model.config.num_hidden_layers
+    heads, memo = [], {}
+    for r in rows:
+        for k in ("a", "b"):
+            ids, start = encode_with_start(tok, r["prompt"], r[k], max_length)
+            heads.append(tuple(ids[:start]))
+    for h in set(heads):
+        ids = torch.tensor([list(h)])
+        states = layer_states(model, ids, torch.ones_like(ids), tuple(range(1, n_layers + 1)), dtype)
+        memo[h] = torch.stack([states[layer][0].mean(0) for layer in range(1, n_layers + 1)])
+    return torch.stack([memo[h] for h in heads])
 
 
 def features_of(bank: dict, spec: FeatureSpec) -> torch.Tensor:
@@ -101,6 +128,8 @@ def features_of(bank: dict, spec: FeatureSpec) -> torch.Tensor:
         parts.append(bank["lasts"][:, spec.layers[-1] - 1])
     if spec.length:
         parts.append(bank["length"][:, None])
+    if spec.prompt:
+        parts += [bank["prompt_means"][:, layer - 1] for layer in spec.layers]
     return torch.cat(parts, -1)
 
 
@@ -111,16 +140,18 @@ class Design:
     kind: str  # "lora" | "linear" | "mlp"
     ensemble: int = 1
     spec: FeatureSpec = dataclasses.field(default_factory=FeatureSpec)
+    prompt: str = "auto"  # RewardConfig.feature_prompt
 
 
-def parse_design(name: str, default_spec: FeatureSpec) -> Design:
-    m = re.fullmatch(r"(lora|linear|mlp)(?:-ens(\d+))?(?:@([\d/]+))?(\+last)?(-nolen)?", name)
+def parse_design(name: str, default_spec: FeatureSpec, default_prompt: str = "auto") -> Design:
+    m = re.fullmatch(r"(lora|linear|mlp)(?:-ens(\d+))?(?:@([\d/]+))?(\+last)?(-nolen)?(\+prompt|-noprompt)?", name)
     if not m:
-        raise ValueError(f"design {name!r}: use lora, or linear|mlp[-ensK][@L1/L2/..][+last][-nolen]")
-    kind, ens, layers, last, nolen = m.groups()
+        raise ValueError(f"design {name!r}: use lora, or linear|mlp[-ensK][@L1/L2/..][+last][-nolen][+prompt|-noprompt]")
+    kind, ens, layers, last, nolen, prompt = m.groups()
+    mode = {"+prompt": "on", "-noprompt": "off", None: default_prompt}[prompt]
     spec = FeatureSpec(layers=tuple(int(x) for x in layers.split("/")) if layers else default_spec.layers,
-                       last=bool(last) or (default_spec.last and not layers), length=not nolen)
-    return Design(name, kind, int(ens or 1), spec)
+                       last=bool(last) or (default_spec.last and not layers), length=not nolen, prompt=mode != "off")
+    return Design(name, kind, int(ens or 1), spec, mode)
 
 
 def label(rows: list[dict], oracle) -> list[tuple[int, float]]:
@@ -144,15 +175,15 @@ def outer_fold(row: dict, k: int) -> int:
     return inner_fold("outer:" + _key(row["prompt"]), k)
 
 
-def train_heads(design: Design, feats: torch.Tensor, rows, train, cfg: RewardConfig):
-    from retrain.head_rm import HeadData, train_ensemble
+def train_heads(design: Design, feats: torch.Tensor, rows, train, cfg: RewardConfig, hidden: int):
+    from retrain.head_rm import HeadData, train_selected
 
     ci = torch.tensor([2 * i + c for i, c, _ in train])
     ri = torch.tensor([2 * i + 1 - c for i, c, _ in train])
     data = HeadData(feats[ci], feats[ri], torch.tensor([y for _, _, y in train]), torch.ones(len(train)),
                     feats[:0], torch.zeros(0), torch.zeros(0), [_key(rows[i]["prompt"]) for i, _, _ in train], [])
-    hcfg = dataclasses.replace(cfg, head=design.kind, ensemble=design.ensemble)
-    ens, metrics = train_ensemble(data, hcfg)
+    hcfg = dataclasses.replace(cfg, head=design.kind, ensemble=design.ensemble, feature_prompt=design.prompt)
+    ens, metrics = train_selected(data, hcfg, design.spec, hidden)
     return (lambda idx: ens(feats[idx])), metrics
 
 
@@ -188,7 +219,7 @@ def curve(rows, labels, bank, designs: list[Design], sizes: list[int], k: int, c
     for design in designs:
         feats = features_of(bank, design.spec) if design.kind != "lora" else None
         for n in sizes:
-            correct, total, steps, walls, skipped = 0.0, 0, [], [], None
+            correct, total, steps, walls, skipped, interactions = 0.0, 0, [], [], None, []
             for f in range(k if design.kind != "lora" else min(k, lora_folds)):
                 test = [x for x in decisive if folds[x[0]] == f]
                 pool_d = [x for x in decisive if folds[x[0]] != f]
@@ -202,7 +233,8 @@ def curve(rows, labels, bank, designs: list[Design], sizes: list[int], k: int, c
                 if design.kind == "lora":
                     score, m = lora.train(rows, train)
                 else:
-                    score, m = train_heads(design, feats, rows, train, cfg)
+                    score, m = train_heads(design, feats, rows, train, cfg, bank["means"].shape[-1])
+                    interactions.append(bool(m["interaction"]))
                 walls.append(time.perf_counter() - t0)
                 steps.append(m["steps"])
                 with torch.no_grad():
@@ -217,7 +249,8 @@ def curve(rows, labels, bank, designs: list[Design], sizes: list[int], k: int, c
             lo, hi = wilson(correct, total)
             results[(design.name, n)] = {"accuracy": correct / max(1, total), "ci_low": lo, "ci_high": hi,
                                          "n_test": total, "steps": sum(steps) / len(steps),
-                                         "wall_s": sum(walls) / len(walls), "folds": len(walls)}
+                                         "wall_s": sum(walls) / len(walls), "folds": len(walls),
+                                         "interaction": sum(interactions) / max(1, len(interactions))}
     return results
 
 
@@ -251,7 +284,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.build_pool:
         return 0
     default_spec = cfg.feature_spec()
-    designs = [parse_design(d.strip(), default_spec) for d in args.designs.split(",") if d.strip()]
+    designs = [parse_design(d.strip(), default_spec, cfg.feature_prompt) for d in args.designs.split(",") if d.strip()]
     sizes = [int(s) for s in args.sizes.split(",")]
     lora = LoraBench(sft, cfg) if any(d.kind == "lora" for d in designs) else None
     report = {}
@@ -266,7 +299,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"  {d:>22} n={n:<4} {v['skipped']}")
             else:
                 print(f"  {d:>22} n={n:<4} {v['accuracy']:.3f} ({v['ci_low']:.2f}-{v['ci_high']:.2f}) "
-                      f"test {v['n_test']}, {v['steps']:.0f} steps, {v['wall_s']:.1f} s/model", flush=True)
+                      f"test {v['n_test']}, {v['steps']:.0f} steps, {v['wall_s']:.1f} s/model, "
+                      f"interaction in {v['interaction']:.0%} of folds", flush=True)
     print("\n| oracle | decisive | design | " + " | ".join(f"n={n}" for n in sizes) + " | steps/model | s/model |")
     print("|---|---|---|" + "---|" * len(sizes) + "---|---|")
     for name, r in report.items():

@@ -10,7 +10,11 @@ opened assistant turn) through the closing end-of-turn token:
 - for each layer in ``layers``: the mean of that layer's hidden states over the span;
 - with ``last``: the top listed layer's state at the span's last token (the end-of-turn token,
   where a last-token reward model reads);
-- with ``length``: log(1 + tokens in the span).
+- with ``length``: log(1 + tokens in the span);
+- with ``prompt``: for each layer in ``layers``, the mean of its states over the *prompt* (the
+  real tokens before the span), the same at every prefix.  The heads do not read it directly:
+  they read its interaction with the answer (``retrain.head_rm.Expand``), for tastes that are a
+  relation between the question and the answer (is the answer on topic?).
 
 A *prefix* of an answer has features too: the same quantities over the span so far.  PPO's
 critic reads them at every position (``prefix_features``), so the critic starts as the reward
@@ -35,21 +39,28 @@ class FeatureSpec:
     """Add the top listed layer's state at the end-of-turn token."""
     length: bool = True
     """Add log(1 + answer tokens)."""
+    prompt: bool = False
+    """Add the prompt's mean-pooled states at ``layers`` (last in the vector), for the heads'
+    prompt-answer interaction."""
 
     def clipped(self, n_layers: int) -> FeatureSpec:
         layers = tuple(sorted({max(1, min(n_layers, int(x))) for x in self.layers}))
-        return FeatureSpec(layers=layers, last=self.last, length=self.length)
+        return FeatureSpec(layers=layers, last=self.last, length=self.length, prompt=self.prompt)
 
     def dim(self, hidden: int) -> int:
+        return hidden * (len(self.layers) * (1 + self.prompt) + self.last) + self.length
+
+    def answer_dim(self, hidden: int) -> int:
+        """The leading part of the vector that describes the answer alone."""
         return hidden * (len(self.layers) + self.last) + self.length
 
     def as_dict(self) -> dict:
-        return {"layers": list(self.layers), "last": self.last, "length": self.length}
+        return {"layers": list(self.layers), "last": self.last, "length": self.length, "prompt": self.prompt}
 
     @classmethod
     def from_dict(cls, d: dict) -> FeatureSpec:
         return cls(layers=tuple(d.get("layers", cls.layers)), last=bool(d.get("last", False)),
-                   length=bool(d.get("length", True)))
+                   length=bool(d.get("length", True)), prompt=bool(d.get("prompt", False)))
 
 
 def layer_states(model, ids: torch.Tensor, mask: torch.Tensor, layers: tuple[int, ...],
@@ -67,10 +78,12 @@ def layer_states(model, ids: torch.Tensor, mask: torch.Tensor, layers: tuple[int
     return out
 
 
-def prefix_features(states: dict[int, torch.Tensor], span: torch.Tensor, spec: FeatureSpec) -> torch.Tensor:
+def prefix_features(states: dict[int, torch.Tensor], span: torch.Tensor, spec: FeatureSpec,
+                    prompt: torch.Tensor | None = None) -> torch.Tensor:
     """Features of every prefix of the answer span: [B, T, D], row b position t holding the
     features of span positions ``[start_b, t]`` (zeros before the span).  ``span`` [B, T] is 1
-    on the span's positions."""
+    on the span's positions; ``prompt`` [B, T] is 1 on the prompt's (needed with
+    ``spec.prompt``)."""
     span = span.float()
     count = span.cumsum(1)  # [B, T]
     denom = count.clamp(min=1)[..., None]
@@ -79,6 +92,12 @@ def prefix_features(states: dict[int, torch.Tensor], span: torch.Tensor, spec: F
         parts.append(states[spec.layers[-1]] * span[..., None])
     if spec.length:
         parts.append(torch.log1p(count)[..., None])
+    if spec.prompt:
+        if prompt is None:
+            raise ValueError("spec.prompt: pass the prompt's positions")
+        pm = prompt.float()[..., None]
+        n = pm.sum(1, keepdim=True).clamp(min=1)
+        parts += [((states[layer] * pm).sum(1, keepdim=True) / n).expand_as(states[layer]) for layer in spec.layers]
     return torch.cat(parts, -1) * (count > 0).float()[..., None]
 
 
@@ -119,7 +138,8 @@ class FeatureCache:
             ids, mask = ids.to(device), mask.to(device)
             states = layer_states(self.model, ids, mask, self.spec.layers, self.dtype)
             starts = torch.tensor([s for _, s in chunk], device=device)
-            feats = prefix_features(states, span_mask(mask, starts), self.spec)[:, -1].cpu()
+            span = span_mask(mask, starts)
+            feats = prefix_features(states, span, self.spec, mask - span)[:, -1].cpu()
             self.tokens += int(mask.sum())
             for r, (s, _) in enumerate(chunk):
                 self._feats[s] = feats[r].clone()

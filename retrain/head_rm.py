@@ -66,17 +66,53 @@ class Head(torch.nn.Module):
         return self.net(x).squeeze(-1)
 
 
-class Ensemble(torch.nn.Module):
-    """Standardise features, then the mean of the members' scores."""
+class Expand(torch.nn.Module):
+    """The heads' input from a feature vector whose spec has ``prompt``: the answer's part, and,
+    with ``interact``, the prompt-answer interaction per pooled layer: the elementwise product of
+    the centred answer and prompt means, and their cosine.  A linear head on these scores
+    ``sum_k w_k (p_k - c_k)(a_k - c'_k)``, an answer direction that depends on the question.
+    Without ``prompt`` in the spec it passes the vector through."""
 
-    def __init__(self, members: list[Head], mean: torch.Tensor, std: torch.Tensor):
+    def __init__(self, answer_dim: int, layers: int = 0, hidden: int = 0, interact: bool = False):
+        super().__init__()
+        self.answer_dim, self.layers, self.hidden = answer_dim, layers, hidden
+        self.interact = bool(interact and layers)
+        # answer, prompt; saved only when used, so models saved before the interaction still load
+        self.register_buffer("center", torch.zeros(2, layers * hidden), persistent=self.interact)
+
+    @property
+    def out_dim(self) -> int:
+        return self.answer_dim + (self.layers * self.hidden + self.layers if self.interact else 0)
+
+    def fit(self, x: torch.Tensor) -> Expand:
+        """Centres from the training answers' features."""
+        if self.interact and len(x):
+            self.center = torch.stack([x[:, :self.layers * self.hidden].mean(0), x[:, -self.layers * self.hidden:].mean(0)])
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        base = x[..., :self.answer_dim]
+        if not self.interact:
+            return base
+        n = self.layers * self.hidden
+        a, p = x[..., :n], x[..., -n:]
+        shape = (*x.shape[:-1], self.layers, self.hidden)
+        cos = torch.nn.functional.cosine_similarity(a.reshape(shape), p.reshape(shape), dim=-1)
+        return torch.cat([base, (a - self.center[0]) * (p - self.center[1]), cos], -1)
+
+
+class Ensemble(torch.nn.Module):
+    """Expand, standardise, then the mean of the members' scores."""
+
+    def __init__(self, members: list[Head], mean: torch.Tensor, std: torch.Tensor, expand: Expand | None = None):
         super().__init__()
         self.members = torch.nn.ModuleList(members)
+        self.expand = expand if expand is not None else Expand(mean.shape[-1])
         self.register_buffer("mean", mean.float())
         self.register_buffer("std", std.float())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        z = (x - self.mean) / self.std
+        z = (self.expand(x) - self.mean) / self.std
         return torch.stack([m(z) for m in self.members]).mean(0)
 
 
@@ -175,12 +211,42 @@ def train_member(head: Head, train: HeadData, val: HeadData | None, *, lr: float
                          train_loss=train_loss, curve=curve)
 
 
-def train_ensemble(data: HeadData, cfg, *, init: Ensemble | None = None, log=None, phase: str = "rm") -> tuple:
+def expander(spec: FeatureSpec, hidden: int, interact: bool) -> Expand:
+    return Expand(spec.answer_dim(hidden), len(spec.layers) if spec.prompt else 0, hidden, interact)
+
+
+def train_selected(data: HeadData, cfg, spec: FeatureSpec, hidden: int, *, init: Ensemble | None = None, log=None,
+                   phase: str = "rm") -> tuple:
+    """The ensemble of ``cfg.feature_prompt``: ``off`` (the answer alone), ``on`` (with the
+    prompt-answer interaction), or ``auto``: both are trained and the one whose members
+    validate better (mean best inner-validation loss) is kept.  Returns (Ensemble, metrics)."""
+    modes = {"off": [False], "on": [True], "auto": [False, True]}[cfg.feature_prompt] if spec.prompt else [False]
+    tried = {}
+    for interact in modes:
+        prev = init if init is not None and init.expand.interact == interact else None
+        ens, m = train_ensemble(data, cfg, init=prev, expand=expander(spec, hidden, interact), log=log, phase=phase)
+        vl = [v for v in m["val_loss"] if v == v]
+        tried[interact] = (sum(vl) / len(vl) if vl else math.inf, ens, m)
+    pick = min(tried, key=lambda k: tried[k][0])
+    _, ens, m = tried[pick]
+    m["interaction"] = pick
+    m["selection"] = {("interaction" if k else "answer"): round(v[0], 5) for k, v in tried.items()}
+    m["wall_s"] = sum(v[2]["wall_s"] for v in tried.values())
+    return ens, m
+
+
+def train_ensemble(data: HeadData, cfg, *, init: Ensemble | None = None, expand: Expand | None = None, log=None,
+                   phase: str = "rm") -> tuple:
     """Trains ``cfg.ensemble`` members on ``data`` (``cfg``: ``retrain.reward.RewardConfig``);
-    member m early-stops on inner fold m.  ``init``: a previous ensemble of the same feature
-    spec to warm-start every member from.  Returns (Ensemble, metrics dict)."""
+    member m early-stops on inner fold m.  ``expand``: what the heads read of the features (all
+    of them by default).  ``init``: a previous ensemble of the same feature spec and expansion to
+    warm-start every member from.  Returns (Ensemble, metrics dict)."""
     t0 = time.perf_counter()
     torch.manual_seed(cfg.seed)
+    expand = (expand or Expand(data.chosen.shape[-1])).fit(data.all_features())
+    with torch.no_grad():
+        data = HeadData(expand(data.chosen), expand(data.rejected), data.label, data.weight, expand(data.points),
+                        data.point_label, data.point_weight, data.pair_keys, data.point_keys)
     X = data.all_features()
     mean = X.mean(0) if len(X) else torch.zeros(data.chosen.shape[-1])
     std = X.std(0).clamp(min=1e-4) if len(X) > 1 else torch.ones_like(mean)
@@ -215,7 +281,7 @@ def train_ensemble(data: HeadData, cfg, *, init: Ensemble | None = None, log=Non
         if log:
             for step, tl, vl, va in rep.curve:
                 log(f"{phase}_m{m}", step, {"loss": tl, "val_loss": vl, "val_accuracy": va})
-    ens = Ensemble(members, mean, std)
+    ens = Ensemble(members, mean, std, expand)
     steps = [r.steps for r in reports]
     metrics = {"members": len(members), "steps": sum(steps), "steps_per_member": steps,
                "best_steps": [r.best_step for r in reports], "stopped": [r.stopped for r in reports],
@@ -286,7 +352,8 @@ class FeatureRewardModel:
         T = full.shape[1]
         pos = torch.arange(T, device=fmask.device)[None]
         span = (pos >= P - 1).long() * fmask.to(pos.device)
-        feats = prefix_features(states, span.to(self.device), self.spec)
+        prompt = (pos < P - 1).long() * fmask.to(pos.device)
+        feats = prefix_features(states, span.to(self.device), self.spec, prompt.to(self.device))
         last = (fmask.to(pos.device) * pos).argmax(-1).to(feats.device)  # each row's last real token
         per_pos = feats[:, P - 1:P - 1 + L]
         final = feats[torch.arange(len(last)), last]
@@ -337,6 +404,7 @@ class FeatureRewardModel:
         cfg = {"design": "features", "base": self.base, "spec": self.spec.as_dict(), "max_length": self.max_length,
                "members": len(self.heads.members), "head": self.heads.members[0].kind,
                "head_hidden": _hidden_of(self.heads.members[0]), "dim": self.dim,
+               "interaction": self.heads.expand.interact, "hidden_size": self.model.config.hidden_size,
                "norm_mean": self.norm_mean, "norm_std": self.norm_std,
                "frozen_dtype": str(self.frozen_dtype).removeprefix("torch."), "split": self.split}
         cfg.update(extra or {})
@@ -358,11 +426,13 @@ class FeatureRewardModel:
             model.config.use_cache = False
             model.eval().requires_grad_(False)
         tok = models.load_tokenizer(path)
-        heads = empty_ensemble(cfg["dim"], cfg["members"], cfg.get("head", "linear"), cfg.get("head_hidden", 64))
+        spec = FeatureSpec.from_dict(cfg["spec"])
+        heads = empty_ensemble(spec, cfg.get("hidden_size", model.config.hidden_size), cfg["members"],
+                               cfg.get("head", "linear"), cfg.get("head_hidden", 64), cfg.get("interaction", False))
         heads.load_state_dict(load_file(str(Path(path, "heads.safetensors"))))
         heads.requires_grad_(False)
         dev = next(model.parameters()).device
-        return cls(model, tok, FeatureSpec.from_dict(cfg["spec"]), heads.to(dev), base=cfg["base"],
+        return cls(model, tok, spec, heads.to(dev), base=cfg["base"],
                    max_length=cfg.get("max_length", 384), frozen_dtype=frozen_dtype(cfg.get("frozen_dtype", "float32"),
                                                                                       dev),
                    norm_mean=cfg["norm_mean"], norm_std=cfg["norm_std"])
@@ -436,18 +506,23 @@ def fit_feature_model(sft_path: str, pairs, points, reference, cfg, init_from: s
                 and prev.get("head", "linear") == cfg.head and prev.get("dim") == rm.dim
                 and os.path.realpath(prev["base"]) == os.path.realpath(sft_path)):
             init = FeatureRewardModel.load(init_from, model=model).heads
-    rm.heads, m = train_ensemble(head_data(rm, pairs, points, phase), cfg, init=init, log=log, phase=phase)
+    rm.heads, m = train_selected(head_data(rm, pairs, points, phase), cfg, rm.spec, model.config.hidden_size,
+                                 init=init, log=log, phase=phase)
     metrics = RewardMetrics(n_pairs=len(pairs), n_ties=sum(not p.decisive for p in pairs), n_points=len(points),
                             train_loss=m["train_loss"], wall_s=time.perf_counter() - t0, steps=m["steps"],
                             best_step=max(m["best_steps"]), stopped=",".join(m["stopped"]), val_curve=m["curves"])
     metrics.norm = rm.normalize(reference, cfg.max_ref_samples, cfg.seed)
     metrics.norm.update(warm_start=init is not None, members=m["members"], val_accuracy=m["val_accuracy"],
+                        interaction=m["interaction"], selection=m["selection"],
                         feature_tokens=rm.cache().tokens)
     return rm, metrics
 
 
-def empty_ensemble(dim: int, members: int, kind: str = "linear", hidden: int = 64) -> Ensemble:
-    return Ensemble([Head(dim, kind, hidden) for _ in range(members)], torch.zeros(dim), torch.ones(dim))
+def empty_ensemble(spec: FeatureSpec, hidden_size: int, members: int, kind: str = "linear", hidden: int = 64,
+                   interact: bool = False) -> Ensemble:
+    expand = expander(spec, hidden_size, interact)
+    dim = expand.out_dim
+    return Ensemble([Head(dim, kind, hidden) for _ in range(members)], torch.zeros(dim), torch.ones(dim), expand)
 
 
 def _hidden_of(head: Head) -> int:

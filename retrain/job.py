@@ -369,7 +369,9 @@ def train_cross_fitted(sft_path: str, snapshot, config: RetrainConfig, registry:
     ev = accuracy_of(all_margins, oof + snapshot.heldout)
     held = accuracy_of(both, snapshot.heldout) if both is not None else {}
     ev.update(heldout_accuracy=held.get("accuracy"), heldout_n=held.get("n", 0), design=config.reward.design,
-              steps_policy=trained["policy"].steps, steps_judge=trained["judge"].steps)
+              steps_policy=trained["policy"].steps, steps_judge=trained["judge"].steps,
+              interaction_policy=trained["policy"].norm.get("interaction"),
+              interaction_judge=trained["judge"].norm.get("interaction"))
     run.log("rm", 0, {k: float(v) for k, v in ev.items() if isinstance(v, (int, float)) and v is not None})
     # every unpaired label scored the same way: by the model that never trained on it
     points = [q for q in snapshot.train_points if q.fold == 1], [q for q in snapshot.train_points if q.fold == 0]

@@ -104,6 +104,11 @@ class RewardConfig:
     """``features``: add the top pooled layer's state at the end-of-turn token."""
     feature_length: bool = True
     """``features``: add log(1 + answer tokens)."""
+    feature_prompt: str = "auto"
+    """``features``: whether the heads also read the prompt-answer interaction (the centred
+    product of the prompt's and the answer's pooled states, per layer, and their cosine), for
+    tastes about how an answer relates to its question.  ``auto``: train the ensemble both ways
+    and keep the one that validates better on the inner folds (docs/rlhf.md §2); ``on``; ``off``."""
     head: str = "linear"
     """``features``: each member is ``linear`` or ``mlp`` (one hidden layer of ``head_hidden``)."""
     head_hidden: int = 64
@@ -166,7 +171,10 @@ class RewardConfig:
         layers = tuple(int(x) for x in str(self.feature_layers).split(",") if x.strip())
         if not layers:
             raise ValueError("reward.feature_layers: name at least one layer, e.g. 8,16,24")
-        return FeatureSpec(layers=layers, last=self.feature_last, length=self.feature_length)
+        if self.feature_prompt not in ("auto", "on", "off"):
+            raise ValueError(f"reward.feature_prompt: auto, on or off, not {self.feature_prompt!r}")
+        return FeatureSpec(layers=layers, last=self.feature_last, length=self.feature_length,
+                           prompt=self.feature_prompt != "off")
 
 
 @dataclass

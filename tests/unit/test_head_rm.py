@@ -33,6 +33,25 @@ def taste_pairs(n: int, seed: int, offset: int = 0) -> list[Pair]:
     return out
 
 
+TOPICS = ["tea", "river", "garden", "bread", "music", "window", "road", "lamp"]
+
+
+def topic_pairs(n: int, seed: int, offset: int = 0) -> list[Pair]:
+    """A taste that is a relation between question and answer: the answer that talks about the
+    prompt's topic beats one about another topic.  Every topic word is as often chosen as
+    rejected, so the answer alone says nothing."""
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        topic, other = rng.sample(TOPICS, 2)
+        filler = rng.sample(WARM + COLD, 4)
+        prompt = [SYS, {"role": "user", "content": f"Tell me about the {topic}, scene {i + offset}."}]
+        good = " ".join(filler[:2] + [topic, topic] + filler[2:])
+        bad = " ".join(filler[:2] + [other, other] + filler[2:])
+        out.append(Pair(f"t{i + offset}", "s", "t", prompt, good, bad, "regenerate", 1.0, 1.0, i % 2))
+    return out
+
+
 @pytest.fixture(scope="module")
 def shared(tiny_model_dir):
     return {}
@@ -88,7 +107,8 @@ def test_the_critic_starts_as_the_reward_model_and_rollout_features_match(tiny_m
     """The value of a whole answer is its score, and PPO's rollout features equal the cache's."""
     train = taste_pairs(24, seed=6)
     points = [Point("q0", "s", "t", train[0].prompt, train[0].rejected, 0.0, "thumb_down")]
-    rm, _ = fit(tiny_model_dir, shared, train, points)
+    rm, _ = fit(tiny_model_dir, shared, train, points, feature_prompt="on")  # the prompt's part too
+    assert rm.spec.prompt and rm.heads.expand.interact
     tok = rm.tokenizer
     prompt, answer = train[1].prompt, train[1].chosen
     p_ids = tok.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
@@ -115,10 +135,35 @@ def test_the_critic_starts_as_the_reward_model_and_rollout_features_match(tiny_m
     assert torch.allclose(whole, rm.rollout_scores(feats), atol=1e-5)
 
 
+@pytest.mark.timeout(300)
+def test_the_prompt_answer_interaction_learns_a_taste_the_answer_alone_cannot(tiny_model_dir, shared, tmp_path):
+    """``reward.feature_prompt``: off, the heads see only the answer and stay near chance on an
+    on-topic taste; on, they learn it; auto trains both and keeps the interaction."""
+    train, held = topic_pairs(64, seed=7), topic_pairs(60, seed=8, offset=1000)
+    acc = {}
+    for mode in ("off", "on", "auto"):
+        rm, metrics = fit(tiny_model_dir, shared, train, feature_prompt=mode)
+        acc[mode] = accuracy_of(rm.pair_margins(held), held)["accuracy"]
+        assert metrics.norm["interaction"] == (mode != "off")
+    assert acc["on"] >= 0.8 and acc["off"] <= 0.65 and acc["auto"] == acc["on"], acc
+    assert set(metrics.norm["selection"]) == {"answer", "interaction"}
+    assert metrics.norm["selection"]["interaction"] < metrics.norm["selection"]["answer"]
+    rm.save(str(tmp_path / "rm"))  # the interaction's centres travel with the heads
+    again = FeatureRewardModel.load(str(tmp_path / "rm"))
+    items = [(p.prompt, p.chosen) for p in held[:6]]
+    assert torch.allclose(again.score(*map(list, zip(*items))), rm.score(*map(list, zip(*items))), atol=1e-5)
+
+
 def test_feature_spec_is_clipped_to_the_model_and_kept():
     spec = FeatureSpec(layers=(24, 8, 16, 99), last=True).clipped(30)
     assert spec.layers == (8, 16, 24, 30)
     assert FeatureSpec.from_dict(spec.as_dict()) == spec
     assert spec.dim(576) == 576 * 5 + 1
+    with_prompt = FeatureSpec(layers=(8, 16), prompt=True)
+    assert with_prompt.dim(576) == 576 * 4 + 1 and with_prompt.answer_dim(576) == 576 * 2 + 1
+    assert FeatureSpec.from_dict(with_prompt.as_dict()) == with_prompt
+    assert FeatureSpec.from_dict({"layers": [8]}) == FeatureSpec(layers=(8,))  # a model saved before
+    with pytest.raises(ValueError, match="feature_prompt"):
+        RewardConfig(feature_prompt="sometimes").feature_spec()
     with pytest.raises(ValueError, match="at least one layer"):
         RewardConfig(feature_layers="").feature_spec()

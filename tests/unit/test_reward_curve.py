@@ -25,8 +25,12 @@ def test_label_names_the_chosen_answer_and_keeps_ties():
 
 def test_designs_parse():
     d = parse_design("linear-ens5@8/16+last", FeatureSpec())
-    assert (d.kind, d.ensemble, d.spec) == ("linear", 5, FeatureSpec(layers=(8, 16), last=True, length=True))
-    assert parse_design("mlp", FeatureSpec()).spec == FeatureSpec()
+    assert (d.kind, d.ensemble, d.prompt) == ("linear", 5, "auto")
+    assert d.spec == FeatureSpec(layers=(8, 16), last=True, length=True, prompt=True)
+    off = parse_design("mlp-noprompt", FeatureSpec())
+    assert off.spec == FeatureSpec() and off.prompt == "off"
+    assert parse_design("linear+prompt", FeatureSpec(), "off").prompt == "on"
+    assert parse_design("linear", FeatureSpec(), "off").spec == FeatureSpec(prompt=False)
     assert parse_design("lora", FeatureSpec()).kind == "lora"
     with pytest.raises(ValueError, match="design"):
         parse_design("forest", FeatureSpec())
