@@ -13,7 +13,10 @@ Security model (verified against Gradio 6.x):
   per-browser-session ``gr.State``) with ``feedback.auth.ConsoleAuth.check`` and refuses
   with ``gr.Error`` otherwise.  ``Guard`` does this for every handler; the handlers are
   also collected in ``ctx.extras["console_handlers"]`` so tests can call each one with a
-  bad token.  Log out revokes the token server-side (``ConsoleAuth.logout``).
+  bad token.  Log out revokes the token server-side (``ConsoleAuth.logout``).  The two
+  endpoints that run before a login are the login itself (which refuses with ``gr.Error``)
+  and ``console_login_refused``, which returns only the line under the form: the reason the
+  *caller's own* browser session was last refused (``LoginRefusals``), no data.
 - user text is shown through ``console_service.esc`` in Markdown, and as plain text in
   the tables (datatype "str").
 - exports are handed out by ``ExportShelf``: written in a temporary directory that is gone
@@ -31,6 +34,7 @@ import tempfile
 import threading
 import time
 import weakref
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -39,11 +43,27 @@ from pathlib import Path
 import gradio as gr
 
 from assistant.console_service import (
+    BURST_COLUMNS,
+    CANARY_COLUMNS,
+    CHECK_COLUMNS,
     COMMENT_CHOICES,
+    CONSISTENCY_COLUMNS,
+    DATA_COLUMNS,
+    DISAGREEMENT_COLUMNS,
+    FAST_COLUMNS,
     FEEDBACK_COLUMNS,
+    HISTORY_COLUMNS,
+    LEADERBOARD_COLUMNS,
+    PER_VERSION_COLUMNS,
+    PPO_CURVES,
+    REASON_COLUMNS,
+    RUN_COLUMNS,
+    VERSION_COLUMNS,
     ConsoleService,
     Page,
+    describe_filters,
     esc,
+    kind_choices,
     make_filters,
     parse_ref,
 )
@@ -55,13 +75,18 @@ from feedback.store import REASON_TAGS, StoreError
 log = logging.getLogger(__name__)
 
 PRIVATE = "private"
-CURVES = ("score", "kl", "entropy", "response_length")
 EXPORT_TTL_S = 600.0  # an export's download link works this long
 GRID = "console-grid"  # the class of the console's tables
+CARD = "console-card"  # the class of the overview's cards
+LOGIN_REFUSALS_KEPT = 1000  # browser sessions whose last refused login is remembered for its line
 # The console's own look, added to the page's head by ``build``: table headers on one line
-# (a narrow column otherwise breaks its header letter by letter).
+# (a narrow column otherwise breaks its header letter by letter); the overview's cards framed.
 CSS = f"""
 .{GRID} th, .{GRID} th * {{ white-space: nowrap !important; word-break: normal !important; }}
+#console-cards {{ flex-wrap: wrap !important; }}
+#console-cards > .{CARD} {{ flex: 1 1 200px !important; min-width: 200px !important; }}
+.{CARD} {{ border: 1px solid var(--border-color-primary) !important; border-radius: var(--radius-lg); padding: 0.6em 0.9em; }}
+.{CARD} h2 {{ margin: 0.2em 0 !important; }}
 """
 
 
@@ -203,8 +228,8 @@ def _per_version_figure(rows: list[dict]):
 
 def _curves_figure(series: dict):
     ppo = series.get("ppo", {})
-    fig, axes = _subplots(len(CURVES), (12, 2.8))
-    for ax, name in zip(axes, CURVES):
+    fig, axes = _subplots(len(PPO_CURVES), (12, 2.8))
+    for ax, name in zip(axes, PPO_CURVES):
         points = ppo.get(name, [])
         if points:
             ax.plot([p[0] for p in points], [p[1] for p in points])
@@ -295,10 +320,51 @@ class Guard:
         self.handlers[fn.__name__] = wrapper
         return wrapper
 
-    def on(self, trigger: Callable, fn: Callable, inputs: list, outputs: list, name: str):
+    def on(self, trigger: Callable, fn: Callable, inputs: list, outputs: list, name: str, **options):
         """``trigger`` (``button.click``, ``dependency.success`` ...) runs ``fn`` as the
-        private endpoint ``console_<name>``."""
-        return trigger(fn, [self.token, *inputs], outputs, api_name=f"console_{name}", api_visibility=PRIVATE)
+        private endpoint ``console_<name>`` (``options``: the listener's, e.g. ``show_progress``)."""
+        return trigger(fn, [self.token, *inputs], outputs, api_name=f"console_{name}", api_visibility=PRIVATE,
+                       **options)
+
+
+class LoginRefusals:
+    """Why each browser session's last login was refused, for the line under the form.
+
+    The login refuses with an error, as every console endpoint does (a raw caller gets the
+    reason as the error); the page shows no error box for it but a ``.failure`` listener
+    that reads the reason back, for that browser session only.  At most
+    ``LOGIN_REFUSALS_KEPT`` sessions are remembered (the oldest are forgotten)."""
+
+    def __init__(self):
+        self._why: OrderedDict[str, str] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def remember(self, session: str, why: str) -> None:
+        with self._lock:
+            self._why[session] = why
+            self._why.move_to_end(session)
+            while len(self._why) > LOGIN_REFUSALS_KEPT:
+                self._why.popitem(last=False)
+
+    def forget(self, session: str) -> None:
+        with self._lock:
+            self._why.pop(session, None)
+
+    def line(self, session: str) -> str:
+        """The readable line for the session's last refusal (Markdown)."""
+        with self._lock:
+            why = self._why.get(session) or "wrong user name or password"
+        return f"**Login refused:** {esc(why)}."
+
+
+def _session_of(request) -> str:
+    """The browser session behind a request (empty for a direct call)."""
+    return str(getattr(request, "session_hash", "") or "") if request is not None else ""
+
+
+def _visible(shown: bool) -> dict:
+    """An update that shows or hides a component or a layout block."""
+    return gr.update(visible=shown)
 
 
 def _grid(**kwargs) -> gr.Dataframe:
@@ -307,6 +373,43 @@ def _grid(**kwargs) -> gr.Dataframe:
 
 
 # ----------------------------------------------------------------------------- tabs
+@dataclass
+class OverviewTab:
+    """What the login uses from the Overview tab: it fills the first screen itself."""
+
+    outputs: list            # the to-do list and the cards
+    show: Callable[[], tuple]  # their values now
+
+
+def _todo_markdown(lines: list[str]) -> str:
+    return "#### Look at first\n\n" + "\n".join(f"- {line}" for line in lines)
+
+
+def build_overview_tab(service: ConsoleService, guard: Guard) -> OverviewTab:
+    """The first screen: what to look at first; judgements today and this week, the week's
+    thumbs-down share, the last run and its outcome, the disagreement queue's size."""
+    with gr.Tab("Overview", id="overview") as tab:
+        todo = gr.Markdown("", elem_id="console-todo")
+        with gr.Row(elem_id="console-cards"):
+            cards = [gr.Markdown("", elem_classes=[CARD], elem_id=f"console-card-{name}")
+                     for name in ("judgements", "thumbs", "run", "queue")]
+        gr.Markdown("Times are UTC; \"today\" starts at 00:00 UTC.")
+        refresh_btn = gr.Button("Refresh", size="sm", scale=0, elem_id="console-overview-refresh")
+
+    def show() -> tuple:
+        o = service.overview()
+        return (_todo_markdown(o.todo), *o.cards)
+
+    @guard
+    def overview(user):
+        return show()
+
+    outputs = [todo, *cards]
+    guard.on(tab.select, overview, [], outputs, "overview_tab")
+    guard.on(refresh_btn.click, overview, [], outputs, "overview")
+    return OverviewTab(outputs, show)
+
+
 @dataclass
 class FeedbackTab:
     """What other parts of the page use from the Feedback tab."""
@@ -324,26 +427,31 @@ def build_feedback_tab(service: ConsoleService, guard: Guard) -> FeedbackTab:
         # (a State is laid out where it is made: directly inside gr.Tabs it would shift the tabs' order)
         cursors = gr.State([None])   # keyset cursors: the start of each page seen so far
         page_keys = gr.State([])     # "type:id" of the rows on screen
-        with gr.Row():
-            since = gr.Textbox(label="From (ISO date/time)", placeholder="2025-01-01", scale=1)
-            until = gr.Textbox(label="Until (exclusive)", placeholder="2025-02-01", scale=1)
-            kinds = gr.CheckboxGroup(list(review.KINDS), label="Verdict kind", scale=3)
-        with gr.Row():
-            reason = gr.Dropdown(["", *REASON_TAGS], value="", label="Reason tag")
-            version = gr.Dropdown([""], value="", label="Model version", allow_custom_value=True)
-            session = gr.Textbox(label="Session id or user")
-            has_comment = gr.Radio(list(COMMENT_CHOICES), value="any", label="Comment")
-            status = gr.Radio(list(review.STATUSES), value="all", label="Training status")
-        with gr.Row():
-            search = gr.Textbox(label="Search text", placeholder="words in the prompt, answers or comment", scale=4)
-            apply_btn = gr.Button("Apply filters", variant="primary", scale=1, elem_id="console-apply")
+        # every filter in one bar, closed; its label says what the list is narrowed to
+        with gr.Accordion(describe_filters(make_filters()), open=False, elem_id="console-filters") as filter_bar:
+            with gr.Row():
+                search = gr.Textbox(label="Search text", placeholder="words in the prompt, answers or comment",
+                                    scale=3, elem_id="console-search")
+                kinds = gr.CheckboxGroup(kind_choices(), label="Verdict", scale=4, elem_id="console-kinds")
+            with gr.Row():
+                since = gr.Textbox(label="From (ISO date/time)", placeholder="2025-01-01", min_width=140)
+                until = gr.Textbox(label="Until (exclusive)", placeholder="2025-02-01", min_width=140)
+                reason = gr.Dropdown(["", *REASON_TAGS], value="", label="Reason tag", min_width=140)
+                version = gr.Dropdown([""], value="", label="Model version", allow_custom_value=True, min_width=140)
+                session = gr.Textbox(label="Session id or user", min_width=140)
+            with gr.Row():
+                has_comment = gr.Radio(list(COMMENT_CHOICES), value="any", label="Comment")
+                status = gr.Radio(list(review.STATUSES), value="all", label="Training status")
+                apply_btn = gr.Button("Apply filters", variant="primary", scale=0, min_width=140,
+                                      elem_id="console-apply")
         filters = [since, until, kinds, reason, version, session, has_comment, status, search]
         with gr.Row():
             prev_btn = gr.Button("← Previous", size="sm", scale=0)
-            page_info = gr.Markdown("")
+            page_info = gr.Markdown("", elem_id="console-page-info")
             next_btn = gr.Button("Next →", size="sm", scale=0)
-        table = _grid(headers=FEEDBACK_COLUMNS, elem_id="console-table", max_height=420)
-        gr.Markdown("Times are UTC. Click a row to open the record in full.")
+        with gr.Column(visible=False) as table_box:  # shown once there is a row to show
+            table = _grid(headers=FEEDBACK_COLUMNS, elem_id="console-table", max_height=420)
+            gr.Markdown("Times are UTC. Click a row to open the record in full.")
         with gr.Row():
             ref = gr.Textbox(label="Record (click a row, or paste comparison:ID / rating:ID)",
                              elem_id="console-ref", scale=4)
@@ -360,20 +468,24 @@ def build_feedback_tab(service: ConsoleService, guard: Guard) -> FeedbackTab:
                 bulk_restore_btn = gr.Button("Restore all matching")
         action_msg = gr.Markdown("", elem_id="console-action-msg")
 
-    def shown(page: Page):
-        return page.table, page.keys, page.cursors, page.info
+    def shown(page: Page, f):
+        return (page.table, page.keys, page.cursors, page.info, _visible(not page.table.empty),
+                gr.update(label=describe_filters(f)))
 
     @guard
     def list_first(user, *values):
-        return shown(service.page(make_filters(*values)))
+        f = make_filters(*values)
+        return shown(service.page(f), f)
 
     @guard
     def list_next(user, stack, keys, *values):
-        return shown(service.next_page(make_filters(*values), stack, keys))
+        f = make_filters(*values)
+        return shown(service.next_page(f, stack, keys), f)
 
     @guard
     def list_prev(user, stack, *values):
-        return shown(service.previous_page(make_filters(*values), stack))
+        f = make_filters(*values)
+        return shown(service.previous_page(f, stack), f)
 
     @guard
     def open_record(user, reference):
@@ -409,7 +521,7 @@ def build_feedback_tab(service: ConsoleService, guard: Guard) -> FeedbackTab:
     def restore_matching(user, confirm, why, *values):
         return _bulk(confirm, lambda: service.restore_matching(make_filters(*values), why, user))
 
-    listed = [table, page_keys, cursors, page_info]
+    listed = [table, page_keys, cursors, page_info, table_box, filter_bar]
     guard.on(apply_btn.click, list_first, filters, listed, "list")
     guard.on(search.submit, list_first, filters, listed, "search")
     guard.on(next_btn.click, list_next, [cursors, page_keys, *filters], listed, "next")
@@ -432,16 +544,20 @@ def build_charts_tab(service: ConsoleService, guard: Guard) -> None:
     """Judgements per day; "both bad" and thumbs-down shares per version."""
     with gr.Tab("Charts", id="charts") as tab:
         refresh_btn = gr.Button("Refresh charts", size="sm")
-        day_plot = gr.Plot(label="Per day")
-        version_plot = gr.Plot(label="Per version")
-        version_table = _grid()
+        charts_info = gr.Markdown("", elem_id="console-charts-info")
+        with gr.Column(visible=False) as charts_box:  # shown once there is something to chart
+            day_plot = gr.Plot(label="Per day")
+            version_plot = gr.Plot(label="Per version")
+            version_table = _grid(headers=PER_VERSION_COLUMNS)
 
     @guard
     def charts(user):
         c = service.charts()
-        return _per_day_figure(c.per_day), _per_version_figure(c.per_version), c.table
+        if not c.per_day:
+            return None, None, c.table, c.info, _visible(False)
+        return _per_day_figure(c.per_day), _per_version_figure(c.per_version), c.table, c.info, _visible(True)
 
-    shown = [day_plot, version_plot, version_table]
+    shown = [day_plot, version_plot, version_table, charts_info, charts_box]
     guard.on(refresh_btn.click, charts, [], shown, "charts")
     guard.on(tab.select, charts, [], shown, "charts_tab")
 
@@ -453,35 +569,41 @@ def build_training_tab(service: ConsoleService, guard: Guard) -> None:
         run_ids = gr.State([])   # the run behind each row of the runs table
         with gr.Row():
             schedule_md = gr.Markdown("")
-            retrain_btn = gr.Button("Retrain now", scale=0)
-        runs_table = _grid(elem_id="console-runs")
-        gr.Markdown("Click a run to open its page.")
-        with gr.Row():
-            run_id = gr.Dropdown([], label="Run", allow_custom_value=True, scale=3)
-            run_btn = gr.Button("Open run", scale=1)
-        run_md = gr.Markdown("", elem_id="console-run")
-        with gr.Row():
-            checks = _grid(label="Gate checks", elem_id="console-checks")
-            data = _grid(label="Judgements used, by kind", elem_id="console-run-data")
-        run_plot = gr.Plot(label="PPO curves")
-        with gr.Column(visible=False) as canary_box:  # only for a run that went on trial
-            canary_md = gr.Markdown("")
+            retrain_btn = gr.Button("Retrain now", scale=0, visible=service.scheduler is not None)  # else it refuses
+        runs_info = gr.Markdown("", elem_id="console-runs-info")
+        with gr.Column(visible=False) as runs_box:  # shown once there is a run
+            runs_table = _grid(headers=RUN_COLUMNS, elem_id="console-runs")
             with gr.Row():
-                canary_plot = gr.Plot(label="Live canary")
-                canary_votes = _grid(label="Canary votes", max_height=300)
-        with gr.Accordion("Config the run used", open=False):
-            run_config = gr.JSON(show_label=False)
+                run_id = gr.Dropdown([], label="Run", allow_custom_value=True, scale=3)
+                run_btn = gr.Button("Open run", scale=1)
+        with gr.Column(visible=False, elem_id="console-run-page") as run_box:  # shown once a run is opened
+            run_md = gr.Markdown("", elem_id="console-run")
+            with gr.Row():
+                with gr.Column(visible=False) as checks_box:
+                    checks = _grid(label="Gate checks", headers=CHECK_COLUMNS, elem_id="console-checks")
+                with gr.Column(visible=False) as data_box:
+                    data = _grid(label="Judgements used, by kind", headers=DATA_COLUMNS, elem_id="console-run-data")
+            with gr.Column(visible=False) as curves_box:
+                run_plot = gr.Plot(label="PPO curves")
+            with gr.Column(visible=False) as canary_box:  # only for a run that went on trial
+                canary_md = gr.Markdown("")
+                with gr.Row():
+                    canary_plot = gr.Plot(label="Live canary")
+                    canary_votes = _grid(label="Canary votes", headers=CANARY_COLUMNS, max_height=300)
+            with gr.Accordion("Config the run used", open=False):
+                run_config = gr.JSON(show_label=False)
 
     @guard
     def training(user):
         t = service.training()
-        return t.schedule, t.table, gr.update(choices=t.run_ids), t.run_ids
+        return t.schedule, t.table, gr.update(choices=t.run_ids), t.run_ids, t.info, _visible(bool(t.run_ids))
 
     def page(rid):
         d = service.run_detail(rid)
         trial = bool(d.canary_text)
-        return (d.text, d.checks, d.data, _curves_figure(d.series), gr.Column(visible=trial), d.canary_text,
-                _canary_figure(d.canary) if trial else None, d.canary, d.config, rid)
+        return (d.text, d.checks, d.data, _curves_figure(d.series) if d.has_curves else None, _visible(trial),
+                d.canary_text, _canary_figure(d.canary) if trial else None, d.canary, d.config, rid, _visible(True),
+                _visible(not d.checks.empty), _visible(not d.data.empty), _visible(d.has_curves))
 
     @guard
     def open_run(user, rid):
@@ -496,8 +618,9 @@ def build_training_tab(service: ConsoleService, guard: Guard) -> None:
     def retrain_now(user):
         return service.retrain_now(user)
 
-    shown = [schedule_md, runs_table, run_id, run_ids]
-    opened = [run_md, checks, data, run_plot, canary_box, canary_md, canary_plot, canary_votes, run_config, run_id]
+    shown = [schedule_md, runs_table, run_id, run_ids, runs_info, runs_box]
+    opened = [run_md, checks, data, run_plot, canary_box, canary_md, canary_plot, canary_votes, run_config, run_id,
+              run_box, checks_box, data_box, curves_box]
     started = guard.on(retrain_btn.click, retrain_now, [], [schedule_md], "retrain_now")
     guard.on(started.success, training, [], shown, "training_after_retrain")
     guard.on(run_btn.click, open_run, [run_id], opened, "open_run")
@@ -514,38 +637,48 @@ def build_quality_tab(service: ConsoleService, guard: Guard) -> None:
         refresh_btn = gr.Button("Refresh", size="sm", scale=0)
         gr.Markdown("#### Disagreement queue\nJudgements the current reward models most strongly disagree "
                     "with. Click one to read it; exclude it if the label is wrong.")
-        queue_info = gr.Markdown("")
-        queue = _grid(elem_id="console-disagreements", max_height=360)
-        record_md = gr.Markdown("", elem_id="console-quality-record")
-        with gr.Row():
-            ref = gr.Textbox(label="Record", elem_id="console-quality-ref", scale=2)
-            ref_reason = gr.Textbox(label="Reason (required)", elem_id="console-quality-reason", scale=3)
-            exclude_ref_btn = gr.Button("Exclude from training", variant="stop", elem_id="console-quality-exclude")
+        queue_info = gr.Markdown("", elem_id="console-queue-info")
+        with gr.Column(visible=False) as queue_box:  # each list shows only once it has a row
+            queue = _grid(headers=DISAGREEMENT_COLUMNS, elem_id="console-disagreements", max_height=360)
+            record_md = gr.Markdown("", elem_id="console-quality-record")
+            with gr.Row():
+                ref = gr.Textbox(label="Record", elem_id="console-quality-ref", scale=2)
+                ref_reason = gr.Textbox(label="Reason (required)", elem_id="console-quality-reason", scale=3)
+                exclude_ref_btn = gr.Button("Exclude from training", variant="stop",
+                                            elem_id="console-quality-exclude")
         gr.Markdown("#### Sessions\nSessions that contradict themselves (the same two answers judged both ways) or "
                     "press one button, sessions that vote faster than anyone can read, and clients that write "
                     "bursts of judgements of any kind. Click a row to pick its session.")
         consistency_info = gr.Markdown("")
-        consistency = _grid(label="Consistency", elem_id="console-consistency", max_height=300)
+        with gr.Column(visible=False) as consistency_box:
+            consistency = _grid(label="Consistency", headers=CONSISTENCY_COLUMNS, elem_id="console-consistency",
+                                max_height=300)
         fast_info = gr.Markdown("")
-        fast = _grid(label="Inhuman speed", elem_id="console-fast", max_height=300)
+        with gr.Column(visible=False) as fast_box:
+            fast = _grid(label="Inhuman speed", headers=FAST_COLUMNS, elem_id="console-fast", max_height=300)
         burst_info = gr.Markdown("")
-        burst = _grid(label="Bursts", elem_id="console-bursts", max_height=300)
-        with gr.Row():
+        with gr.Column(visible=False) as burst_box:
+            burst = _grid(label="Bursts", headers=BURST_COLUMNS, elem_id="console-bursts", max_height=300)
+        with gr.Row(visible=False) as session_row:  # once some list names a session
             session = gr.Textbox(label="Session", elem_id="console-quality-session", scale=2)
             session_reason = gr.Textbox(label="Reason (required)", scale=3, elem_id="console-session-reason")
             exclude_session_btn = gr.Button("Exclude all its judgements", variant="stop",
                                             elem_id="console-session-exclude")
         quality_msg = gr.Markdown("", elem_id="console-quality-msg")
         gr.Markdown("#### Reason tags over time")
-        reasons_plot = gr.Plot(show_label=False)
-        reasons = _grid(max_height=240)
+        reasons_info = gr.Markdown("")
+        with gr.Column(visible=False) as reasons_box:
+            reasons_plot = gr.Plot(show_label=False)
+            reasons = _grid(headers=REASON_COLUMNS, max_height=240)
 
     @guard
     def refresh(user):
         q, c, f, b = service.disagreements(), service.consistency(), service.fast_voters(), service.bursts()
         rows, table = service.reason_counts()
+        plot = _per_day_figure(rows, "reason", "Reason tags of ratings per day") if rows else None
         return (q.info, q.table, q.keys, c.info, c.table, c.keys, f.info, f.table, f.keys, b.info, b.table, b.keys,
-                _per_day_figure(rows, "reason", "Reason tags of ratings per day", "no reason tags yet"), table)
+                plot, table, service.reason_info(rows), *(_visible(bool(x.keys)) for x in (q, c, f, b)),
+                _visible(bool(c.keys or f.keys or b.keys)), _visible(bool(rows)))
 
     def _row(evt: gr.SelectData) -> int:
         return evt.index[0] if isinstance(evt.index, (list, tuple)) else evt.index
@@ -569,7 +702,8 @@ def build_quality_tab(service: ConsoleService, guard: Guard) -> None:
         return service.exclude_session(session_id, why, user)
 
     lists = [queue_info, queue, queue_keys, consistency_info, consistency, consistency_keys, fast_info, fast,
-             fast_keys, burst_info, burst, burst_keys, reasons_plot, reasons]
+             fast_keys, burst_info, burst, burst_keys, reasons_plot, reasons, reasons_info, queue_box,
+             consistency_box, fast_box, burst_box, session_row, reasons_box]
     guard.on(tab.select, refresh, [], lists, "quality_tab")
     guard.on(refresh_btn.click, refresh, [], lists, "quality")
     guard.on(queue.select, pick_record, [queue_keys], [record_md, ref], "quality_pick")
@@ -589,22 +723,25 @@ def build_versions_tab(service: ConsoleService, guard: Guard) -> gr.Dropdown:
     Returns the version picker (its choices are set at login)."""
     with gr.Tab("Versions", id="versions") as tab:
         pending = gr.State(None)     # a promote/rollback waiting for confirmation
-        served_md = gr.Markdown("")
-        versions_table = _grid()
-        with gr.Row():
+        served_md = gr.Markdown("", elem_id="console-served")
+        versions_table = _grid(headers=VERSION_COLUMNS, elem_id="console-versions")
+        serve_info = gr.Markdown("", elem_id="console-serve-info")
+        with gr.Row(visible=False, elem_id="console-serve") as serve_row:  # only with another version to serve
             serve_version = gr.Dropdown([], label="Version", allow_custom_value=True, scale=2)
             serve_action = gr.Radio(["rollback", "promote"], value="rollback", label="Action")
             serve_reason = gr.Textbox(label="Reason", scale=2)
-            serve_btn = gr.Button("Serve this version…", variant="stop")
+            serve_btn = gr.Button("Serve this version…", elem_id="console-serve-btn")  # red only to confirm
         with gr.Row(visible=False) as confirm_row:
             confirm_md = gr.Markdown("")
             confirm_btn = gr.Button("Confirm", variant="stop", scale=0)
             cancel_btn = gr.Button("Cancel", scale=0)
-        serving_table = _grid(label="Serving history")
+        with gr.Column(visible=False) as history_box:
+            serving_table = _grid(label="Serving history", headers=HISTORY_COLUMNS)
 
     def shown():
         v = service.versions()
-        return v.served, v.table, gr.update(choices=v.ids), v.history
+        return (v.served, v.table, gr.update(choices=v.ids), v.history, v.serve_info, _visible(v.can_serve),
+                _visible(not v.history.empty))
 
     @guard
     def versions_view(user):
@@ -624,7 +761,7 @@ def build_versions_tab(service: ConsoleService, guard: Guard) -> gr.Dropdown:
     def cancel_serve(user):
         return None, gr.update(visible=False), ""
 
-    view = [served_md, versions_table, serve_version, serving_table]
+    view = [served_md, versions_table, serve_version, serving_table, serve_info, serve_row, history_box]
     asking = [pending, confirm_row, confirm_md]
     guard.on(serve_btn.click, ask_serve, [serve_version, serve_action, serve_reason], asking, "ask_serve")
     guard.on(confirm_btn.click, confirm_serve, [pending], [*asking, *view], "confirm_serve")
@@ -640,17 +777,19 @@ def build_leaderboard_tab(service: ConsoleService, guard: Guard) -> None:
                     "answers of *different* versions, with 95% bootstrap intervals. A tie counts as "
                     "half a win each; \"both bad\", edits and same-version pairs are left out.")
         compute_btn = gr.Button("Recompute", size="sm", scale=0)
-        with gr.Row():
+        board_info = gr.Markdown("", elem_id="console-leaderboard-info")
+        with gr.Row(visible=False) as board_box:  # once two versions met in a vote
             board_plot = gr.Plot(show_label=False)
-            board = _grid(elem_id="console-leaderboard")
+            board = _grid(headers=LEADERBOARD_COLUMNS, elem_id="console-leaderboard")
 
     @guard
     def compute_leaderboard(user):
         rows, table = service.leaderboard()
-        return _leaderboard_figure(rows), table
+        return (_leaderboard_figure(rows) if rows else None), table, service.leaderboard_info(rows), _visible(bool(rows))
 
-    guard.on(compute_btn.click, compute_leaderboard, [], [board_plot, board], "leaderboard")
-    guard.on(tab.select, compute_leaderboard, [], [board_plot, board], "leaderboard_tab")
+    shown = [board_plot, board, board_info, board_box]
+    guard.on(compute_btn.click, compute_leaderboard, [], shown, "leaderboard")
+    guard.on(tab.select, compute_leaderboard, [], shown, "leaderboard_tab")
 
 
 def build_export_tab(service: ConsoleService, guard: Guard, filters: list) -> ExportShelf:
@@ -710,12 +849,14 @@ def build(ctx: AppContext) -> None:
         user_in = gr.Textbox(label="User name", elem_id="console-user")
         password_in = gr.Textbox(label="Password", type="password", elem_id="console-password")
         login_btn = gr.Button("Log in", variant="primary", elem_id="console-login")
+        login_msg = gr.Markdown("", elem_id="console-login-msg")
 
     with gr.Column(visible=False, elem_id="console-main") as main:
         with gr.Row():
             who = gr.Markdown("")
             logout_btn = gr.Button("Log out", size="sm", scale=0)
         with gr.Tabs():
+            overview = build_overview_tab(service, guard)
             feedback = build_feedback_tab(service, guard)
             build_charts_tab(service, guard)
             build_training_tab(service, guard)
@@ -724,14 +865,30 @@ def build(ctx: AppContext) -> None:
             build_leaderboard_tab(service, guard)
             ctx.extras["console_exports"] = build_export_tab(service, guard, feedback.filters)
 
+    refusals = LoginRefusals()
+
     def login(username, password, request: gr.Request = None):
+        """Refuses with an error (shown as the line under the form, not over it); on success
+        the token goes into the session's State and ``enter`` opens the console."""
         try:
             tok = auth.login(username, password, client=_client_address(request))
         except AuthError as exc:
-            raise gr.Error(str(exc), title="Login refused", print_exception=False) from None
+            refusals.remember(_session_of(request), str(exc))
+            raise gr.Error(str(exc), title="Login refused", visible=False, print_exception=False) from None
+        refusals.forget(_session_of(request))
         log.info("console: %s logged in", username)
-        return tok, gr.update(visible=False), gr.update(visible=True), f"Logged in as **{esc(username)}**", ""
+        return tok, f"Logged in as **{esc(username)}**"
     handlers["login"] = login
+
+    def login_refused(request: gr.Request = None):
+        """The line under the form after a refused login (this browser session's own reason);
+        the password field is emptied for the next try, the form stays as it is."""
+        return refusals.line(_session_of(request)), ""
+
+    @guard
+    def enter(user):
+        """After a login: the form gives way to the console, which opens on its first screen."""
+        return (_visible(False), _visible(True), "", "", *overview.show())
 
     def logout(tok, *_):
         """Revokes the token server-side; forgetting it in the page alone would leave it valid."""
@@ -746,8 +903,13 @@ def build(ctx: AppContext) -> None:
         return (gr.update(choices=["", *service.filter_versions()]),
                 gr.update(choices=service.filter_versions(), value=service.served_version()))
 
-    logged_in = login_btn.click(login, [user_in, password_in], [token, login_box, main, who, password_in],
-                                api_name="console_login", api_visibility=PRIVATE)
+    # the login writes only the token and the (hidden) greeting: a refusal marks nothing on the form
+    logged_in = gr.on([login_btn.click, password_in.submit], login, [user_in, password_in], [token, who],
+                      api_name="console_login", api_visibility=PRIVATE, show_progress="hidden")
+    logged_in.failure(login_refused, [], [login_msg, password_in], api_name="console_login_refused",
+                      api_visibility=PRIVATE, show_progress="hidden")
+    guard.on(logged_in.success, enter, [], [login_box, main, password_in, login_msg, *overview.outputs], "enter",
+             show_progress="hidden")
     listed = guard.on(logged_in.success, feedback.list_first, feedback.filters, feedback.list_outputs,
                       "list_on_login")
     guard.on(listed.success, versions_choices, [], [feedback.version, serve_version], "versions_on_login")

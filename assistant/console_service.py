@@ -26,7 +26,7 @@ import logging
 import os
 import string
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
@@ -62,8 +62,16 @@ BURST_COLUMNS = ["client", "most in 10 min", "votes", "rewrites", "rankings", "t
                  "busiest session"]
 REASON_COLUMNS = ["day", "reason", "thumb", "ratings"]
 QUEUE_SIZE = 50
+PPO_CURVES = ("score", "kl", "entropy", "response_length")  # the curves a run's page plots
 SERVE_ACTIONS = ("rollback", "promote")
 COMMENT_CHOICES = {"any": None, "with comment": True, "without comment": False}
+# What a stored verdict or thumb is called in tables, filters and charts (stored values and
+# exports keep the codes): the words of the chat's buttons, shortened.
+VERDICT_LABELS = {"a": "A better", "b": "B better", "tie": "Tie", "both_bad": "Both bad", "edit": "Rewrite",
+                  "rank": "Ranking", "up": "Thumbs up", "down": "Thumbs down"}
+WEEK_DAYS = 7              # the overview's "this week": today and the 6 days before (UTC)
+DOWN_ALERT_SHARE = 0.5     # the overview asks for a look once this share of the week's thumbs is down...
+DOWN_ALERT_MIN = 3         # ...out of at least this many ratings
 VERDICT_WORDS = {"a": "A is better", "b": "B is better", "tie": "Tie", "both_bad": "Both are bad",
                  "edit": "Edited: the user's rewrite (B) is preferred over the model's answer (A)",
                  "up": "Thumbs up", "down": "Thumbs down", "rank": "Ranked"}
@@ -131,6 +139,22 @@ def _percent(share: float | None) -> float | None:
     return None if share is None else round(100 * share, 1)
 
 
+def verdict_label(kind: str | None) -> str:
+    """A verdict or thumb in words (``both_bad`` -> "Both bad", ``thumbs up`` -> "Thumbs up");
+    anything else stays as it is."""
+    kind = kind or ""
+    return VERDICT_LABELS.get(kind.removeprefix("thumbs "), kind)
+
+
+def kind_choices() -> list[tuple[str, str]]:
+    """The Feedback filter's verdict kinds as (words shown, stored value)."""
+    return [(verdict_label(k), k) for k in review.KINDS]
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}{'s' * (n != 1)}"
+
+
 def parse_ref(ref: str | None) -> tuple[str, str]:
     """``comparison:ID`` or ``rating:ID`` as (record type, id)."""
     ref = (ref or "").strip()
@@ -153,10 +177,23 @@ def make_filters(since: str = "", until: str = "", kinds: list[str] | None = Non
         search=(search or "").strip()).validate()
 
 
+def describe_filters(f: review.Filters) -> str:
+    """The filter bar's label: what the list is narrowed to, in words."""
+    comment = {True: "with a comment", False: "without a comment"}.get(f.has_comment)
+    parts = [f"“{preview(f.search, 30)}”" if f.search else "",
+             ", ".join(verdict_label(k) for k in f.kinds),
+             f"from {f.since}" if f.since else "", f"until {f.until}" if f.until else "",
+             f"tag {f.reason}" if f.reason else "", f"version {f.model_version}" if f.model_version else "",
+             f"session or user {f.session}" if f.session else "", comment or "",
+             f.status if f.status != "all" else ""]
+    shown = [part for part in parts if part]
+    return "Filters · " + (" · ".join(shown) if shown else "none (every judgement)")
+
+
 # ----------------------------------------------------------------------------- tables and views
 def feedback_table(rows: list[dict]) -> pd.DataFrame:
     """``review.page`` rows as the Feedback tab shows them."""
-    return pd.DataFrame([[when(r["created_at"]), r["kind"], r["user"] or r["session_id"][:12], r["model_version"],
+    return pd.DataFrame([[when(r["created_at"]), verdict_label(r["kind"]), r["user"] or r["session_id"][:12], r["model_version"],
                           r["reasons"], preview(r["comment"]),
                           preview(f"excluded: {r['exclude_reason']}") if r["excluded"] else "included",
                           preview(r["snippet"]), f"{r['record_type']}:{r['id']}"]
@@ -214,7 +251,7 @@ def canary_table(votes: list[dict], version_id: str) -> pd.DataFrame:
         side = "A" if v["a_version"] == version_id else "B"
         winner = ("tie" if v["verdict"] not in ("a", "b") else
                   "candidate" if v["verdict"].upper() == side else "served")
-        rows.append([when(v["decided_at"]), v["verdict"], side, winner])
+        rows.append([when(v["decided_at"]), verdict_label(v["verdict"]), side, winner])
     return pd.DataFrame(rows, columns=CANARY_COLUMNS)
 
 
@@ -278,6 +315,46 @@ def _generation_line(g: dict | None) -> str:
             f"{g['latency_ms'] or 0:.0f} ms (first token {g['ttft_ms'] or 0:.0f} ms), finish {g['finish_reason']}")
 
 
+def _missing_parts(no_checks: bool, no_data: bool, no_curves: bool) -> str:
+    """A sentence naming what a run's page has nothing to show for (a run that failed or
+    was stopped early), so no header-only table or empty plot stands in for it."""
+    parts = [name for absent, name in ((no_checks, "gate checks"), (no_data, "ledger of the judgements it used"),
+                                       (no_curves, "PPO curves")) if absent]
+    if not parts:
+        return ""
+    listed = parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " or " + parts[-1]
+    return f"This run recorded no {listed} (it ended before that step, or skipped it)."
+
+
+def _judgements_card(o: Overview) -> str:
+    if not o.total:
+        return "**Judgements**\n\nNone yet."
+    return (f"**Judgements**\n\n## {o.today} today\n\n{o.week} in the last {WEEK_DAYS} days, "
+            f"{o.total} in all")
+
+
+def _thumbs_card(o: Overview) -> str:
+    if o.down_share is None:
+        return f"**Thumbs down**\n\nNo thumbs in the last {WEEK_DAYS} days."
+    return (f"**Thumbs down**\n\n## {o.down_share:.0%}\n\nof {_plural(o.ratings_week, 'rating')} in the last "
+            f"{WEEK_DAYS} days")
+
+
+def _run_card(run: dict | None) -> str:
+    if run is None:
+        return "**Last training run**\n\nNo run yet."
+    why = preview(run_reason(run))
+    return (f"**Last training run**\n\n## {esc(run['status'].capitalize())}\n\n{when(run['started_at'])} UTC"
+            f"{': ' + esc(why) if why else ''}")
+
+
+def _queue_card(o: Overview) -> str:
+    if o.queue is None:
+        return "**Label quality**\n\nNo queue yet: it fills after the first retrain."
+    return (f"**Label quality**\n\n## {o.queue_included} to review\n\n"
+            f"{_plural(len(o.queue.keys), 'judgement')} in the disagreement queue")
+
+
 # ----------------------------------------------------------------------------- what methods return
 @dataclass
 class Page:
@@ -291,9 +368,10 @@ class Page:
 
 @dataclass
 class Charts:
-    per_day: list[dict]      # {day, kind, n}
+    per_day: list[dict]      # {day, kind, n}, the kind in words
     per_version: list[dict]  # review.per_version rows
     table: pd.DataFrame      # per version, in percent
+    info: str = ""           # a sentence when there is nothing to chart
 
 
 @dataclass
@@ -301,6 +379,7 @@ class Training:
     schedule: str            # Markdown: next scheduled run and the live canary
     table: pd.DataFrame
     run_ids: list[str]
+    info: str = ""           # a sentence over the table (what to do when there is no run yet)
 
 
 @dataclass
@@ -312,6 +391,7 @@ class RunDetail:
     data: pd.DataFrame       # the judgements the run used, by kind
     canary: pd.DataFrame     # users' votes of the run's live canary, oldest first
     canary_text: str = ""    # Markdown: the trial's standing or its decision
+    has_curves: bool = False # whether PPO logged any curve
 
 
 @dataclass
@@ -329,6 +409,28 @@ class VersionsView:
     table: pd.DataFrame
     ids: list[str]
     history: pd.DataFrame    # serving log, newest first
+    can_serve: bool = False  # whether there is another version to promote or roll back to
+    serve_info: str = ""     # a sentence when there is not
+
+
+@dataclass
+class Overview:
+    """The console's first screen: what came in, how it went, what to look at first."""
+
+    today: int               # judgements since 00:00 UTC
+    week: int                # judgements in the last ``WEEK_DAYS`` days, today included
+    total: int               # judgements ever stored
+    ratings_week: int
+    down_week: int           # thumbs down among ``ratings_week``
+    last_run: dict | None    # the newest ``review.runs`` row
+    queue: Queue | None      # the disagreement queue; None before any reward model was trained
+    queue_included: int      # the queue's judgements still used for training
+    cards: list[str]         # Markdown, one per card: judgements, thumbs down, last run, label quality
+    todo: list[str]          # Markdown, one line each: what to look at first
+
+    @property
+    def down_share(self) -> float | None:
+        return self.down_week / self.ratings_week if self.ratings_week else None
 
 
 # ----------------------------------------------------------------------------- the service
@@ -350,8 +452,14 @@ class ConsoleService:
         rows = review.page(self.store, f, limit=PAGE_SIZE, after=after)
         total = review.count(self.store, f)
         first = (len(cursors) - 1) * PAGE_SIZE
-        info = f"{first + 1}–{first + len(rows)} of {total} judgements" if rows else f"no judgements (of {total})"
+        info = f"{first + 1}–{first + len(rows)} of {total} judgements" if rows else self._no_rows(f)
         return Page(feedback_table(rows), [f"{r['record_type']}:{r['id']}" for r in rows], cursors, info)
+
+    def _no_rows(self, f: review.Filters) -> str:
+        """Why a page is empty, in a sentence."""
+        if f != review.Filters() or review.count(self.store):
+            return "No judgements match these filters: widen them under **Filters**, or clear them."
+        return "No judgements yet: votes, rewrites and thumbs from the chat appear here as users give them."
 
     def next_page(self, f: review.Filters, cursors: list, keys: list[str]) -> Page:
         """The page after the one showing ``keys`` (the same page when it was the last)."""
@@ -434,7 +542,8 @@ class ConsoleService:
         ranked = sorted(worst.values(), key=lambda r: -r["disagreement"])[:limit]
         found = quality.records(self.store, [r["record"] for r in ranked])
         ranked = [r for r in ranked if r["record"] in found]  # deleted since (delete my data)
-        table = pd.DataFrame([[when(found[r["record"]]["created_at"]), found[r["record"]]["kind"], _human_said(r),
+        table = pd.DataFrame([[when(found[r["record"]]["created_at"]), verdict_label(found[r["record"]]["kind"]),
+                               _human_said(r),
                                _models_say(r), f"{r['disagreement']:.2f}",
                                found[r["record"]]["user"] or found[r["record"]]["session_id"][:12],
                                "excluded" if found[r["record"]]["excluded"] else "included",
@@ -450,7 +559,8 @@ class ConsoleService:
         """Sessions whose votes contradict each other or always press the same button."""
         rows = quality.session_consistency(self.store)
         table = pd.DataFrame([[r["user"] or "", r["votes"], r["contradictions"], _percent(r["a_share"]),
-                               f"{r['top_verdict']} ({r['top_share']:.0%})", r["excluded"], r["session_id"]]
+                               f"{verdict_label(r['top_verdict'])} ({r['top_share']:.0%})", r["excluded"],
+                               r["session_id"]]
                               for r in rows], columns=CONSISTENCY_COLUMNS)
         suspicious = sum(1 for r in rows if r["contradictions"] or r["top_share"] >= 0.9)
         return Queue(table, [r["session_id"] for r in rows],
@@ -484,6 +594,11 @@ class ConsoleService:
                      "from any one client." if rows else
                      f"No client wrote {least} or more judgements within {minutes} minutes.")
 
+    @staticmethod
+    def reason_info(rows: list[dict]) -> str:
+        """A sentence under "Reason tags over time" when there is nothing to plot."""
+        return "" if rows else "No rating carries a reason tag yet."
+
     def reason_counts(self) -> tuple[list[dict], pd.DataFrame]:
         """Rating reason tags per day: the rows for the plot, and the table."""
         rows = quality.reason_counts(self.store)
@@ -505,7 +620,10 @@ class ConsoleService:
         rows = review.per_version(self.store)
         table = pd.DataFrame([[r["version"], r["comparisons"], _percent(r["both_bad_share"]), r["ratings"],
                                _percent(r["down_share"])] for r in rows], columns=PER_VERSION_COLUMNS)
-        return Charts(review.per_day(self.store), rows, table)
+        per_day = [{**r, "kind": verdict_label(r["kind"])} for r in review.per_day(self.store)]
+        info = "" if per_day else ("No judgements yet: the charts appear once users vote on, rewrite or rate "
+                                   "answers in the chat.")
+        return Charts(per_day, rows, table, info)
 
     def leaderboard(self) -> tuple[list[dict], pd.DataFrame]:
         """The Bradley-Terry ratings: the rows (for the plot) and the table."""
@@ -513,10 +631,64 @@ class ConsoleService:
         return rows, pd.DataFrame([[r["version"], r["rating"], f"{r['ci_low']:.0f}–{r['ci_high']:.0f}", r["games"],
                                     r["wins"], r["ties"], r["losses"]] for r in rows], columns=LEADERBOARD_COLUMNS)
 
+    @staticmethod
+    def leaderboard_info(rows: list[dict]) -> str:
+        """A sentence instead of an empty leaderboard."""
+        return "" if rows else ("No A/B votes between answers of two different versions yet: the leaderboard "
+                                "fills once a candidate is compared with the served version.")
+
+    # -- the first screen ------------------------------------------------------------------
+    def overview(self, at: datetime | None = None) -> Overview:
+        """What came in today and this week, the week's thumbs-down share, the last run and
+        its outcome, the disagreement queue; and what to look at first.  ``at``: now (UTC)."""
+        at = (at or datetime.now(timezone.utc)).astimezone(timezone.utc)
+        today = at.date()
+        counts = review.activity(self.store, today.isoformat(),
+                                 (today - timedelta(days=WEEK_DAYS - 1)).isoformat())
+        runs = review.runs(self.store, limit=1)
+        run_id, _ = self.label_scores()
+        queue = self.disagreements() if run_id else None
+        included = 0 if queue is None else int((queue.table["status"] == "included").sum())
+        o = Overview(counts["today"], counts["week"], review.count(self.store), counts["ratings_week"],
+                     counts["down_week"], runs[0] if runs else None, queue, included, [], [])
+        o.cards = [_judgements_card(o), _thumbs_card(o), _run_card(o.last_run), _queue_card(o)]
+        o.todo = self._todo(o)
+        return o
+
+    def _todo(self, o: Overview) -> list[str]:
+        """What to look at first, most pressing first (each line names the tab)."""
+        todo = []
+        trial = self.registry.canary()
+        if trial:
+            todo.append(f"A candidate, **{esc(trial['version_id'])}**, is on trial with users: see how it "
+                        "stands on **Training**.")
+        if o.last_run and o.last_run["status"] in ("failed", "rejected"):
+            todo.append(f"The last training run was **{o.last_run['status']}**: read why on **Training**.")
+        if o.queue_included:
+            todo.append(f"{_plural(o.queue_included, 'judgement')} the reward models doubt "
+                        f"{'is' if o.queue_included == 1 else 'are'} still used for training: review "
+                        f"{'it' if o.queue_included == 1 else 'them'} in **Label quality**.")
+        share = o.down_share
+        if share is not None and share >= DOWN_ALERT_SHARE and o.ratings_week >= DOWN_ALERT_MIN:
+            todo.append(f"{share:.0%} of this week's thumbs are down: read them in **Feedback** "
+                        "(Filters: Thumbs down).")
+        if not o.total:
+            todo.append("No judgements yet: votes, rewrites and thumbs appear here as users give them in the chat.")
+        return todo or ["Nothing needs a look right now."]
+
     # -- training --------------------------------------------------------------------------
     def training(self) -> Training:
         runs = review.runs(self.store)
-        return Training(self.schedule(), runs_table(runs), [r["id"] for r in runs])
+        return Training(self.schedule(), runs_table(runs), [r["id"] for r in runs], self._runs_info(runs))
+
+    def _runs_info(self, runs: list[dict]) -> str:
+        if runs:
+            return f"{_plural(len(runs), 'run')}, newest first. Click a run to open its page."
+        if self.scheduler is None:
+            return ("No training run yet, and this app schedules none: start it with `--retrain-enabled`, or run "
+                    "`python -m retrain run --now`.")
+        return (f"No training run yet: the scheduler starts one once {self.settings.retrain_min_preferences} new "
+                "usable preferences exist, or press **Retrain now**.")
 
     def schedule(self) -> str:
         """The next scheduled retrain and the live canary's progress (Markdown)."""
@@ -564,8 +736,13 @@ class ConsoleService:
             if decision.get("sampler"):
                 text += f" (answers sampled with {esc(decision['sampler'])})"
         votes, canary_text = self._run_canary(run, decision)
-        return RunDetail(text, d["series"], d["config"], checks_table(decision), data_table(judgements),
-                         canary_table(votes, run["candidate_version"] or ""), canary_text)
+        checks, data = checks_table(decision), data_table(judgements)
+        has_curves = any((d["series"].get("ppo") or {}).get(name) for name in PPO_CURVES)
+        missing = _missing_parts(checks.empty, data.empty, not has_curves)
+        if missing:
+            text += f"\n\n{missing}"
+        return RunDetail(text, d["series"], d["config"], checks, data,
+                         canary_table(votes, run["candidate_version"] or ""), canary_text, has_curves)
 
     def _run_canary(self, run: dict, decision: dict) -> tuple[list[dict], str]:
         """The votes of the run's trial (live while it runs) and a sentence on where it stands."""
@@ -611,7 +788,11 @@ class ConsoleService:
                              columns=VERSION_COLUMNS)
         history = pd.DataFrame([[when(h["at"]), h["version_id"], h["action"], h["actor"], preview(h["reason"])]
                                 for h in reversed(self.registry.serving_history())], columns=HISTORY_COLUMNS)
-        return VersionsView(text, table, [r["id"] for r in rows], history)
+        can_serve = len(rows) >= 2
+        info = "" if can_serve else (
+            f"{'Only one version exists' if rows else 'No version is registered yet'}: there is nothing to promote "
+            "or roll back to until a retrain makes a candidate.")
+        return VersionsView(text, table, [r["id"] for r in rows], history, can_serve, info)
 
     def plan_serve(self, version_id: str, action: str, reason: str) -> tuple[dict, str]:
         """Checks a promote/rollback before it is confirmed: returns the plan for ``serve``

@@ -1,5 +1,5 @@
 """Console queries: the filtered, paged list of judgements, one record in full, bulk
-exclusion, chart data, runs and versions.  The console and the CLI call these; they hold
+exclusion, the first screen's counts, chart data, runs and versions.  The console and the CLI call these; they hold
 no UI code.
 
 A *judgement* is a decided comparison (verdict a, b, tie, both_bad or edit) or a rating
@@ -344,6 +344,21 @@ def record(store: FeedbackStore, record_type: str, record_id: str) -> dict:
         "review_log": store.query("SELECT action, reason, actor, at FROM review_log "
                                   "WHERE record_type = ? AND record_id = ? ORDER BY id", (record_type, record_id)),
     }
+
+
+# ----------------------------------------------------------------------------- the console's first screen
+def activity(store: FeedbackStore, today: str, week: str) -> dict[str, int]:
+    """Judgements since ``today`` and since ``week`` (ISO dates or times, inclusive, ``week``
+    the earlier one), and the ratings and thumbs down since ``week``: ``{today, week,
+    ratings_week, down_week}``.  Counted by ``created_at``, as the Feedback list filters."""
+    comparisons = store.query(
+        "SELECT COALESCE(SUM(created_at >= ?), 0) AS today, COUNT(*) AS week FROM comparisons "
+        "WHERE verdict IS NOT NULL AND created_at >= ?", (today, week))[0]
+    ratings = store.query(
+        "SELECT COALESCE(SUM(created_at >= ?), 0) AS today, COUNT(*) AS week, "
+        "COALESCE(SUM(thumb = 'down'), 0) AS down FROM ratings WHERE created_at >= ?", (today, week))[0]
+    return {"today": comparisons["today"] + ratings["today"], "week": comparisons["week"] + ratings["week"],
+            "ratings_week": ratings["week"], "down_week": ratings["down"]}
 
 
 # ----------------------------------------------------------------------------- charts

@@ -25,10 +25,11 @@ import httpx
 import pytest
 
 from assistant import console
-from feedback import auth
+from feedback import auth, review
 from tests.factories import PASSWORD, RawConsole, app_settings, launch_app, populate, wait_for
 
 NO_FILTERS = ["", "", [], "", "", "", "any", "all", ""]
+REFUSED_LINE = "**Login refused:** wrong user name or password."
 
 
 def refs(table: dict) -> list[str]:
@@ -77,6 +78,9 @@ def test_every_console_endpoint_refuses_anonymous_raw_calls(app):
     served = ctx.registry.served_version()
     for d in _console_deps(url):
         anon = RawConsole(url)
+        if d["api_name"] == "console_login_refused":  # the line under the login form: no data, no change
+            assert anon.ok("login_refused") == [REFUSED_LINE, ""]
+            continue
         data = [None] * len(d["inputs"])
         if d["api_name"] == "console_login":
             data = ["admin", "wrong-password"]
@@ -119,7 +123,7 @@ def test_login_filter_open_exclude_export_rollback(app, tmp_path):
     assert not c.call("login", "admin", "nope")[0]
     out = c.ok("login", "admin", PASSWORD)
     assert out[0] is None  # the token stays server-side (gr.State is never sent to the browser)
-    assert "admin" in out[3]
+    assert "admin" in out[1]
 
     # filter: thumbs down with the "inaccurate" tag -> exactly rating0
     table = c.ok("list", "", "", ["down"], "inaccurate", "", "", "any", "all", "")[0]
@@ -188,7 +192,7 @@ def test_login_filter_open_exclude_export_rollback(app, tmp_path):
     assert "**v2** on trial against sft" in text and "0 wins, 0 losses, 0 ties" in text
     ctx.registry.end_canary(run_id, promote=False, reason="test over", decision={})
     assert ctx.registry.run(run_id)["status"] == "rejected" and ctx.registry.served_version() == "sft"
-    plot, board = c.ok("leaderboard")
+    plot, board = c.ok("leaderboard")[:2]
     assert {row[0] for row in board["data"]} == {"sft", "v2"} and plot["type"] == "matplotlib"
     assert "No reward model has been trained yet" in c.ok("quality")[0]
     c.ok("charts")
@@ -265,6 +269,7 @@ def test_record_view_fetches_nothing_in_a_real_browser(app):
             page.locator("#console-user input, #console-user textarea").first.fill("admin")
             page.locator("#console-password input").first.fill(PASSWORD)
             page.locator("#console-login").click()
+            page.get_by_role("tab", name="Feedback").click()
             sync_api.expect(page.locator("#console-table")).to_contain_text("comparison:", timeout=30_000)
             page.locator("#console-ref textarea, #console-ref input").first.fill(f"comparison:{ids['comparison']}")
             page.locator("#console-open").click()
@@ -304,6 +309,9 @@ def test_console_lockout_is_per_client_address(app):
         assert not c.call("login", "lena", f"guess {i}")[0]
     ok, error = c.call("login", "lena", "long enough pw")
     assert not ok and "too many" in error
+    # the page's line under the form gives this browser session its own reason, and no other's
+    assert "too many failed logins" in c.ok("login_refused")[0]
+    assert RawConsole(url).ok("login_refused")[0] == REFUSED_LINE
     token = ctx.extras["console_handlers"]["login"]("lena", "long enough pw")[0]
     assert console.get_auth(ctx).check(token) == "lena"
     auth.remove_user(ctx.store, "lena")
@@ -356,3 +364,50 @@ def test_console_has_no_sql(module):
     source = (Path(__file__).resolve().parents[2] / "assistant" / module).read_text()
     sql = re.compile(r"\b(SELECT|UPDATE|INSERT|DELETE)\b.*\b(FROM|SET|INTO)\b|\.query\(|\.execute\(")
     assert [line for line in source.splitlines() if sql.search(line)] == []
+
+
+# ----------------------------------------------------------------------------- the first screen
+def _visible(update) -> bool:
+    """Whether a show/hide update the browser gets shows its component."""
+    assert isinstance(update, dict) and "visible" in update, update
+    return bool(update["visible"])
+
+
+def test_first_screen_with_data_over_http(app):
+    url, ctx, _ = app
+    c = RawConsole(url)
+    assert not c.call("enter")[0] and not c.call("overview")[0]  # logged out: refused
+    c.ok("login", "admin", PASSWORD)
+    login_box, main, password, line, todo, *cards = c.ok("enter")
+    assert (_visible(login_box), _visible(main), password, line) == (False, True, "", "")
+    assert todo.startswith("#### Look at first") and cards == c.ok("overview")[1:]
+    total = review.count(ctx.store)
+    assert total >= 7 and f"{total} in all" in cards[0] and "today" in cards[0]
+    assert "ratings in the last 7 days" in cards[1] and "%" in cards[1]
+    assert cards[2].startswith("**Last training run**") and cards[3].startswith("**Label quality**")
+
+
+def test_first_screen_and_empty_tabs_without_data_over_http(tmp_path, tiny_model_dir):
+    url, ctx, close = launch_app(app_settings(tmp_path, tiny_model_dir, admin_password=PASSWORD))
+    try:
+        c = RawConsole(url)
+        c.ok("login", "admin", PASSWORD)
+        todo, *cards = c.ok("overview")
+        assert "No judgements yet" in todo
+        assert cards == ["**Judgements**\n\nNone yet.", "**Thumbs down**\n\nNo thumbs in the last 7 days.",
+                         "**Last training run**\n\nNo run yet.",
+                         "**Label quality**\n\nNo queue yet: it fills after the first retrain."]
+        table, _, _, info, table_box, bar = c.ok("list", *NO_FILTERS)
+        assert info.startswith("No judgements yet") and not _visible(table_box) and table["data"] in ([], [[]])
+        assert bar["label"] == "Filters · none (every judgement)"
+        schedule, _, _, _, runs_info, runs_box = c.ok("training_tab")
+        assert runs_info.startswith("No training run yet") and not _visible(runs_box)
+        served, _, _, _, serve_info, serve_row, history_box = c.ok("versions_tab")
+        assert "Serving **sft**" in served and serve_info.startswith("Only one version exists")
+        assert not _visible(serve_row) and _visible(history_box)
+        *_, board_info, board_box = c.ok("leaderboard")
+        assert board_info.startswith("No A/B votes") and not _visible(board_box)
+        *_, charts_info, charts_box = c.ok("charts")
+        assert charts_info.startswith("No judgements yet") and not _visible(charts_box)
+    finally:
+        close()

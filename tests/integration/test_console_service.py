@@ -8,7 +8,7 @@ import html
 import json
 import re
 import sqlite3
-from datetime import datetime
+from datetime import datetime, timedelta
 
 import pytest
 
@@ -19,13 +19,15 @@ from assistant.console_service import (
     RUN_COLUMNS,
     ConsoleError,
     ConsoleService,
+    describe_filters,
+    kind_choices,
     make_filters,
     parse_ref,
     preview,
     took,
     when,
 )
-from feedback import auth
+from feedback import auth, review
 from feedback.registry import Registry
 from feedback.store import NotFound, StoreError
 from tests.factories import app_settings, populate, seed_votes
@@ -71,7 +73,7 @@ def test_feedback_table_is_readable(console):
     stored = store.query("SELECT created_at FROM ratings WHERE id = ?", (ids["rating0"],))[0]["created_at"]
     assert HUMAN_TIME.fullmatch(row["time"]) and row["time"] == stored[:16].replace("T", " ")
     assert (row["kind"], row["user"], row["version"], row["reasons"], row["comment"], row["status"]) == (
-        "down", "alice", "sft", "inaccurate", "wrong city", "included")
+        "Thumbs down", "alice", "sft", "inaccurate", "wrong city", "included")
     assert row["prompt"] == "What is the capital of France?"
     assert row["record"] == f"rating:{ids['rating0']}" and page.keys == [row["record"]]
     assert page.info == "1–1 of 1 judgements"
@@ -410,7 +412,7 @@ def test_consistency_and_speed_flag_the_right_sessions(console):
     rows = {r["session"]: r for r in consistency.table.to_dict("records")}
     assert consistency.keys[0] == "sess-flip" and rows["sess-flip"]["contradictions"] == 2
     assert rows["sess-care"]["contradictions"] == 0 and rows["sess-care"]["A share"] == 50.0
-    assert rows["sess-bot"]["most pressed"] == "a (100%)" and consistency.keys[1] == "sess-bot"
+    assert rows["sess-bot"]["most pressed"] == "A better (100%)" and consistency.keys[1] == "sess-bot"
     assert set(consistency.keys) == {"sess-flip", "sess-care", "sess-bot"}  # alice and bob have under 4 votes
 
     fast = service.fast_voters()
@@ -461,3 +463,91 @@ def test_bursts_flag_a_client_that_floods_rewrites_over_many_sessions(console):
     assert len(bursts.table) == 1 and row["rewrites"] == 36 and row["most in 10 min"] == 36
     assert row["sessions"] == 6 and row["client"] == flood[:12] and "198.51" not in row["client"]
     assert bursts.keys[0].startswith("sess-flood") and "1 client wrote 30+" in bursts.info
+
+
+# ----------------------------------------------------------------------------- the first screen and empty states
+def test_overview_without_data_says_so_in_sentences(store, tmp_path, tiny_model_dir):
+    registry = Registry(store)
+    registry.register_base("sft", str(tiny_model_dir), str(tiny_model_dir))
+    registry.set_served("sft", "serve", reason="first start")
+    service = ConsoleService(app_settings(tmp_path, tiny_model_dir), store, registry)
+    o = service.overview()
+    assert (o.today, o.week, o.total, o.ratings_week, o.down_share, o.last_run, o.queue) == (0, 0, 0, 0, None, None,
+                                                                                            None)
+    assert o.cards == ["**Judgements**\n\nNone yet.", "**Thumbs down**\n\nNo thumbs in the last 7 days.",
+                       "**Last training run**\n\nNo run yet.",
+                       "**Label quality**\n\nNo queue yet: it fills after the first retrain."]
+    assert o.todo == ["No judgements yet: votes, rewrites and thumbs appear here as users give them in the chat."]
+    # the other tabs' empty states are sentences too, with nothing to serve
+    assert service.page(make_filters()).info.startswith("No judgements yet")
+    training = service.training()
+    assert training.run_ids == [] and training.info.startswith("No training run yet")
+    view = service.versions()
+    assert not view.can_serve and view.serve_info.startswith("Only one version exists")
+    assert service.charts().info.startswith("No judgements yet")
+    assert service.leaderboard_info(service.leaderboard()[0]).startswith("No A/B votes")
+
+
+def test_overview_counts_today_and_the_week_and_says_what_to_look_at(console):
+    service, store, registry, ids = console
+    now = datetime.fromisoformat(store.rating(ids["rating0"])["created_at"])
+    o = service.overview(now)
+    assert (o.today, o.week, o.total, o.ratings_week, o.down_week) == (7, 7, 7, 3, 2)
+    assert "## 7 today" in o.cards[0] and "7 in the last 7 days, 7 in all" in o.cards[0]
+    assert "## 67%" in o.cards[1] and "of 3 ratings" in o.cards[1]
+    assert o.todo == ["67% of this week's thumbs are down: read them in **Feedback** (Filters: Thumbs down)."]
+
+    # three days later: nothing today, all of it this week; eight days later: none this week
+    later = service.overview(now + timedelta(days=3))
+    assert (later.today, later.week, later.total) == (0, 7, 7)
+    assert "## 0 today" in later.cards[0]
+    gone = service.overview(now + timedelta(days=8))
+    assert (gone.today, gone.week, gone.ratings_week, gone.total) == (0, 0, 0, 7)
+    assert gone.todo == ["Nothing needs a look right now."]
+
+    # a rejected run whose reward models doubt one vote
+    run = rejected_run(registry, ["reward model accuracy lower bound 0.44 is not above 0.50"])
+    (service.settings.runs_dir / run).mkdir(parents=True)
+    (service.settings.runs_dir / run / "label_scores.json").write_text(json.dumps([
+        {"record": f"comparison:{ids['comparison0']}", "item": ids["comparison0"], "source": "regenerate",
+         "label": 1.0, "model": -2.5, "disagreement": 2.5}]))
+    o = service.overview(now)
+    assert o.last_run["id"] == run and "## Rejected" in o.cards[2] and "2026-11-22 11:05 UTC" in o.cards[2]
+    assert "lower bound 0.44" in html.unescape(o.cards[2])
+    assert (len(o.queue.keys), o.queue_included) == (1, 1) and "## 1 to review" in o.cards[3]
+    assert o.todo[:2] == ["The last training run was **rejected**: read why on **Training**.",
+                          "1 judgement the reward models doubt is still used for training: review it in "
+                          "**Label quality**."]
+    service.exclude(f"comparison:{ids['comparison0']}", "mislabel", "maria")
+    o = service.overview(now)
+    assert o.queue_included == 0 and "## 0 to review" in o.cards[3] and not [t for t in o.todo if "doubt" in t]
+
+
+def test_verdicts_show_in_words_but_are_stored_and_exported_as_codes(console, tmp_path):
+    service, store, _, ids = console
+    kinds = list(service.page(make_filters()).table["kind"])
+    assert sorted(kinds) == ["A better", "B better", "Both bad", "Rewrite", "Thumbs down", "Thumbs down", "Thumbs up"]
+    assert [value for _, value in kind_choices()] == list(review.KINDS)  # the filter sends the stored codes
+    assert keys(service, kinds=["both_bad"]) == {f"comparison:{ids['comparison2']}"}
+    assert {r["kind"] for r in service.charts().per_day} >= {"A better", "Both bad", "Thumbs down"}
+    assert store.comparison(ids["comparison2"])["verdict"] == "both_bad"
+    out = tmp_path / "all.csv"
+    service.export_csv(make_filters(), out)
+    exported = {row["id"]: row for row in csv.DictReader(out.open())}
+    assert (exported[ids["comparison2"]]["kind"], exported[ids["rating0"]]["kind"]) == ("both_bad", "down")
+
+
+def test_the_filter_bar_says_what_the_list_is_narrowed_to():
+    assert describe_filters(make_filters()) == "Filters · none (every judgement)"
+    assert describe_filters(make_filters(kinds=["down", "both_bad"], reason="inaccurate", status="excluded")) == \
+        "Filters · Thumbs down, Both bad · tag inaccurate · excluded"
+
+
+def test_a_run_page_names_what_the_run_did_not_record(console):
+    service, _, registry, _ = console
+    failed = registry.create_run("schedule")
+    registry.fail_runs([failed], "RuntimeError: out of memory")
+    page = service.run_detail(failed)
+    assert page.checks.empty and page.data.empty and not page.has_curves
+    assert "This run recorded no gate checks, ledger of the judgements it used or PPO curves" in page.text
+    assert service.training().info == "1 run, newest first. Click a run to open its page."

@@ -28,6 +28,8 @@ def logged_in(url: str):
         page.locator("#console-user input, #console-user textarea").first.fill("admin")
         page.locator("#console-password input").first.fill(PASSWORD)
         page.locator("#console-login").click()
+        expect(page.locator("#console-todo")).to_contain_text("Look at first")  # the first screen
+        page.get_by_role("tab", name="Feedback").click()
         expect(page.locator("#console-table")).to_be_visible()
         yield page
 
