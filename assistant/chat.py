@@ -18,7 +18,9 @@ One session's calls change its state one at a time (``SessionLocks``): each call
 and changes the session and its rows under that session's lock.  An answer is streamed
 outside the lock, but the session counts as generating from its start until its rows are
 stored, and calls that would change the conversation meanwhile (vote, edit, regenerate,
-another message, new chat) are refused; ratings and opt-outs are not.
+another message, new chat) are refused; ratings and opt-outs are not (``ChatSession.writing``
+says which answer is being written, so the page can show it).  The same rating of the same
+answer twice (a double submit, or a retry of one that was stored) is refused as a duplicate.
 
 Rankings ("compare more"): an open comparison of A and B can get two more answers, C and D,
 written one after the other to the same context (one decoding slot, like a regenerate) and
@@ -161,6 +163,7 @@ class Comparison:
     # opened while a candidate was on trial (the live canary): until the vote, nothing shown
     # or returned says which version wrote which answer, whether or not B is the candidate's
     blind: bool = False
+    winner: str = ""  # the label that continues the chat, once decided ("A" for a tie or both bad)
 
     def texts(self) -> dict[str, str]:
         """label -> answer text, A and B first."""
@@ -189,6 +192,9 @@ class ChatSession:
     update_noticed: bool = False  # the "assistant was updated" notice is shown once per session
     notice: str = ""  # that notice, until the UI takes it (``ChatService.take_notice``)
     system_prompt: str | None = None  # the conversation's, as stored (a branch copies it)
+    # what is being written now: "" (nothing), "answer" (a reply or an edit's), "B" (a
+    # regenerate), "C" or "D" (compare more); set with the claim, cleared with its release
+    writing: str = ""
 
     @property
     def owner(self) -> str | None:
@@ -484,6 +490,14 @@ class ChatService:
             sess.finish_reason = None
         return "Reopened the chat: continue where you left off."
 
+    def branches(self, sess: ChatSession) -> tuple[int, list[str]] | None:
+        """The current chat's versions of its edited message (``FeedbackStore.owner_branch_family``):
+        the edited turn and the chats' ids, the original first; None when there are none."""
+        if sess.conversation_id is None:
+            return None
+        family = self.store.owner_branch_family(sess.owner, sess.conversation_id)
+        return family if family and len(family[1]) > 1 and sess.conversation_id in family[1] else None
+
     def delete_my_data(self, sess: ChatSession, confirm: bool) -> str:
         """Deletes for good every chat, answer, vote, rating and rewrite stored for this
         browser's key (all its sessions), so no later export or training snapshot has them;
@@ -631,6 +645,7 @@ class ChatService:
             on_trial = trial and self._rng.random() < self.settings.canary_share
             hint = self._rng.choice(STYLE_HINTS) if self.settings.regenerate_style_hints and not on_trial else None
             running = self._start(sess, with_style_hint(context, hint), params, canary=on_trial, style_hint=hint)
+            sess.writing = "B"
         answer = yield from self._stream(sess, running)
         with self._serialised(sess), self._releasing(sess, running):
             with self._storing():  # the context the user saw; the hint is kept with the sampling settings
@@ -692,6 +707,7 @@ class ChatService:
                     raise ChatError("an answer is still being written: wait for it or press Stop")
                 version, engine, request = self.holder.submit(prompt_ids, params, canary, client=sess.client_key)
                 self._active[sess.session_id] = request
+                sess.writing = "answer"
         except (ContextTooLong, Busy) as exc:
             raise ChatError(str(exc)) from None
         return Running(version=version, engine=engine, request=request, style_hint=style_hint)
@@ -729,6 +745,7 @@ class ChatService:
         with self._lock:
             if self._active.get(sess.session_id) is request:
                 del self._active[sess.session_id]
+                sess.writing = ""
         if request.finished_at is None:  # the consumer went away mid-stream: free the slot
             request.cancel()
 
@@ -767,7 +784,7 @@ class ChatService:
                                                comp.b_generation_id)
             except StoreError as exc:
                 raise ChatError(str(exc)) from None
-            comp.verdict = verdict
+            comp.verdict, comp.winner = verdict, "B" if verdict == "b" else "A"
             if verdict == "b":
                 sess.messages[comp.turn].update(content=comp.b_text, generation_id=comp.b_generation_id,
                                                 edited=False)
@@ -775,7 +792,8 @@ class ChatService:
 
     def rate(self, sess: ChatSession, answer: int, thumb: str, reasons: list[str] | None = None,
              comment: str = "") -> str:
-        """Thumbs up/down on answer number ``answer`` (1-based; 0 = the latest)."""
+        """Thumbs up/down on answer number ``answer`` (1-based; 0 = the latest); this session's
+        identical rating of that answer (thumb, reasons and comment) is refused as a duplicate."""
         thumb = (thumb if isinstance(thumb, str) else "").strip().lower()
         if thumb not in THUMBS:
             raise ChatError("choose thumbs up or down")
@@ -792,6 +810,9 @@ class ChatService:
             kept = sess.messages[turn]
             if kept["edited"]:
                 raise ChatError("that answer is your own rewrite; rate the model's answers")
+            if self.store.has_rating(session_id=sess.session_id, generation_id=kept["generation_id"], thumb=thumb,
+                                     reasons=reasons, comment=comment):
+                raise ChatError("this rating was already saved (a duplicate is not stored twice)")
             self.vote_limit.hit(sess.client_key, "ratings")
             try:
                 with self._storing():
@@ -864,6 +885,7 @@ class ChatService:
             self.message_limit.hit(sess.client_key, "messages")
             context = sess.messages[comp.turn]["context"]
             running = self._start(sess, context, params)
+            sess.writing = "C"
         texts = ["", ""]
         answers: list[Answer] = []
         d_params = params if params.seed is None else dataclasses.replace(params, seed=(params.seed + 1) % (MAX_SEED + 1))
@@ -873,6 +895,7 @@ class ChatService:
                 with self._serialised(sess):
                     self._release(sess, running.request)
                     running = self._start(sess, context, each[k])
+                    sess.writing = "D"
             answer = yield from _relayed(self._stream(sess, running), texts, k)
             if answer.finish_reason == "cancelled":
                 self._release(sess, running.request)
@@ -921,7 +944,7 @@ class ChatService:
                                                generations[winner])
             except StoreError as exc:
                 raise ChatError(str(exc)) from None
-            comp.verdict = ranking.RANK
+            comp.verdict, comp.winner = ranking.RANK, winner
             if winner != "A":
                 sess.messages[comp.turn].update(content=texts[winner], generation_id=generations[winner],
                                                 edited=False)

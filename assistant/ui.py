@@ -17,6 +17,7 @@ for each client session, so one ``Client`` drives one conversation):
     /rank(order)  all four answers, best first: "C>A>D>B"; "=" between answers ranked
                   equal: "C>A=D>B" (labels case-insensitive)  -> (chat_history, status)
     /rate(answer, thumb, reasons, comment)  answer: 1-based, 0 = latest -> status
+                  (the same rating of the same answer twice: refused as a duplicate)
     /edit(rewrite)  rewrite of the latest answer             -> (chat_history, status)
     /edit_message(index, text, temperature, top_p, max_new_tokens, seed)
         index: the message's position in chat_history (0 = the first user message)
@@ -37,14 +38,28 @@ every later call lists, opens or deletes with that session's key, never with one
 sent (see ``assistant.chat``).  An API client's session gets its own key, so the three calls
 above see that session's chats only.
 
-The comparison opens from **Regenerate and compare** or the Chatbot's own retry icon; both
-answers are rendered as Markdown side by side (stacked below 600 px), and the verdict
-buttons (keys 1-4 or a/b/t/x) are enabled once answer B is complete.
+The comparison opens from **Regenerate and compare** or the Chatbot's own retry icon, in the
+thread (``assistant.thread_ui``): the latest answer becomes answer A of the pair, so the Chatbot
+leaves it out while the pair is open, and the pair sits under the Chatbot, above the message
+box, scrolled into view and focused; both answers are rendered as Markdown side by side
+(stacked below 600 px), and the verdict buttons (keys 1-4 or a/b/t/x) are coloured and enabled
+once answer B is complete (greyed, with "B is still writing…", until then).  After the vote
+the chosen answer continues, tagged "chosen over 1 other", with a pager (‹ 1/2 ›) that shows
+the others read-only.  Retry is not offered on the user's own rewrite (it would be refused).
+
+The message box has one button: Send, or Stop while an answer is written; the message icons
+(copy, thumbs, pencil, retry) of an answer appear once it is complete, and no pencil or retry
+is offered while anything is written.  A message sent meanwhile is refused and stays in the
+box; a refusal redraws the page from the session, so it never closes a comparison or clears
+ranks already given.  👍/👎 open a rating popover at the message for that answer; every Send
+says on its own line whether it was saved ("Thanks — rating saved") or refused (a duplicate).
 
 **Compare more** (enabled with the verdicts) writes answers C and D to the same context, one
 after the other, shown under A and B (a 2×2 grid, one column below 600 px); the user gives
 each answer a rank from 1 (best) to 4 and presses **Submit ranking**, enabled once all four
-answers are complete and every answer has a rank, one of them 1.  Equal ranks are allowed
+answers are complete and every answer has a rank, one of them 1 (the line under the ranks
+says what is missing: "Give D a rank.", "C and D are still writing…"; C and D take a rank once
+they are complete).  Equal ranks are allowed
 (answers the user finds equally good; the retrain reads them as ties).  The ranking is one
 judgement; the best answer continues the chat (A when A shares the first place).  While four
 answers are open the verdict buttons are gone and their keys do nothing, and ``/vote`` is
@@ -91,7 +106,7 @@ from collections.abc import Callable
 import gradio as gr
 from starlette.middleware import Middleware
 
-from assistant import console
+from assistant import console, thread_ui
 from assistant.chat import ChatError, ChatService, ChatSession, sampling
 from assistant.context import AppContext
 from assistant.http_guard import LINKS_HEAD, UPLOADS, HttpGuard, UploadPolicy, takes_uploads
@@ -249,15 +264,20 @@ def order_of_ranks(values) -> list[list[str]] | None:
     return ranking.from_ranks(ranks)
 
 
-def rank_note(values) -> str:
-    """What the ranking panel says under the answers: the order so far, or what is missing."""
+def rank_note(values, writing: str = "") -> str:
+    """What the ranking panel says under the answers: the order so far, or what is missing
+    (so why *Submit ranking* is disabled), and whether C and D are still being written."""
     order = order_of_ranks(values)
     if order:
         shown = " > ".join(" = ".join(tier) for tier in order)
-        return f"Your order: **{shown}** · answer {ranking.best(order)} continues the chat."
-    if all(v not in (None, "") for v in values):
-        return "Give the best answer rank **1**."
-    return RANK_HINT
+        note = f"Your order: **{shown}** · answer {ranking.best(order)} continues the chat."
+    elif all(v not in (None, "") for v in values):
+        note = "Give the best answer rank **1**."
+    elif all(v in (None, "") for v in values):
+        note = RANK_HINT
+    else:
+        note = thread_ui.missing_note(values, RANK_LABELS)
+    return " ".join(filter(None, [thread_ui.RANKS_WRITING if writing in ("C", "D") else "", note]))
 
 
 def _edited_text(value) -> str:
@@ -327,7 +347,8 @@ def build_app(ctx: AppContext, uploads: UploadPolicy = UPLOADS) -> gr.Blocks:
         except gr.Error as exc:
             gr.Warning(exc.message)
             sess = state if isinstance(state, ChatSession) else None
-            yield (sess.history() if sess else []), gr.skip(), gr.skip(), state, message
+            busy = sess is not None and service.generating(sess)  # another answer streams on: left alone
+            yield thread_ui.chatbot_view(sess, busy), gr.skip(), gr.skip(), state, message
 
     @_errors_to_gradio
     def regenerate(temperature: float, top_p: float, max_new_tokens: int, seed: int,
@@ -341,6 +362,16 @@ def build_app(ctx: AppContext, uploads: UploadPolicy = UPLOADS) -> gr.Blocks:
         comp = sess.comparison
         yield (comp.a_text, comp.b_text, _version_md(sess.shown_version),
                " ".join(filter(None, ["Which answer is better?", _finish_note(sess)])), sess)
+
+    def regenerate_in_page(temperature: float, top_p: float, max_new_tokens: int, seed: int,
+                           state: ChatSession | None, request: gr.Request):
+        """Private: the page's regenerate (the same as /regenerate); a refusal is a warning toast
+        and the pair is redrawn from the session (an error would cover the answers)."""
+        try:
+            yield from regenerate(temperature, top_p, max_new_tokens, seed, state, request)
+        except gr.Error as exc:
+            gr.Warning(exc.message)
+            yield gr.skip(), gr.skip(), gr.skip(), gr.skip(), state
 
     @_errors_to_gradio
     def vote(verdict: str, state: ChatSession | None, request: gr.Request):
@@ -431,6 +462,17 @@ def build_app(ctx: AppContext, uploads: UploadPolicy = UPLOADS) -> gr.Blocks:
         sess = caller(state, request)
         return service.rate(sess, answer, thumb, reasons, comment), sess
 
+    def rate_in_page(answer: int, thumb: str, reasons: list[str], comment: str, state: ChatSession | None,
+                     request: gr.Request):
+        """Private: the rating popover's Send: every submission says what happened on its own
+        line (a duplicate is refused, a refusal is also a warning toast); the form stays as it was."""
+        try:
+            note, sess = rate(answer, thumb, reasons, comment, state, request)
+        except gr.Error as exc:
+            gr.Warning(exc.message)
+            return f"Not saved: {exc.message}", state
+        return note.replace("Recorded: ", "Thanks — rating saved: ", 1), sess
+
     @_errors_to_gradio
     def edit(rewrite: str, state: ChatSession | None, request: gr.Request):
         """Replaces the latest answer with the user's rewrite (stored as preferred)."""
@@ -501,64 +543,108 @@ def build_app(ctx: AppContext, uploads: UploadPolicy = UPLOADS) -> gr.Blocks:
         """Private: brings the panels in line with the session after a change (``ranks``: the
         rank selectors' values, kept while four answers are open)."""
         sess = state if isinstance(state, ChatSession) else None
+        busy = sess is not None and service.generating(sess)
+        writing = sess.writing if busy else ""
         comp = sess.comparison if sess else None
-        open_comp = comp is not None and comp.verdict is None
-        ranking_open = open_comp and bool(comp.extras)
-        history = sess.history() if sess else []
-        ready = open_comp and not service.generating(sess)
+        open_comp = thread_ui.open_pair(sess, busy)
+        drawn = open_comp and writing != "B"  # the pair is the session's comparison (B is not being written)
+        ranking_open = drawn and (bool(comp.extras) or writing in ("C", "D"))
+        ready = open_comp and not busy
         texts = comp.texts() if ranking_open else {}
-        return (gr.update(visible=open_comp), history,
-                comp.a_text if open_comp else gr.skip(), comp.b_text if open_comp else gr.skip(),
+        return (gr.update(visible=open_comp), thread_ui.chatbot_view(sess, busy),
+                comp.a_text if drawn else gr.skip(), comp.b_text if drawn else gr.skip(),
                 *[gr.Button(interactive=ready) for _ in VERDICT_BUTTONS],
                 *rank_panel(ranking_open, texts.get("C", gr.skip()), texts.get("D", gr.skip()),
-                            ranks if ranking_open else None, ready),
+                            ranks if ranking_open else None, ready, writing),
+                *thread_ui.send_stop(busy), thread_ui.pair_note(sess, busy), *thread_ui.pager(sess, 0),
+                *thread_ui.branch_pager(service.branches(sess) if sess else None, sess and sess.conversation_id),
                 *chat_list(sess), *notice(sess))
 
-    def rank_panel(ranking_open: bool, c_text, d_text, ranks, ready: bool):
+    def rank_panel(ranking_open: bool, c_text, d_text, ranks, ready: bool, writing: str = ""):
         """The comparison's two modes: A/B verdicts, or four answers to rank.  ``ranks``: the
-        selectors' values to keep (None: cleared)."""
+        selectors' values to keep (None: cleared); ``writing``: C or D while they are written
+        (their ranks are locked until they are complete)."""
         values = list(ranks) if ranks is not None else [None] * len(RANK_LABELS)
         valid = ranking_open and ready and order_of_ranks(values) is not None
-        picks = [gr.update(visible=ranking_open) if ranks is not None else gr.update(visible=ranking_open, value=None)
-                 for _ in RANK_LABELS]
+        locked = writing in ("C", "D")
+        picks = [gr.update(visible=ranking_open, interactive=not (locked and label in "CD"),
+                           **({} if ranks is not None else {"value": None}))
+                 for label in RANK_LABELS]
         two = gr.update(visible=not ranking_open)  # the verdicts, Compare more, the keys
         return (gr.Button(interactive=ready and not ranking_open), two, two, two,
                 RANK_TITLE if ranking_open else COMPARE_TITLE, gr.update(visible=ranking_open), c_text, d_text,
-                *picks, gr.update(visible=ranking_open), gr.Button(interactive=valid), rank_note(values))
+                *picks, gr.update(visible=ranking_open), gr.Button(interactive=valid), rank_note(values, writing))
 
     def show_more():
-        """Private: opens the ranking of four while C and D are written (Submit disabled until they are)."""
-        return rank_panel(True, "…", "…", None, False)
+        """Private: opens the ranking of four while C and D are written (Submit disabled and
+        their ranks locked until they are)."""
+        return (*rank_panel(True, "…", "…", None, False, "C"),
+                *thread_ui.writing_view(note=thread_ui.WRITING_NOTE.format("C")))
 
     def check_ranks(state: ChatSession | None, *ranks: str | None):
         """Private: Submit ranking is enabled once all four answers are complete and ranked, one of them 1."""
         sess = state if isinstance(state, ChatSession) else None
         comp = sess.comparison if sess else None
-        ready = (comp is not None and comp.verdict is None and bool(comp.extras) and not service.generating(sess))
-        return gr.Button(interactive=ready and order_of_ranks(ranks) is not None), rank_note(ranks)
+        busy = sess is not None and service.generating(sess)
+        ready = comp is not None and comp.verdict is None and bool(comp.extras) and not busy
+        return (gr.Button(interactive=ready and order_of_ranks(ranks) is not None),
+                rank_note(ranks, sess.writing if busy else ""))
+
+    def page_alternatives(step: int, state: ChatSession | None, page: int):
+        """Private: the pager's ‹ and › over the latest answer's others (read-only)."""
+        return thread_ui.pager(state if isinstance(state, ChatSession) else None, int(page or 0) + step)
+
+    def open_branch(step: int, state: ChatSession | None, request: gr.Request):
+        """Private: the edited message's ‹ and ›: opens the chat with its previous or next version
+        (a refusal, an answer being written, is a warning toast)."""
+        sess = state if isinstance(state, ChatSession) else None
+        target = thread_ui.branch_target(service.branches(sess), sess.conversation_id, step) if sess else None
+        try:
+            return open_conversation(target or "", state, request)
+        except gr.Error as exc:
+            gr.Warning(exc.message)
+            return gr.skip(), gr.skip(), state
+
+    def branch_step(step: int):
+        """The handler of one branch-pager arrow (a closure: Gradio reads the request from its signature)."""
+        def handler(state: ChatSession | None, request: gr.Request):
+            return open_branch(step, state, request)
+        return handler
 
     def sync_opt_out(state: ChatSession | None):
         """Private: the opt-out box shows the session's (after reopening a chat or a deletion)."""
         return gr.Checkbox(value=state.opt_out) if isinstance(state, ChatSession) else gr.skip()
 
+    def can_regenerate(sess: ChatSession | None) -> bool:
+        """Whether a regenerate would be taken (else it is refused and the page stays as it is)."""
+        latest = sess.messages[-1] if sess and sess.messages else None
+        return (latest is not None and latest["role"] == "assistant" and not latest["edited"]
+                and bool(latest.get("generation_id")) and not service.generating(sess)
+                and not thread_ui.open_pair(sess, False))
+
     def show_compare(state: ChatSession | None):
-        """Private: opens the comparison while answer B is written (verdicts disabled until it is done);
-        four answers being ranked stay as they are (the regenerate is refused)."""
-        comp = state.comparison if isinstance(state, ChatSession) else None
-        if comp is not None and comp.verdict is None and comp.extras:
-            return tuple(gr.skip() for _ in range(2 + len(VERDICT_BUTTONS) + len(rank_outputs)))
+        """Private: turns the latest answer into the pair, A | B, in the thread while answer B is
+        written (verdicts disabled until it is done); anything the regenerate would refuse (an
+        open pair or ranking, a rewrite, an answer being written) stays as it is."""
+        sess = state if isinstance(state, ChatSession) else None
+        if not can_regenerate(sess):
+            return tuple(gr.skip() for _ in range(2 + len(VERDICT_BUTTONS) + len(rank_outputs) + 6))
         return (gr.update(visible=True), "…", *[gr.Button(interactive=False) for _ in VERDICT_BUTTONS],
-                *rank_panel(False, gr.skip(), gr.skip(), None, False))
+                *rank_panel(False, gr.skip(), gr.skip(), None, False),
+                *thread_ui.writing_view(sess.history()[:-1], thread_ui.WRITING_NOTE.format("B")),
+                gr.update(visible=False), gr.update(visible=False))
 
     def on_like(state: ChatSession | None, evt: gr.LikeData):
+        """Private: 👍/👎 on a message opens the rating popover for that very answer."""
         sess = state if isinstance(state, ChatSession) else None
         if sess is None or not isinstance(evt.index, int) or evt.liked not in (True, False):
-            return gr.skip(), gr.skip(), gr.skip(), gr.skip()
+            return tuple(gr.skip() for _ in range(7))
         number = sess.answer_number(evt.index)
         thumb = "up" if evt.liked else "down"
         icon = "👍" if evt.liked else "👎"
-        return (number, thumb, gr.Accordion(open=True),
-                f"{icon} for answer {number}: add reasons if you like, then press **Send rating**.")
+        return (number, thumb, gr.update(visible=True),
+                f"**{icon} Rate answer {number}** · add reasons if you like, then press **Send rating**.",
+                "", [], "")
 
     # -- layout -------------------------------------------------------------------------
     storage = browser_storage(ctx.store)
@@ -589,17 +675,19 @@ def build_app(ctx: AppContext, uploads: UploadPolicy = UPLOADS) -> gr.Blocks:
             label="Conversation", height=440, sanitize_html=True, render_markdown=True, allow_tags=False,
             feedback_options=("Like", "Dislike"), buttons=["copy"], editable="all", placeholder=CHAT_PLACEHOLDER,
             elem_id="chatbot"))
-        with gr.Row(elem_id="composer"):
-            msg = gr.Textbox(show_label=False, placeholder="Message the assistant…",
-                             scale=8, max_lines=8, autofocus=True, elem_id="message")
-            send_btn = gr.Button("Send", variant="primary", scale=1, min_width=80)
-            stop_btn = gr.Button("Stop", variant="stop", scale=1, min_width=80)
-        with gr.Row(elem_id="actions"):
-            regen_btn = gr.Button("Regenerate and compare", size="sm", elem_id="regenerate")
-            new_btn = gr.Button("New chat", size="sm")
-            opt_out_cb = gr.Checkbox(label="Don't use my conversations for training", value=False,
-                                     elem_id="opt-out")
-        status = gr.Markdown("", label="status", show_label=False, elem_id="status")
+        # the thread: the answers a vote did not choose, the pair (or four) in place of the latest
+        # answer, and the rating popover of the message whose 👍/👎 was clicked
+        with gr.Row(visible=False, elem_id="branch-bar") as branch_bar:
+            branch_md = gr.Markdown("", elem_id="branch-pos")
+            branch_prev = gr.Button("‹", size="sm", scale=0, min_width=40, interactive=False, elem_id="branch-prev")
+            branch_next = gr.Button("›", size="sm", scale=0, min_width=40, interactive=False, elem_id="branch-next")
+        with gr.Row(visible=False, elem_id="alt-bar") as alt_bar:
+            alt_tag = gr.Markdown("", elem_id="alt-tag")
+            alt_prev = gr.Button("‹", size="sm", scale=0, min_width=40, interactive=False, elem_id="alt-prev")
+            alt_pos = gr.Markdown("", elem_id="alt-pos")
+            alt_next = gr.Button("›", size="sm", scale=0, min_width=40, interactive=False, elem_id="alt-next")
+        alt_md = without_remote_images(gr.Markdown("", visible=False, elem_id="alt-answer"))
+        alt_page = gr.State(0)
         with gr.Column(visible=False, variant="panel", elem_id="compare") as compare_box:
             with gr.Row(elem_id="compare-head"):
                 compare_title = gr.Markdown(COMPARE_TITLE, elem_id="compare-title")
@@ -624,6 +712,7 @@ def build_app(ctx: AppContext, uploads: UploadPolicy = UPLOADS) -> gr.Blocks:
                 c_md, rank_c = answer_column("C", "new")
                 d_md, rank_d = answer_column("D", "new")
             rank_picks = [rank_a, rank_b, rank_c, rank_d]
+            compare_ready_md = gr.Markdown("", elem_id="compare-ready")
             with gr.Row(elem_id="verdicts") as verdict_row:
                 vote_btns = {v: gr.Button(label, size="sm", interactive=False, elem_id=f"vote-{v}")
                              for v, label in VERDICT_BUTTONS}
@@ -634,13 +723,27 @@ def build_app(ctx: AppContext, uploads: UploadPolicy = UPLOADS) -> gr.Blocks:
                 rank_note_md = gr.Markdown(RANK_HINT, elem_id="rank-order")
                 rank_submit = gr.Button("Submit ranking", variant="primary", size="sm", interactive=False,
                                         elem_id="rank-submit")
-        with gr.Accordion("Rate an answer", open=False) as rate_acc:
+        with gr.Column(visible=False, variant="panel", elem_id="rate-pop") as rate_pop:
+            rate_title = gr.Markdown("", elem_id="rate-title")
+            thumb = gr.Radio(["up", "down"], value="up", label="Thumb", elem_id="rate-thumb")
+            reasons = gr.CheckboxGroup(list(REASON_TAGS), label="Reasons (optional)", elem_id="rate-reasons")
+            comment = gr.Textbox(label="Comment (optional)", max_lines=4, placeholder="What was wrong or right?",
+                                 elem_id="rate-comment")
             with gr.Row():
-                rate_num = gr.Number(value=0, precision=0, minimum=0, label="Answer number (0 = the latest)")
-                thumb = gr.Radio(["up", "down"], value="up", label="Thumb")
-            reasons = gr.CheckboxGroup(list(REASON_TAGS), label="Reasons (optional)")
-            comment = gr.Textbox(label="Comment (optional)", max_lines=4, placeholder="What was wrong or right?")
-            rate_btn = gr.Button("Send rating", size="sm")
+                rate_btn = gr.Button("Send rating", variant="primary", size="sm", elem_id="rate-send")
+                rate_close = gr.Button("Close", size="sm", elem_id="rate-close")
+            rate_done = gr.Markdown("", elem_id="rate-done")
+        with gr.Row(elem_id="composer"):
+            msg = gr.Textbox(show_label=False, placeholder="Message the assistant…",
+                             scale=8, max_lines=8, autofocus=True, elem_id="message")
+            send_btn = gr.Button("Send", variant="primary", scale=1, min_width=80, elem_id="send")
+            stop_btn = gr.Button("Stop", variant="stop", scale=1, min_width=80, visible=False, elem_id="stop")
+        with gr.Row(elem_id="actions"):
+            regen_btn = gr.Button("Regenerate and compare", size="sm", elem_id="regenerate")
+            new_btn = gr.Button("New chat", size="sm")
+            opt_out_cb = gr.Checkbox(label="Don't use my conversations for training", value=False,
+                                     elem_id="opt-out")
+        status = gr.Markdown("", label="status", show_label=False, elem_id="status")
         with gr.Accordion("Settings", open=False):
             system_tb = gr.Textbox(value=s.system_prompt, label="System prompt", lines=2)
             with gr.Row():
@@ -653,6 +756,9 @@ def build_app(ctx: AppContext, uploads: UploadPolicy = UPLOADS) -> gr.Blocks:
         pending = gr.Textbox(visible=False)
         chat_api_btn = gr.Button(visible=False)
         verdict_tb = gr.Textbox(visible=False, value="a")
+        regen_api_btn = gr.Button(visible=False)
+        rate_num = gr.Number(value=0, precision=0, minimum=0, visible=False, label="Answer number (0 = the latest)")
+        rate_api_btn = gr.Button(visible=False)
         vote_api_btn = gr.Button(visible=False)
         order_tb = gr.Textbox(visible=False, label="order")
         rank_api_btn = gr.Button(visible=False)
@@ -671,28 +777,37 @@ def build_app(ctx: AppContext, uploads: UploadPolicy = UPLOADS) -> gr.Blocks:
         sampling_inputs = [temp, top_p, max_new, seed]
         rank_outputs = [more_btn, verdict_row, more_row, compare_keys, compare_title, rank_row, c_md, d_md,
                         *rank_picks, rank_actions, rank_submit, rank_note_md]  # what ``rank_panel`` returns
-        after = dict(fn=sync, inputs=[state, *rank_picks], api_visibility=PRIVATE,
-                     outputs=[compare_box, chatbot, a_md, b_md, *vote_btns.values(), *rank_outputs, chats,
-                              no_chats_md, notice_md])
+        busy_outputs = [send_btn, stop_btn, chatbot, compare_ready_md]  # what ``thread_ui.writing_view`` returns
+        pager_outputs = [alt_bar, alt_tag, alt_pos, alt_md, alt_page, alt_prev, alt_next]  # ``thread_ui.pager``
+        branch_outputs = [branch_bar, branch_md, branch_prev, branch_next]  # ``thread_ui.branch_pager``
+        # always_last: a sync asked for while another runs (a refusal during an answer) is run after it
+        after = dict(fn=sync, inputs=[state, *rank_picks], api_visibility=PRIVATE, trigger_mode="always_last",
+                     outputs=[compare_box, chatbot, a_md, b_md, *vote_btns.values(), *rank_outputs, send_btn,
+                              stop_btn, compare_ready_md, *pager_outputs, *branch_outputs, chats, no_chats_md,
+                              notice_md])
         after_switch = dict(fn=sync_opt_out, inputs=[state], outputs=[opt_out_cb], api_visibility=PRIVATE,
                             queue=False)
 
-        # chat: stash and clear the textbox, stream, restore the text if refused
-        sent = gr.on([msg.submit, send_btn.click], lambda m: ("", m), [msg], [msg, pending],
-                     api_visibility=PRIVATE, queue=False)
+        # chat: stash and clear the textbox, stream, restore the text if refused.  "multiple": a
+        # message sent while an answer streams reaches the server (which refuses it and puts it
+        # back in the box) instead of being dropped by the page after the box was cleared
+        sent = gr.on([msg.submit, send_btn.click], lambda m: ("", m, *thread_ui.writing_view()), [msg],
+                     [msg, pending, *busy_outputs], api_visibility=PRIVATE, queue=False)
         chat_ev = sent.then(chat_in_page, [pending, system_tb, *sampling_inputs, state],
                             [chatbot, version_md, status, state, msg], api_visibility=PRIVATE,
-                            concurrency_id="generate")
+                            concurrency_id="generate", trigger_mode="multiple")
         chat_ev.then(**after)
         chat_api_btn.click(chat, [pending, system_tb, *sampling_inputs, state], [chatbot, version_md, status, state],
                            api_name="chat", concurrency_id="generate").then(**after)
 
         # regenerate: the button or the Chatbot's own retry icon under the latest answer
         shown = gr.on([regen_btn.click, chatbot.retry], show_compare, [state],
-                      [compare_box, b_md, *vote_btns.values(), *rank_outputs], api_visibility=PRIVATE, queue=False)
-        regen_ev = shown.then(regenerate, [*sampling_inputs, state], [a_md, b_md, version_md, status, state],
-                              api_name="regenerate", concurrency_id="generate")
-        regen_ev.then(**after)
+                      [compare_box, b_md, *vote_btns.values(), *rank_outputs, *busy_outputs, alt_bar, alt_md],
+                      api_visibility=PRIVATE, queue=False)
+        shown.then(regenerate_in_page, [*sampling_inputs, state], [a_md, b_md, version_md, status, state],
+                   api_visibility=PRIVATE, concurrency_id="generate").then(**after)
+        regen_api_btn.click(regenerate, [*sampling_inputs, state], [a_md, b_md, version_md, status, state],
+                            api_name="regenerate", concurrency_id="generate").then(**after)
 
         vote_api_btn.click(vote, [verdict_tb, state], [chatbot, status, state], api_name="vote").then(**after)
         for verdict, btn in vote_btns.items():
@@ -700,7 +815,8 @@ def build_app(ctx: AppContext, uploads: UploadPolicy = UPLOADS) -> gr.Blocks:
                       api_visibility=PRIVATE).then(**after)
 
         # compare more: C and D under A and B, then a rank per answer and Submit ranking
-        more_shown = more_btn.click(show_more, None, rank_outputs, api_visibility=PRIVATE, queue=False)
+        more_shown = more_btn.click(show_more, None, [*rank_outputs, *busy_outputs], api_visibility=PRIVATE,
+                                    queue=False)
         more_shown.then(compare_more, [*sampling_inputs, state], [c_md, d_md, version_md, status, state],
                         api_name="compare_more", concurrency_id="generate").then(**after)
         for pick in rank_picks:
@@ -710,9 +826,19 @@ def build_app(ctx: AppContext, uploads: UploadPolicy = UPLOADS) -> gr.Blocks:
                           api_visibility=PRIVATE).then(**after)
         rank_api_btn.click(rank, [order_tb, state], [chatbot, status, state], api_name="rank").then(**after)
 
-        rate_ev = rate_btn.click(rate, [rate_num, thumb, reasons, comment, state], [status, state], api_name="rate")
-        rate_ev.success(lambda: ([], "", 0), None, [reasons, comment, rate_num], api_visibility=PRIVATE, queue=False)
-        chatbot.like(on_like, [state], [rate_num, thumb, rate_acc, status], api_visibility=PRIVATE, queue=False)
+        # ratings: the popover of the clicked 👍/👎 (its answer), /rate over the API
+        rate_inputs = [rate_num, thumb, reasons, comment, state]
+        rate_api_btn.click(rate, rate_inputs, [status, state], api_name="rate")
+        rate_btn.click(rate_in_page, rate_inputs, [rate_done, state], api_visibility=PRIVATE)
+        rate_close.click(lambda: gr.update(visible=False), None, [rate_pop], api_visibility=PRIVATE, queue=False)
+        chatbot.like(on_like, [state], [rate_num, thumb, rate_pop, rate_title, rate_done, reasons, comment],
+                     api_visibility=PRIVATE, queue=False)
+        for step, btn in ((-1, alt_prev), (1, alt_next)):
+            btn.click(functools.partial(page_alternatives, step), [state, alt_page], pager_outputs,
+                      api_visibility=PRIVATE, queue=False)
+        for step, btn in ((-1, branch_prev), (1, branch_next)):
+            btn.click(branch_step(step), [state], [chatbot, status, state],
+                      api_visibility=PRIVATE).then(**after).then(**after_switch)
 
         edit_btn.click(edit, [rewrite, state], [chatbot, status, state], api_name="edit").then(**after)
         # edit in place: the Chatbot's pencil on any message, and the same over the API
@@ -774,7 +900,7 @@ def launch(demo: gr.Blocks, ctx: AppContext, *, prevent_thread_lock: bool = Fals
     result = demo.launch(server_name=s.host, server_port=s.port if port is None else port,
                          prevent_thread_lock=True, quiet=quiet, show_error=True, max_threads=threads,
                          run_history=False, footer_links=["api"], max_file_size=uploads.max_file_bytes,
-                         css=CSS, head=HEAD + LINKS_HEAD, app_kwargs={"middleware": [guard]},
+                         css=CSS + thread_ui.CSS, head=HEAD + thread_ui.HEAD + LINKS_HEAD, app_kwargs={"middleware": [guard]},
                          num_workers=0)  # no static-file worker processes: every route behind the guard
     _answer_unknown_endpoints(result[0])
     if blocking:

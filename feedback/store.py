@@ -211,9 +211,16 @@ def _m6_contributors(db: sqlite_utils.Database) -> None:
     db["sessions"].create_index(["contributor"])
 
 
+def _m7_chat_titles(db: sqlite_utils.Database) -> None:
+    """A title the user chose for a chat (``FeedbackStore.rename_owner_conversation``); None:
+    the chat is titled by its first message."""
+    db["conversations"].add_column("title", str)
+
+
 MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_m1_core, _m2_review_and_training,
                                                             _m3_reward_model_roles, _m4_owners,
-                                                            _m5_rankings_and_branches, _m6_contributors]
+                                                            _m5_rankings_and_branches, _m6_contributors,
+                                                            _m7_chat_titles]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
@@ -442,7 +449,7 @@ class FeedbackStore:
     # -- a browser's own chats: every query is scoped by the owner hash -------------------------
     def owner_conversations(self, owner: str, limit: int | None = None) -> list[dict]:
         """The owner's conversations that hold a message, most recently active first: id,
-        title (the first user message), created_at, updated_at (latest message), messages,
+        title (the first user message), renamed (the title the user chose, or None), created_at, updated_at (latest message), messages,
         branch_of (the conversation an edit branched it from, if any).  ``limit`` None: all of
         them, as the cap (``max_chats_per_owner``) refuses more; at least 200 are shown when
         the cap was lowered below what a browser already kept."""
@@ -451,7 +458,7 @@ class FeedbackStore:
         if limit is None:
             limit = max(int(self.max_chats_per_owner), 200) if self.max_chats_per_owner else -1
         return self.query(
-            "SELECT c.id, c.created_at, c.branch_of, "
+            "SELECT c.id, c.created_at, c.branch_of, c.title AS renamed, "
             "(SELECT m.content FROM messages m WHERE m.conversation_id = c.id AND m.role = 'user' "
             "ORDER BY m.turn LIMIT 1) AS title, "
             "(SELECT max(m.created_at) FROM messages m WHERE m.conversation_id = c.id) AS updated_at, "
@@ -459,6 +466,30 @@ class FeedbackStore:
             "FROM conversations c JOIN sessions s ON s.id = c.session_id "
             "WHERE s.owner = ? AND EXISTS (SELECT 1 FROM messages m WHERE m.conversation_id = c.id) "
             "ORDER BY updated_at DESC, c.rowid DESC LIMIT ?", (owner, int(limit)))
+
+    def owner_branch_family(self, owner: str, conversation_id: str) -> tuple[int, list[str]] | None:
+        """The versions of one edited message around ``conversation_id`` (the owner's): the
+        edited turn and [the chat it was branched from, then its branches at that turn, oldest
+        first].  For a chat that was never branched, its latest branch's turn; None when the
+        chat has no branches and is none."""
+        if not owner:
+            return None
+        mine = "c.session_id IN (SELECT id FROM sessions WHERE owner = ?)"
+        rows = self.query(f"SELECT c.branch_of, c.branch_turn FROM conversations c WHERE c.id = ? AND {mine}",
+                          (conversation_id, owner))
+        if not rows:
+            return None
+        root, turn = rows[0]["branch_of"], rows[0]["branch_turn"]
+        if root is None:
+            latest = self.query(f"SELECT c.branch_turn FROM conversations c WHERE c.branch_of = ? AND {mine} "
+                                "ORDER BY c.rowid DESC LIMIT 1", (conversation_id, owner))
+            if not latest:
+                return None
+            root, turn = conversation_id, latest[0]["branch_turn"]
+        branches = self.query(f"SELECT c.id FROM conversations c WHERE c.branch_of = ? AND c.branch_turn = ? "
+                              f"AND {mine} AND EXISTS (SELECT 1 FROM messages m WHERE m.conversation_id = c.id) "
+                              "ORDER BY c.rowid", (root, turn, owner))
+        return int(turn), [root] + [b["id"] for b in branches]
 
     def owner_conversation(self, owner: str, conversation_id: str) -> dict:
         """One of the owner's conversations (id, session_id, system_prompt, opt_out) with its
@@ -562,20 +593,69 @@ class FeedbackStore:
                 db.execute("DELETE FROM review_log WHERE (record_type = 'comparison' AND record_id IN "
                            f"(SELECT id FROM comparisons WHERE session_id IN ({mine_s}))) OR (record_type = 'rating' "
                            f"AND record_id IN (SELECT id FROM ratings WHERE session_id IN ({mine_s})))", [owner, owner])
-                tables = [r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'table' AND name "
-                                                   "NOT LIKE 'sqlite_%' AND name NOT IN ('sessions', 'conversations')")]
-                for table in tables:
-                    columns = {r[1] for r in db.execute(f'PRAGMA table_info("{table}")')}
-                    if "conversation_id" in columns:
-                        db.execute(f'DELETE FROM "{table}" WHERE conversation_id IN ({mine_c})', [owner])
-                    if "session_id" in columns:
-                        db.execute(f'DELETE FROM "{table}" WHERE session_id IN ({mine_s})', [owner])
+                for table in self._tables_with(db, "conversation_id"):
+                    db.execute(f'DELETE FROM "{table}" WHERE conversation_id IN ({mine_c})', [owner])
+                for table in self._tables_with(db, "session_id"):
+                    db.execute(f'DELETE FROM "{table}" WHERE session_id IN ({mine_s})', [owner])
                 db.execute(f"DELETE FROM conversations WHERE session_id IN ({mine_s})", [owner])
                 db.execute("DELETE FROM sessions WHERE owner = ?", [owner])
         finally:  # the flag acts when a row is deleted, so it can go off before the commit
             self.conn.execute("PRAGMA secure_delete = OFF")
         return {**counted, "used": len(used), "used_by_runs": used_runs, "used_by_versions": used_versions,
                 "versions_since": since}
+
+    def _owned_conversation(self, owner: str, conversation_id: str) -> None:
+        """NotFound unless the conversation is the owner's (one of another owner's is
+        refused exactly like one that does not exist)."""
+        rows = self.query("SELECT 1 FROM conversations c JOIN sessions s ON s.id = c.session_id "
+                          "WHERE c.id = ? AND s.owner = ?", (conversation_id, owner)) if owner else []
+        if not rows:
+            raise NotFound("no such conversation")
+
+    def rename_owner_conversation(self, owner: str, conversation_id: str, title: str | None) -> None:
+        """Stores the title the owner chose for one of its chats (None: back to its first
+        message); the caller validates the title."""
+        self._owned_conversation(owner, conversation_id)
+        with self.transaction() as db:
+            db.execute("UPDATE conversations SET title = ? WHERE id = ?", [self._clean(title), conversation_id])
+
+    def delete_owner_conversation(self, owner: str, conversation_id: str) -> dict:
+        """Deletes for good one of the owner's chats, as ``delete_owner_data`` does all of
+        them: its messages, answers, votes, ratings and rewrites (every table with a
+        ``conversation_id`` column) and their review log; chats branched from it stay (they
+        hold their own copy of the messages) and are no longer marked as its branches.
+        Returns the counts deleted (conversations, messages, answers, judgements)."""
+        self._owned_conversation(owner, conversation_id)
+        one = [conversation_id]
+        self.conn.execute("PRAGMA secure_delete = ON")
+        try:
+            with self.transaction() as db:
+                def count(sql: str) -> int:
+                    return db.execute(sql, one).fetchone()[0]
+
+                counted = {"conversations": 1 if count("SELECT count(*) FROM messages WHERE conversation_id = ?") else 0,
+                           "messages": count("SELECT count(*) FROM messages WHERE conversation_id = ?"),
+                           "answers": count("SELECT count(*) FROM generations WHERE conversation_id = ?"),
+                           "judgements": count("SELECT count(*) FROM comparisons WHERE conversation_id = ? "
+                                               "AND verdict IS NOT NULL")
+                           + count("SELECT count(*) FROM ratings WHERE conversation_id = ?")}
+                db.execute("DELETE FROM review_log WHERE (record_type = 'comparison' AND record_id IN "
+                           "(SELECT id FROM comparisons WHERE conversation_id = ?)) OR (record_type = 'rating' "
+                           "AND record_id IN (SELECT id FROM ratings WHERE conversation_id = ?))", one * 2)
+                for table in self._tables_with(db, "conversation_id"):
+                    db.execute(f'DELETE FROM "{table}" WHERE conversation_id = ?', one)
+                db.execute("UPDATE conversations SET branch_of = NULL, branch_turn = NULL WHERE branch_of = ?", one)
+                db.execute("DELETE FROM conversations WHERE id = ?", one)
+        finally:
+            self.conn.execute("PRAGMA secure_delete = OFF")
+        return counted
+
+    @staticmethod
+    def _tables_with(db, column: str) -> list[str]:
+        """The tables (but sessions and conversations) that have ``column``."""
+        names = [r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'table' AND name "
+                                          "NOT LIKE 'sqlite_%' AND name NOT IN ('sessions', 'conversations')")]
+        return [n for n in names if column in {r[1] for r in db.execute(f'PRAGMA table_info("{n}")')}]
 
     def checkpoint(self) -> None:
         """Copies the write-ahead log into the database file as far as readers allow (after
@@ -743,6 +823,15 @@ class FeedbackStore:
                 "answer_text": gen["content"], "thumb": thumb, "reasons": _json(reasons),
                 "comment": self._clean(comment or ""), "created_at": now(), "excluded": 0})
         return rating_id
+
+    def has_rating(self, *, session_id: str, generation_id: str, thumb: str, reasons: list[str],
+                   comment: str = "") -> bool:
+        """Whether this session already stored this very rating of this answer (a double
+        submit, or a retry of one that was stored): same thumb, reasons and comment."""
+        rows = self.query("SELECT 1 FROM ratings WHERE session_id = ? AND generation_id = ? AND thumb = ? "
+                          "AND reasons = ? AND comment = ? LIMIT 1",
+                          (session_id, generation_id, thumb, _json(list(reasons)), self._clean(comment or "")))
+        return bool(rows)
 
     def rating(self, rating_id: str) -> dict:
         rows = self.query("SELECT * FROM ratings WHERE id = ?", (rating_id,))

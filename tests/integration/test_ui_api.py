@@ -188,6 +188,39 @@ def test_thumbs_with_reasons_and_comment(app, client):
     assert store.db["ratings"].count_where("conversation_id = ?", [conv["id"]]) == 2
 
 
+def test_a_rating_posted_twice_is_stored_once(app, client):
+    """A double submit, or a retry of a rating that was stored, is refused as a duplicate;
+    another thumb, reason or comment on the same answer is a new rating."""
+    store = app[1].store
+    chat(client, "rate me twice")
+    conv = conversation_of(store, "rate me twice")
+    assert client.predict(0, "down", ["too long"], "meh", api_name="/rate").startswith("Recorded")
+    with pytest.raises(AppError, match="this rating was already saved"):
+        client.predict(0, "down", ["too long"], "meh", api_name="/rate")
+    with pytest.raises(AppError, match="already saved"):  # the same reasons, repeated and reordered
+        client.predict(1, "down", ["too long", "too long"], "meh", api_name="/rate")
+    assert client.predict(0, "down", ["too long"], "", api_name="/rate").startswith("Recorded")
+    assert client.predict(0, "up", [], "", api_name="/rate").startswith("Recorded")
+    rows = store.query("SELECT thumb, reasons, comment FROM ratings WHERE conversation_id = ? ORDER BY created_at",
+                       (conv["id"],))
+    assert [(r["thumb"], json.loads(r["reasons"]), r["comment"]) for r in rows] == [
+        ("down", ["too long"], "meh"), ("down", ["too long"], ""), ("up", [], "")]
+
+
+def test_a_rating_sent_while_an_answer_is_written_is_stored_once(app, client):
+    """A 👎 sent mid-stream is stored (and says so); its retry is refused, not stored twice."""
+    store = app[1].store
+    chat(client, "rate during the next answer")
+    conv = conversation_of(store, "rate during the next answer")
+    job = client.submit("the next question", "You are a test assistant.", 0.7, 0.9, 48, -1, api_name="/chat")
+    # the same session: its ratings are taken while its answer is written
+    assert client.predict(1, "down", [], "", api_name="/rate") == "Recorded: 👎 for answer 1."
+    with pytest.raises(AppError, match="already saved"):
+        client.predict(1, "down", [], "", api_name="/rate")
+    job.result()
+    assert store.db["ratings"].count_where("conversation_id = ?", [conv["id"]]) == 1
+
+
 def test_edit_is_preferred_and_continues(app, client):
     store = app[1].store
     history, *_ = chat(client, "edit me")

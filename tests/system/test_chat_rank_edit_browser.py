@@ -82,12 +82,16 @@ def test_retry_compare_more_and_rank_four(tmp_path, tiny_model_dir, browser):
             expect(page.locator(f"#vote-{verdict}")).to_have_count(0)
         expect(page.locator("#compare-keys")).to_have_count(0)
         expect(page.locator("#compare-title")).to_contain_text("Rank the four answers")
-        for label, rank in zip("abcd", (2, 4, 1, 2)):
-            pick(page, label, rank)
-        expect(page.locator("#rank-order")).to_contain_text("Your order: C > A = D > B")
+        pick(page, "a", 2)  # A and B can be ranked meanwhile; C and D once they are complete
+        pick(page, "b", 4)
+        expect(page.locator("#rank-c input[value='1']")).to_be_disabled()
         expect(page.locator("#rank-submit")).to_be_disabled()  # C and D are not complete yet
         gate.release()
-        expect(page.locator("#rank-submit")).to_be_enabled(timeout=60_000)  # the ranks picked meanwhile stay
+        expect(page.locator("#rank-c input[value='1']")).to_be_enabled(timeout=60_000)
+        pick(page, "c", 1)
+        pick(page, "d", 2)
+        expect(page.locator("#rank-order")).to_contain_text("Your order: C > A = D > B")
+        expect(page.locator("#rank-submit")).to_be_enabled()  # the ranks picked meanwhile stay
         assert idle(ctx)
         comp = ctx.store.query("SELECT * FROM comparisons WHERE verdict IS NULL")
         assert len(comp) == 1 and comp[0]["extra_answers"]
