@@ -78,6 +78,7 @@ _SURROGATE = re.compile("[\ud800-\udfff]")
 # what ``new_key`` makes: 32 random bytes, URL-safe base64 without padding
 _KEY = re.compile(r"[A-Za-z0-9_-]{43}")
 TITLE_CHARS = 60
+MAX_TITLE_CHARS = 200  # a name the user gives a chat (the list shows TITLE_CHARS of it)
 
 
 def new_key() -> str:
@@ -195,6 +196,7 @@ class ChatSession:
     # what is being written now: "" (nothing), "answer" (a reply or an edit's), "B" (a
     # regenerate), "C" or "D" (compare more); set with the claim, cleared with its release
     writing: str = ""
+    utc_offset: int = 0  # the browser's clock, minutes east of UTC (the chat list's date groups)
 
     @property
     def owner(self) -> str | None:
@@ -454,17 +456,61 @@ class ChatService:
 
     # -- past chats (the browser's key) ---------------------------------------------------------
     def conversations(self, sess: ChatSession) -> list[dict]:
-        """This browser's chats, most recently active first: id, title, updated_at, messages,
-        branch_of (the chat an edit branched it from, or None)."""
-        return [{"id": c["id"], "title": chat_title(c["title"], branch=bool(c["branch_of"])),
-                 "updated_at": c["updated_at"], "messages": c["messages"], "branch_of": c["branch_of"]}
+        """This browser's chats, most recently active first: id, title (shortened for the list),
+        updated_at, messages, branch_of (the chat an edit branched it from, or None), renamed
+        (whether the user named it) and name (the user's name for it or its first message,
+        unshortened up to ``MAX_TITLE_CHARS``, as the rename box starts with it)."""
+        return [{"id": c["id"], "title": chat_title(c["renamed"] or c["title"], branch=bool(c["branch_of"])),
+                 "updated_at": c["updated_at"], "messages": c["messages"], "branch_of": c["branch_of"],
+                 "renamed": c["renamed"] is not None,
+                 "name": " ".join((c["renamed"] or c["title"] or "").split())[:MAX_TITLE_CHARS]}
                 for c in self.store.owner_conversations(sess.owner)]
+
+    def rename_conversation(self, sess: ChatSession, conversation_id: str, title: str) -> str:
+        """Gives one of this browser's chats the title the user chose ("" gives it back its
+        first message's); the chat list shows it, shortened as any title is."""
+        if not isinstance(title, str) or len(title) > MAX_TITLE_CHARS:
+            raise ChatError(f"a chat's name is at most {MAX_TITLE_CHARS} characters")
+        line = " ".join(title.split()) or None
+        self.vote_limit.hit(sess.client_key, "renames")
+        with self._serialised(sess):
+            with self._storing():
+                try:
+                    self.store.rename_owner_conversation(sess.owner, self._chat_id(conversation_id), line)
+                except NotFound:
+                    raise ChatError("there is no such chat among yours") from None
+        return f"Renamed the chat to “{chat_title(line)}”." if line else "The chat is named by its first message again."
+
+    def delete_conversation(self, sess: ChatSession, conversation_id: str, confirm: bool) -> str:
+        """Deletes for good one of this browser's chats (``FeedbackStore.delete_owner_conversation``:
+        its answers, votes and ratings too); the open chat, if it is that one, becomes a new one.
+        Refused while an answer is being written for the session."""
+        if confirm is not True:
+            raise ChatError("confirm the deletion first: it removes the chat and its votes for good")
+        conversation_id = self._chat_id(conversation_id)
+        with self._serialised(sess):
+            self._refuse_while_generating(sess)
+            self.vote_limit.hit(sess.client_key, "deletions")
+            with self._storing():
+                try:
+                    result = self.store.delete_owner_conversation(sess.owner, conversation_id)
+                except NotFound:
+                    raise ChatError("there is no such chat among yours") from None
+            if sess.conversation_id == conversation_id:
+                sess.conversation_id, sess.messages, sess.comparison, sess.system_prompt = None, [], None, None
+        votes = f" and {plural(result['judgements'], 'vote')}" if result["judgements"] else ""
+        return f"Deleted the chat for good ({plural(result['messages'], 'message')}{votes})."
+
+    @staticmethod
+    def _chat_id(conversation_id: object) -> str:
+        if not isinstance(conversation_id, str) or not conversation_id.strip() or len(conversation_id) > 100:
+            raise ChatError("choose one of your chats")
+        return conversation_id
 
     def open_conversation(self, sess: ChatSession, conversation_id: str) -> str:
         """Reopens one of this browser's chats to continue it: the session switches to the
         one that wrote it (its opt-out included); the open comparison, if any, is left."""
-        if not isinstance(conversation_id, str) or not conversation_id.strip() or len(conversation_id) > 100:
-            raise ChatError("choose one of your chats to open")
+        conversation_id = self._chat_id(conversation_id)
         with self._serialised(sess):
             self._refuse_while_generating(sess)
             try:

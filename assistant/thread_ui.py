@@ -43,6 +43,13 @@ CSS = """
 #rate-pop { position: fixed; z-index: 1000; top: 20vh; left: calc(50vw - 13em); width: min(26em, calc(100vw - 24px));
     box-shadow: var(--shadow-drop-lg); background: var(--background-fill-primary); }
 #rate-done { font-weight: 600; }
+/* the Chatbot's edit box: as wide as the message column, whatever the message's length */
+#chatbot .message-row:has(textarea), #chatbot .message-row:has(textarea) .message,
+#chatbot .message-row:has(textarea) .bubble-wrap, #chatbot .message:has(textarea) {
+    width: 100% !important; max-width: 100% !important; }
+#chatbot .message-row textarea { width: 100% !important; min-height: 6em; box-sizing: border-box; }
+#char-count { font-size: var(--text-sm); opacity: 0.7; text-align: right; min-height: 1.2em; margin-top: -6px; }
+#char-count.over { color: var(--error-text-color, #dc2626); opacity: 1; font-weight: 600; }
 @media (max-width: 600px) {
   #rate-pop { left: 12px !important; right: 12px; top: auto !important; bottom: 12px; width: auto; }
 }
@@ -90,8 +97,25 @@ HEAD = """<script>
     why();
   }).observe(document.documentElement, {childList: true, subtree: true, attributes: true,
                                        attributeFilter: ["class", "style"]});
+  // the live character counter under the composer (the box is also set by the page: polled)
+  const count = () => {
+    const box = document.querySelector("#message textarea"), out = document.getElementById("char-count");
+    if (!box || !out) return;
+    const limit = Number(out.dataset.limit), n = box.value.length;
+    const text = n ? `${n.toLocaleString("en")} / ${limit.toLocaleString("en")} characters`
+      + (n > limit ? `: ${(n - limit).toLocaleString("en")} too many` : "") : "";
+    if (out.textContent !== text) out.textContent = text;
+    out.classList.toggle("over", n > limit);
+  };
+  document.addEventListener("input", count, true);
+  setInterval(count, 400);
 })();
 </script>"""
+
+
+def char_count(limit: int) -> str:
+    """The counter's element (the page script fills it in as the user types)."""
+    return f'<div id="char-count" data-limit="{int(limit)}" aria-live="polite"></div>'
 
 
 def open_pair(sess: ChatSession | None, busy: bool) -> bool:

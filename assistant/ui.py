@@ -25,8 +25,11 @@ for each client session, so one ``Client`` drives one conversation):
     /opt_out(opt_out)                                         -> status
     /new_chat()                                               -> (chat_history, status)
     /stop()                                                   -> status
-    /conversations()   this browser's chats, newest first      -> [{id, title, updated_at, messages}]
+    /conversations()   this browser's chats, newest first
+                       -> [{id, title, updated_at, messages, branch_of, renamed, name}]
     /open_conversation(conversation_id)  reopens one to continue it -> (chat_history, status)
+    /rename_conversation(conversation_id, title)  "" = its first message again -> status
+    /delete_conversation(conversation_id, confirm)  one chat, for good -> (chat_history, status)
     /delete_my_data(confirm)  confirm must be true            -> status (what was deleted, what
                                                                  training had already used)
 
@@ -35,8 +38,16 @@ browser keeps (``gr.BrowserState``, whose storage key and secret are kept in the
 a restart keeps them).  The key reaches the server only through the page's (private) load
 event, which binds it to the server-side session (a malformed one is replaced by a new key);
 every later call lists, opens or deletes with that session's key, never with one it is
-sent (see ``assistant.chat``).  An API client's session gets its own key, so the three calls
+sent (see ``assistant.chat``).  An API client's session gets its own key, so the calls
 above see that session's chats only.
+
+The sidebar lists the chats in date groups by the browser's clock (``assistant.chat_list``),
+one line each, cut with an ellipsis, a branch marked "(edited) ·" first; the open chat has
+Rename and Delete (a confirmation first).  The browser also keeps the id of its open chat,
+so a reload reopens it (a new chat when it was a new chat, or is gone).  The header says in
+plain words which model answers ("the original assistant", or "an update trained on users'
+votes", its version id after it); a counter under the message box counts characters up
+to ``--max-message-chars``; the page follows the system's light or dark mode (Gradio's theme).
 
 The comparison opens from **Regenerate and compare** or the Chatbot's own retry icon, in the
 thread (``assistant.thread_ui``): the latest answer becomes answer A of the pair, so the Chatbot
@@ -69,8 +80,8 @@ four answers, every label once; anything else is refused and stores nothing.
 **Edit in place**: every message has the Chatbot's own edit (pencil) button; it calls
 ``/edit_message``.  Editing the latest answer is a rewrite (stored as preferred over the
 model's answer; it continues the chat, as ``/edit`` does).  Editing an earlier answer or a
-user message branches the chat: a new chat (listed under "Your chats" with " (edited)" after
-its title, and made the current one) holds the messages before the edited one, then the
+user message branches the chat: a new chat (listed under "Your chats" with "(edited)", and
+its API title with " (edited)" after it, and made the current one) holds the messages before the edited one, then the
 edited one: a rewritten answer (stored as preferred over the model's) or an edited question,
 whose new answer is streamed.  The original chat and its votes stay as they were.  A refusal
 (no such message, unchanged or empty text, an answer still being written) changes nothing.
@@ -106,11 +117,12 @@ from collections.abc import Callable
 import gradio as gr
 from starlette.middleware import Middleware
 
-from assistant import console, thread_ui
-from assistant.chat import ChatError, ChatService, ChatSession, sampling
+from assistant import chat_list, console, thread_ui
+from assistant.chat import MAX_TITLE_CHARS, ChatError, ChatService, ChatSession, sampling
 from assistant.context import AppContext
 from assistant.http_guard import LINKS_HEAD, UPLOADS, HttpGuard, UploadPolicy, takes_uploads
 from assistant.markup import without_remote_images
+from assistant.serve import BASE_VERSION
 from feedback import ranking
 from feedback.store import REASON_TAGS, FeedbackStore, StoreError
 
@@ -146,8 +158,6 @@ CSS = """
 #compare-more { flex: 0 0 auto; min-width: 10em; }
 #rank-order { flex: 1 1 16em; }
 #rank-submit { flex: 0 0 auto; min-width: 10em; }
-#chat-list .wrap { flex-direction: column; align-items: stretch; gap: 4px; }
-#chat-list label { width: 100%; overflow: hidden; text-overflow: ellipsis; white-space: nowrap; }
 #update-notice { padding: 6px 12px; border-radius: var(--radius-lg); background: var(--color-accent-soft); }
 #header { flex-wrap: wrap; align-items: baseline; }
 #compare-head { align-items: baseline; flex-wrap: wrap; }
@@ -177,12 +187,16 @@ HEAD = """<script>
     const sidebar = document.getElementById("sidebar");
     if (sidebar && sidebar.classList.contains("open")) sidebar.querySelector(".toggle-button")?.click();
   };
+  let touched = false;  // a sidebar the user opened is theirs: never closed for them
+  document.addEventListener("pointerdown", (event) => {
+    if (event.target.closest && event.target.closest("#sidebar .toggle-button")) { touched = true; watch.disconnect(); }
+  }, true);
   const watch = new MutationObserver(() => {
     const sidebar = document.getElementById("sidebar");
-    if (!sidebar || !sidebar.classList.contains("open")) return;
+    if (touched || !sidebar || !sidebar.classList.contains("open")) return;
     watch.disconnect();
     // once Svelte has wired the toggle (a click at once is lost)
-    if (narrow()) [200, 800].forEach((ms) => setTimeout(closeSidebar, ms));
+    if (narrow()) [200, 800].forEach((ms) => setTimeout(() => touched || closeSidebar(), ms));
   });
   watch.observe(document.documentElement, {childList: true, subtree: true, attributes: true,
                                            attributeFilter: ["class"]});
@@ -234,7 +248,12 @@ def _client_address(request: gr.Request | None) -> str | None:
 
 
 def _version_md(version: str) -> str:
-    return f"Model version: **{version}**" if version else ""
+    """The header's line on the model answering, in plain words (its version id after it)."""
+    if not version:
+        return ""
+    if version == BASE_VERSION:
+        return f"Answering: **the original assistant** (`{version}`)"
+    return f"Answering: **an update trained on users' votes** (`{version}`)"
 
 
 def browser_storage(store: FeedbackStore) -> dict:
@@ -520,20 +539,66 @@ def build_app(ctx: AppContext, uploads: UploadPolicy = UPLOADS) -> gr.Blocks:
         note, sess = delete_my_data(True, state, request)
         return note, "", sess
 
-    def on_load(key: str | None, state: ChatSession | None, request: gr.Request):
-        """Private: binds the page's session to the browser's key (a new one the first time)."""
+    def on_load(utc_offset: float | None, key: str | None, last_chat: str | None, state: ChatSession | None,
+                request: gr.Request):
+        """Private: binds the page's session to the browser's key (a new one the first time) and
+        reopens the chat the browser had open (``last_chat``), if it can be continued."""
         try:
             sess = service.attach(state, key, _client(request), _client_address(request))
         except ChatError as exc:
             raise gr.Error(str(exc), print_exception=False) from None
-        return (sess.key, sess, _version_md(ctx.holder.version), *chat_list(sess),
-                *notice(sess), gr.Checkbox(value=sess.opt_out))
+        sess.utc_offset = chat_list.offset_of(utc_offset)
+        if last_chat and not sess.messages and not service.generating(sess):
+            try:
+                service.open_conversation(sess, last_chat)
+            except ChatError:  # deleted, another key's, or cut short: a new chat, as without one
+                pass
+        return (sess.key, sess, sess.history(), _version_md(ctx.holder.version), *notice(sess),
+                gr.Checkbox(value=sess.opt_out))
 
-    def chat_list(sess: ChatSession | None):
+    def chat_list_view(sess: ChatSession | None):
+        """The sidebar's list (``chat_list.view``) and what the browser keeps as its last chat."""
         chats = service.conversations(sess) if sess else []
-        current = sess.conversation_id if sess and any(c["id"] == sess.conversation_id for c in chats) else None
-        return (gr.Radio(choices=[(c["title"], c["id"]) for c in chats], value=current, visible=bool(chats)),
-                gr.Markdown(visible=not chats))
+        return (*chat_list.view(chats, sess and sess.conversation_id, sess.utc_offset if sess else 0),
+                sess.conversation_id if sess else gr.skip())
+
+    @_errors_to_gradio
+    def rename_conversation(conversation_id: str, title: str, state: ChatSession | None, request: gr.Request):
+        """Names one of this browser's chats ("" names it by its first message again)."""
+        sess = caller(state, request)
+        return service.rename_conversation(sess, conversation_id, title), sess
+
+    @_errors_to_gradio
+    def delete_conversation(conversation_id: str, confirm: bool, state: ChatSession | None, request: gr.Request):
+        """Deletes one of this browser's chats for good, with its votes and ratings (confirm must be true)."""
+        sess = caller(state, request)
+        note = service.delete_conversation(sess, conversation_id, confirm)
+        return sess.history(), note, sess
+
+    def open_rename(state: ChatSession | None):
+        """Private: the rename box of the open chat, with its title."""
+        sess = state if isinstance(state, ChatSession) else None
+        title = chat_list.title_of(service.conversations(sess), sess.conversation_id) if sess else ""
+        return gr.Column(visible=True), gr.Textbox(value=title), gr.Column(visible=False)
+
+    def rename_open_chat(title: str, state: ChatSession | None, request: gr.Request):
+        """Private: Save in the rename box (a refusal is a toast and keeps the box and its text)."""
+        sess = state if isinstance(state, ChatSession) else None
+        try:
+            note, sess = rename_conversation(sess.conversation_id if sess else "", title, state, request)
+        except gr.Error as exc:
+            gr.Warning(exc.message)
+            return gr.skip(), gr.skip(), state
+        return note, gr.Column(visible=False), sess
+
+    def delete_open_chat(state: ChatSession | None, request: gr.Request):
+        """Private: the sidebar's confirmed deletion of the open chat."""
+        sess = state if isinstance(state, ChatSession) else None
+        try:
+            return delete_conversation(sess.conversation_id if sess else "", True, state, request)
+        except gr.Error as exc:
+            gr.Warning(exc.message)
+            return gr.skip(), gr.skip(), state
 
     def notice(sess: ChatSession | None):
         text = service.take_notice(sess)
@@ -558,7 +623,7 @@ def build_app(ctx: AppContext, uploads: UploadPolicy = UPLOADS) -> gr.Blocks:
                             ranks if ranking_open else None, ready, writing),
                 *thread_ui.send_stop(busy), thread_ui.pair_note(sess, busy), *thread_ui.pager(sess, 0),
                 *thread_ui.branch_pager(service.branches(sess) if sess else None, sess and sess.conversation_id),
-                *chat_list(sess), *notice(sess))
+                *chat_list_view(sess), *notice(sess))
 
     def rank_panel(ranking_open: bool, c_text, d_text, ranks, ready: bool, writing: str = ""):
         """The comparison's two modes: A/B verdicts, or four answers to rank.  ``ranks``: the
@@ -651,12 +716,32 @@ def build_app(ctx: AppContext, uploads: UploadPolicy = UPLOADS) -> gr.Blocks:
     with gr.Blocks(title="Assistant", analytics_enabled=False, delete_cache=uploads.delete_cache) as demo:
         state = gr.State(None)
         browser_key = gr.BrowserState(None, storage_key=storage["storage_key"], secret=storage["secret"])
+        last_chat = gr.BrowserState(None, storage_key=storage["storage_key"] + "-chat", secret=storage["secret"])
+        utc_offset = gr.Number(visible=False, value=0, label="utc_offset")  # set by the page on load
         with gr.Sidebar(label="Your chats", elem_id="sidebar", width=290):
             gr.Markdown("### Your chats")
             side_new_btn = gr.Button("+ New chat", size="sm", elem_id="sidebar-new")
             no_chats_md = gr.Markdown(NO_CHATS, elem_id="no-chats")
-            chats = gr.Radio(choices=[], label="Your chats", show_label=False, container=False, visible=False,
-                             elem_id="chat-list")
+            with gr.Column(visible=False, elem_id="chat-list") as chat_list_col:
+                chat_groups = []  # per date group: its header and its chats
+                for name in chat_list.GROUPS:
+                    chat_groups.append(gr.Markdown(f"**{name}**", visible=False, elem_classes=["chat-group-title"]))
+                    chat_groups.append(gr.Radio(choices=[], label=name, show_label=False, container=False,
+                                                visible=False, elem_classes=["chat-group"]))
+            with gr.Row(visible=False, elem_id="chat-actions") as chat_actions:
+                rename_btn = gr.Button("Rename", size="sm", elem_id="chat-rename")
+                delete_chat_btn = gr.Button("Delete chat", size="sm", elem_id="chat-delete")
+            with gr.Column(visible=False, elem_id="rename-box") as rename_box:
+                rename_tb = gr.Textbox(label="Name of this chat", max_lines=1, max_length=MAX_TITLE_CHARS,
+                                       elem_id="rename-text")
+                with gr.Row():
+                    rename_save = gr.Button("Save", variant="primary", size="sm", elem_id="rename-save")
+                    rename_cancel = gr.Button("Cancel", size="sm", elem_id="rename-cancel")
+            with gr.Column(visible=False, variant="panel", elem_id="chat-delete-confirm") as chat_delete_box:
+                gr.Markdown("Delete this chat for good, with its votes and ratings? It cannot be undone.")
+                with gr.Row():
+                    chat_delete_yes = gr.Button("Delete for good", variant="stop", size="sm", elem_id="chat-delete-yes")
+                    chat_delete_no = gr.Button("Cancel", size="sm", elem_id="chat-delete-no")
             gr.Markdown("---")
             delete_btn = gr.Button("Delete my data…", size="sm", elem_id="delete-data")
             with gr.Column(visible=False, variant="panel", elem_id="delete-confirm") as confirm_box:
@@ -738,9 +823,10 @@ def build_app(ctx: AppContext, uploads: UploadPolicy = UPLOADS) -> gr.Blocks:
                              scale=8, max_lines=8, autofocus=True, elem_id="message")
             send_btn = gr.Button("Send", variant="primary", scale=1, min_width=80, elem_id="send")
             stop_btn = gr.Button("Stop", variant="stop", scale=1, min_width=80, visible=False, elem_id="stop")
+        gr.HTML(thread_ui.char_count(s.max_message_chars), padding=False, elem_id="char-count-box")
         with gr.Row(elem_id="actions"):
             regen_btn = gr.Button("Regenerate and compare", size="sm", elem_id="regenerate")
-            new_btn = gr.Button("New chat", size="sm")
+            new_btn = gr.Button("New chat", size="sm", elem_id="new-chat")
             opt_out_cb = gr.Checkbox(label="Don't use my conversations for training", value=False,
                                      elem_id="opt-out")
         status = gr.Markdown("", label="status", show_label=False, elem_id="status")
@@ -773,6 +859,9 @@ def build_app(ctx: AppContext, uploads: UploadPolicy = UPLOADS) -> gr.Blocks:
         list_api_btn = gr.Button(visible=False)
         confirm_cb = gr.Checkbox(visible=False, value=False, label="confirm")
         delete_api_btn = gr.Button(visible=False)
+        title_tb = gr.Textbox(visible=False, label="title")
+        rename_api_btn = gr.Button(visible=False)
+        delete_chat_api_btn = gr.Button(visible=False)
 
         sampling_inputs = [temp, top_p, max_new, seed]
         rank_outputs = [more_btn, verdict_row, more_row, compare_keys, compare_title, rank_row, c_md, d_md,
@@ -780,10 +869,11 @@ def build_app(ctx: AppContext, uploads: UploadPolicy = UPLOADS) -> gr.Blocks:
         busy_outputs = [send_btn, stop_btn, chatbot, compare_ready_md]  # what ``thread_ui.writing_view`` returns
         pager_outputs = [alt_bar, alt_tag, alt_pos, alt_md, alt_page, alt_prev, alt_next]  # ``thread_ui.pager``
         branch_outputs = [branch_bar, branch_md, branch_prev, branch_next]  # ``thread_ui.branch_pager``
+        list_outputs = [*chat_groups, chat_list_col, no_chats_md, chat_actions, last_chat]  # ``chat_list_view``
         # always_last: a sync asked for while another runs (a refusal during an answer) is run after it
         after = dict(fn=sync, inputs=[state, *rank_picks], api_visibility=PRIVATE, trigger_mode="always_last",
                      outputs=[compare_box, chatbot, a_md, b_md, *vote_btns.values(), *rank_outputs, send_btn,
-                              stop_btn, compare_ready_md, *pager_outputs, *branch_outputs, chats, no_chats_md,
+                              stop_btn, compare_ready_md, *pager_outputs, *branch_outputs, *list_outputs,
                               notice_md])
         after_switch = dict(fn=sync_opt_out, inputs=[state], outputs=[opt_out_cb], api_visibility=PRIVATE,
                             queue=False)
@@ -857,8 +947,29 @@ def build_app(ctx: AppContext, uploads: UploadPolicy = UPLOADS) -> gr.Blocks:
         list_api_btn.click(conversations, [state], [chats_json, state], api_name="conversations")
         open_api_btn.click(open_conversation, [conv_id_tb, state], [chatbot, status, state],
                            api_name="open_conversation").then(**after).then(**after_switch)
-        chats.input(open_conversation, [chats, state], [chatbot, status, state],
-                    api_visibility=PRIVATE).then(**after).then(**after_switch)
+        for group in chat_groups[1::2]:
+            group.input(open_conversation, [group, state], [chatbot, status, state],
+                        api_visibility=PRIVATE).then(**after).then(**after_switch)
+        rename_api_btn.click(rename_conversation, [conv_id_tb, title_tb, state], [status, state],
+                             api_name="rename_conversation").then(**after)
+        delete_chat_api_btn.click(delete_conversation, [conv_id_tb, confirm_cb, state], [chatbot, status, state],
+                                  api_name="delete_conversation").then(**after)
+        hide_boxes = (gr.Column(visible=False), gr.Column(visible=False))
+        rename_btn.click(open_rename, [state], [rename_box, rename_tb, chat_delete_box],
+                         api_visibility=PRIVATE, queue=False)
+        rename_cancel.click(lambda: hide_boxes[0], None, [rename_box], api_visibility=PRIVATE, queue=False)
+        rename_tb.submit(rename_open_chat, [rename_tb, state], [status, rename_box, state],
+                         api_visibility=PRIVATE).then(**after)
+        rename_save.click(rename_open_chat, [rename_tb, state], [status, rename_box, state],
+                          api_visibility=PRIVATE).then(**after)
+        delete_chat_btn.click(lambda: hide_boxes, None, [rename_box, chat_delete_box], api_visibility=PRIVATE,
+                              queue=False).then(lambda: gr.Column(visible=True), None, [chat_delete_box],
+                                                api_visibility=PRIVATE, queue=False)
+        chat_delete_no.click(lambda: hide_boxes[0], None, [chat_delete_box], api_visibility=PRIVATE, queue=False)
+        chat_deleting = chat_delete_yes.click(lambda: hide_boxes[0], None, [chat_delete_box],
+                                              api_visibility=PRIVATE, queue=False)
+        chat_deleting.then(delete_open_chat, [state], [chatbot, status, state],
+                           api_visibility=PRIVATE).then(**after).then(**after_switch)
         delete_api_btn.click(delete_my_data, [confirm_cb, state], [status, state],
                              api_name="delete_my_data").then(**after).then(**after_switch)
         delete_btn.click(lambda: (gr.Column(visible=True), ""), None, [confirm_box, deleted_md],
@@ -869,9 +980,11 @@ def build_app(ctx: AppContext, uploads: UploadPolicy = UPLOADS) -> gr.Blocks:
         deleted = deleting.then(delete_confirmed, [state], [deleted_md, status, state], api_visibility=PRIVATE)
         deleted.then(**after).then(**after_switch)
 
-        demo.load(on_load, [browser_key, state],
-                  [browser_key, state, version_md, chats, no_chats_md, notice_md, opt_out_cb],
-                  api_visibility=PRIVATE, queue=False)
+        # the browser's UTC offset goes in first (its clock groups the chat list by day)
+        demo.load(on_load, [utc_offset, browser_key, last_chat, state],
+                  [browser_key, state, chatbot, version_md, notice_md, opt_out_cb], api_visibility=PRIVATE,
+                  queue=False, js="(...args) => { args[0] = -new Date().getTimezoneOffset(); return args; }",
+                  ).then(**after)
 
     # -- the maintainers' console: its own page, not linked from the chat ---------------------
     with demo.route("Console", "/console", show_in_navbar=False):
@@ -900,7 +1013,7 @@ def launch(demo: gr.Blocks, ctx: AppContext, *, prevent_thread_lock: bool = Fals
     result = demo.launch(server_name=s.host, server_port=s.port if port is None else port,
                          prevent_thread_lock=True, quiet=quiet, show_error=True, max_threads=threads,
                          run_history=False, footer_links=["api"], max_file_size=uploads.max_file_bytes,
-                         css=CSS + thread_ui.CSS, head=HEAD + thread_ui.HEAD + LINKS_HEAD, app_kwargs={"middleware": [guard]},
+                         css=CSS + thread_ui.CSS + chat_list.CSS, head=HEAD + thread_ui.HEAD + LINKS_HEAD, app_kwargs={"middleware": [guard]},
                          num_workers=0)  # no static-file worker processes: every route behind the guard
     _answer_unknown_endpoints(result[0])
     if blocking:

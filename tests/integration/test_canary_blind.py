@@ -36,7 +36,7 @@ def trial(tmp_path, tiny_model_dir):
 def _round(client: Client, i: int, verdict: str, store) -> None:
     """Chat, regenerate (B is the candidate's) and vote; the version is hidden until the vote."""
     _, version, _ = client.predict(f"question {i}", SYSTEM, 0.7, 0.9, 8, i, api_name="/chat")
-    assert version == "Model version: **sft**"  # no trial in a plain answer: it is the served one
+    assert version == "Answering: **the original assistant** (`sft`)"  # no trial in a plain answer: it is the served one
     a, b, version, note = client.predict(0.9, 0.9, 8, 100 + i, api_name="/regenerate")
     assert version == "" and "v-cand" not in note and "sft" not in note  # blind: nothing says who wrote B
     b_gen = store.query("SELECT g.model_version FROM comparisons c JOIN generations g ON g.id = c.b_generation_id "

@@ -407,3 +407,64 @@ def test_version_notes(service):
     assert service.version_note("sft-2") == "The assistant now runs version sft-2."
     registry.register_version(version_id="v-1", path="/x", kind="ppo", feedback={"comparisons": ["c"], "ratings": []})
     assert service.version_note("v-1") == "The assistant was updated (v-1), trained on 1 vote from its users."
+
+
+# ----------------------------------------------------------------------------- rename and delete one chat
+def test_rename_a_chat_and_name_it_by_its_first_message_again(service):
+    me, mallory = page(service, new_key()), page(service, new_key())
+    say(service, me, "a question about birds", seed=21)
+    chat_id = me.conversation_id
+    assert "Renamed the chat to “Birds”" in service.rename_conversation(me, chat_id, "  Birds \n")
+    listed = service.conversations(me)[0]
+    assert listed["title"] == "Birds" and listed["renamed"] is True
+    assert service.store.query("SELECT title FROM conversations WHERE id = ?", (chat_id,))[0]["title"] == "Birds"
+    long = "b" * 150  # kept whole, shown shortened like any title
+    service.rename_conversation(me, chat_id, long)
+    assert service.conversations(me)[0]["title"].endswith("…") and len(service.conversations(me)[0]["title"]) == 60
+    for bad in ("x" * 201, None, 5):
+        with pytest.raises(ChatError, match="at most 200 characters"):
+            service.rename_conversation(me, chat_id, bad)
+    for forged in (chat_id, "nope", "", None):  # another key can neither rename nor see it
+        with pytest.raises(ChatError, match="no such chat among yours|choose one of your chats"):
+            service.rename_conversation(mallory, forged, "Mine now")
+    assert "first message again" in service.rename_conversation(me, chat_id, "   ")
+    assert service.conversations(me)[0] | {"updated_at": None} == {
+        "id": chat_id, "title": "a question about birds", "updated_at": None, "messages": 2, "branch_of": None,
+        "renamed": False, "name": "a question about birds"}
+
+
+def test_delete_one_chat_keeps_the_others_and_another_keys(service):
+    store = service.store
+    me, other = page(service, new_key()), page(service, new_key())
+    say(service, me, "first chat about tea", seed=22)
+    compare_and_vote(service, me, "a", seed=23)
+    first = me.conversation_id
+    service.rate(me, 0, "up", [], "")
+    service.new_chat(me)
+    say(service, me, "second chat about coffee", seed=24)
+    second = me.conversation_id
+    say(service, other, "their chat about juice", seed=25)
+    theirs = other.conversation_id
+    before_theirs = store.query("SELECT * FROM messages WHERE conversation_id = ?", (theirs,))
+
+    with pytest.raises(ChatError, match="confirm"):
+        service.delete_conversation(me, first, False)
+    with pytest.raises(ChatError, match="no such chat among yours"):
+        service.delete_conversation(other, first, True)
+    assert len(store.conversation_messages(first)) == 2
+
+    assert service.delete_conversation(me, first, True) == "Deleted the chat for good (2 messages and 2 votes)."
+    for table in ("messages", "generations", "comparisons", "ratings", "conversations"):
+        column = "id" if table == "conversations" else "conversation_id"
+        assert store.query(f"SELECT * FROM {table} WHERE {column} = ?", (first,)) == [], table
+    assert "first chat about tea" not in json.dumps(list(export.trl_records(store)))
+    assert me.conversation_id == second and len(me.messages) == 2  # the open chat is another: kept open
+    assert [c["id"] for c in service.conversations(me)] == [second]
+    assert store.query("SELECT * FROM messages WHERE conversation_id = ?", (theirs,)) == before_theirs
+
+    service.delete_conversation(me, second, True)  # the open chat: a new chat takes its place
+    assert me.conversation_id is None and me.messages == [] and service.conversations(me) == []
+    with pytest.raises(ChatError, match="no such chat among yours"):
+        service.delete_conversation(me, second, True)
+    say(service, me, "a chat after the deletions", seed=26)
+    assert [c["title"] for c in service.conversations(me)] == ["a chat after the deletions"]

@@ -468,7 +468,7 @@ def test_api_compare_more_and_rank(app):
     client.predict(1.0, 1.0, 8, 2, api_name="/regenerate")
     job = client.submit(1.0, 1.0, 8, 3, api_name="/compare_more")
     c_text, d_text, version, status = job.result()
-    assert version == "Model version: **sft**" and status.startswith("Rank the four answers")
+    assert version == "Answering: **the original assistant** (`sft`)" and status.startswith("Rank the four answers")
     conv = store.query("SELECT conversation_id FROM messages WHERE content = ?", ("rank over the api",))[0]
     row = store.query("SELECT * FROM comparisons WHERE conversation_id = ?", (conv["conversation_id"],))[0]
     assert [e["text"] for e in json.loads(row["extra_answers"])] == [c_text, d_text]

@@ -16,7 +16,8 @@ from assistant.client import message_text as text_of
 from tests.factories import app_settings, launch_app
 
 PUBLIC = {"/chat", "/regenerate", "/vote", "/compare_more", "/rank", "/rate", "/edit", "/edit_message", "/opt_out",
-          "/new_chat", "/stop", "/conversations", "/open_conversation", "/delete_my_data"}
+          "/new_chat", "/stop", "/conversations", "/open_conversation", "/rename_conversation",
+          "/delete_conversation", "/delete_my_data"}
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +71,7 @@ def test_chat_streams_and_stores_the_turn(app, client):
     assert text_of(history[0]) == "hello unique-1"
     answer = text_of(history[1])
     assert answer
-    assert version == "Model version: **sft**"
+    assert version == "Answering: **the original assistant** (`sft`)"
 
     conv = conversation_of(store, "hello unique-1")
     assert conv["system_prompt"] == "You are a test assistant."
@@ -398,6 +399,26 @@ def test_past_chats_over_the_api_are_the_callers_own(app):
     with pytest.raises(AppError, match="confirm"):
         alice.predict(False, api_name="/delete_my_data")
     assert counts(store) == before
+
+    # one chat renamed, then deleted, only by its owner
+    for endpoint, args in (("/rename_conversation", (chats[0]["id"], "Bob's now")),
+                           ("/delete_conversation", (chats[0]["id"], True))):
+        with pytest.raises(AppError, match="no such chat among yours"):
+            bob.predict(*args, api_name=endpoint)
+    assert counts(store) == before
+    assert alice.predict(chats[1]["id"], "Chat one", api_name="/rename_conversation") == "Renamed the chat to “Chat one”."
+    assert [c["title"] for c in alice.predict(api_name="/conversations")] == ["alice api chat two", "Chat one"]
+    with pytest.raises(AppError, match="at most 200 characters"):
+        alice.predict(chats[1]["id"], "x" * 201, api_name="/rename_conversation")
+    alice.predict(api_name="/new_chat")
+    chat(alice, "alice api chat three, to delete")
+    doomed = alice.predict(api_name="/conversations")[0]
+    with pytest.raises(AppError, match="confirm"):
+        alice.predict(doomed["id"], False, api_name="/delete_conversation")
+    history, status = alice.predict(doomed["id"], True, api_name="/delete_conversation")
+    assert status == "Deleted the chat for good (2 messages)." and history == []  # it was the open chat
+    assert store.conversation_messages(doomed["id"]) == []
+    assert [c["id"] for c in alice.predict(api_name="/conversations")] == [chats[0]["id"], chats[1]["id"]]
 
     history, status = alice.predict(chats[1]["id"], api_name="/open_conversation")
     assert status.startswith("Reopened") and text_of(history[0]) == "alice api chat one"

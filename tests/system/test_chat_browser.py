@@ -146,7 +146,8 @@ def test_reload_and_restart_find_the_chat_in_the_sidebar(tmp_path, tiny_model_di
         chats = page.locator("#chat-list")
         expect(chats).to_contain_text("Plan a trip to Lisbon")
         expect(chats).to_contain_text("Another chat about cooking")
-        expect(page.locator("#chatbot")).not_to_contain_text("Lisbon")  # a reload starts a new chat
+        expect(page.locator("#chatbot")).to_contain_text("Another chat about cooking")  # a reload reopens it
+        expect(page.locator("#chatbot")).not_to_contain_text("Lisbon")
         chats.get_by_text("Plan a trip to Lisbon").click()
         expect(page.locator("#chatbot")).to_contain_text("Plan a trip to Lisbon")
         expect(page.locator("#status")).to_contain_text("Reopened")

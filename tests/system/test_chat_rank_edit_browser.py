@@ -210,7 +210,7 @@ def test_edit_in_place_an_answer_and_a_user_message(tmp_path, tiny_model_dir, br
         expect(chat).not_to_contain_text("What should I eat there?")
         expect(chat).to_contain_text(a_word(msgs[3]["content"]))
         chats = page.locator("#chat-list")
-        expect(chats).to_contain_text("Plan a trip to Lisbon (edited)")
+        expect(chats).to_contain_text("(edited) · Plan a trip to Lisbon")
         expect(chats.locator("input:checked")).to_have_count(1)
         assert [m["content"] for m in ctx.store.conversation_messages(original)][2:] == [
             "What should I eat there?", "Try pastel de nata in Belém."]  # the original is intact
