@@ -18,9 +18,6 @@ import functools
 import html
 import re
 
-import gradio as gr
-from gradio.components.chatbot import TextMessage
-
 _HTML_SPACE = "\t\n\f\r "
 _SCHEME = re.compile(r"[a-z][a-z0-9+.\-]*:")
 _FETCH_ROUTE = re.compile(r"(?:file|proxy)[=/]\s*(?:[a-z][a-z0-9+.\-]*:|//)")  # Gradio's routes that fetch URLs
@@ -273,22 +270,3 @@ def _remote_by_commonmark(text: str) -> tuple[bool, bool]:
             elif child.type == "html_inline":
                 tags = tags or bool(_fetching_tags(child.content))
     return images, tags
-
-
-def without_remote_images(component):
-    """The Chatbot or Markdown ``component``, made to send its text through ``no_remote_images``
-    (the same component in the page; wrapped per instance, as a subclass of a Gradio component
-    would make Gradio write a .pyi stub next to this module)."""
-    if isinstance(component, gr.Chatbot):
-        content = component._postprocess_content
-
-        def safe_content(chat_message):
-            out = content(chat_message)
-            if isinstance(out, TextMessage):
-                out.text = no_remote_images(out.text)
-            return out
-        component._postprocess_content = safe_content
-    else:
-        postprocess = component.postprocess
-        component.postprocess = lambda value: postprocess(no_remote_images(value) if isinstance(value, str) else value)
-    return component

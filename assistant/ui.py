@@ -121,7 +121,7 @@ from assistant import chat_list, console, thread_ui
 from assistant.chat import MAX_TITLE_CHARS, ChatError, ChatService, ChatSession, sampling
 from assistant.context import AppContext
 from assistant.http_guard import LINKS_HEAD, UPLOADS, HttpGuard, UploadPolicy, takes_uploads
-from assistant.markup import without_remote_images
+from assistant.safe_components import SafeChatbot, SafeMarkdown
 from assistant.serve import BASE_VERSION
 from feedback import ranking
 from feedback.store import REASON_TAGS, FeedbackStore, StoreError
@@ -756,10 +756,10 @@ def build_app(ctx: AppContext, uploads: UploadPolicy = UPLOADS) -> gr.Blocks:
             version_md = gr.Markdown(_version_md(ctx.holder.version), label="model_version", show_label=False,
                                      elem_id="model-version")
         notice_md = gr.Markdown("", visible=False, elem_id="update-notice")
-        chatbot = without_remote_images(gr.Chatbot(
+        chatbot = SafeChatbot(
             label="Conversation", height=440, sanitize_html=True, render_markdown=True, allow_tags=False,
             feedback_options=("Like", "Dislike"), buttons=["copy"], editable="all", placeholder=CHAT_PLACEHOLDER,
-            elem_id="chatbot"))
+            elem_id="chatbot")
         # the thread: the answers a vote did not choose, the pair (or four) in place of the latest
         # answer, and the rating popover of the message whose 👍/👎 was clicked
         with gr.Row(visible=False, elem_id="branch-bar") as branch_bar:
@@ -771,7 +771,7 @@ def build_app(ctx: AppContext, uploads: UploadPolicy = UPLOADS) -> gr.Blocks:
             alt_prev = gr.Button("‹", size="sm", scale=0, min_width=40, interactive=False, elem_id="alt-prev")
             alt_pos = gr.Markdown("", elem_id="alt-pos")
             alt_next = gr.Button("›", size="sm", scale=0, min_width=40, interactive=False, elem_id="alt-next")
-        alt_md = without_remote_images(gr.Markdown("", visible=False, elem_id="alt-answer"))
+        alt_md = SafeMarkdown("", visible=False, elem_id="alt-answer")
         alt_page = gr.State(0)
         with gr.Column(visible=False, variant="panel", elem_id="compare") as compare_box:
             with gr.Row(elem_id="compare-head"):
@@ -783,8 +783,7 @@ def build_app(ctx: AppContext, uploads: UploadPolicy = UPLOADS) -> gr.Blocks:
                 """One answer of the comparison, with its rank selector (shown while ranking four)."""
                 with gr.Column(min_width=0):
                     gr.Markdown(f"**Answer {label}** · {note}")
-                    text = without_remote_images(gr.Markdown("", label=f"answer_{label.lower()}",
-                                                             elem_id=f"answer-{label.lower()}"))
+                    text = SafeMarkdown("", label=f"answer_{label.lower()}", elem_id=f"answer-{label.lower()}")
                     pick = gr.Radio(RANK_CHOICES, value=None, label=f"Rank of answer {label} (1 = best)",
                                     visible=False, container=False, elem_id=f"rank-{label.lower()}",
                                     elem_classes=["rank-pick"])

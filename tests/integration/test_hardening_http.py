@@ -25,6 +25,7 @@ from hypothesis import strategies as st
 
 from assistant import http_guard, markup
 from assistant.client import message_text as text_of
+from assistant.safe_components import SafeChatbot, SafeMarkdown
 from assistant.settings import Settings, from_namespace, parse
 from feedback.store import FeedbackStore, TooManyChats, owner_hash
 from tests.factories import PASSWORD, RawConsole, app_settings, launch_app
@@ -152,9 +153,13 @@ def test_the_components_that_show_messages_are_the_sanitising_ones(app):
     by_id = {c.get("props", {}).get("elem_id"): c for c in cfg["components"]}
     assert by_id["chatbot"]["type"] == "chatbot"  # the page renders them as Gradio's own
     assert all(by_id[f"answer-{x}"]["type"] == "markdown" for x in "abcd")
-    shown = markup.without_remote_images(gr.Markdown()).postprocess(IMAGES)
+    shown = SafeMarkdown().postprocess(IMAGES)
     assert_no_remote_image(shown if isinstance(shown, str) else shown["value"])
-    assert gr.Markdown().postprocess(IMAGES) in (IMAGES, {"value": IMAGES})  # only the wrapped one changes
+    assert gr.Markdown().postprocess(IMAGES) in (IMAGES, {"value": IMAGES})  # only the safe one changes
+    # Gradio rebuilds a component from its arguments after a gr.update(...) to it: still safe
+    chat = SafeChatbot(elem_id="chatbot")
+    rebuilt = type(chat)(**{**chat.constructor_args, "elem_classes": ["busy"], "render": False})
+    assert_no_remote_image(rebuilt.postprocess([{"role": "user", "content": IMAGES}]).root[0].content[0].text)
 
 
 NOISE = ["![", "](", ")", "[", "]", "]:", "`", "``", "\\", "!", "<", ">", "<a", " src=", " href=", "\"", "'",
