@@ -42,6 +42,7 @@ import math
 import random
 import time
 from dataclasses import dataclass
+from statistics import NormalDist
 
 import torch
 import torch.nn.functional as F
@@ -110,7 +111,11 @@ class PPOConfig:
     judge_min_delta: float = 0.05
     """Improvement of the judge's windowed score (normalised units) that counts as progress."""
     max_eos_drop: float = 0.15
-    """Stop when the end-of-answer rate (windowed) falls this far below the first step's."""
+    """Stop when the end-of-answer rate (windowed) falls this far below the first step's..."""
+    eos_confidence: float = 0.95
+    """...and a one-sided two-proportion test says it fell at this confidence (0: the drop
+    alone decides).  A batch of 16 answers measures the rate to +-12 points, so without it
+    the guard stops on sampling noise at KL ~0 (it did on a plain_words run)."""
     keep_best: bool = True
     """End at the policy of the judge's best windowed score (the served policy when it never
     improved), not the last one."""
@@ -221,26 +226,40 @@ class AdaptiveKL:
         self.beta *= 1 + err * n / self.horizon
 
 
+def proportion_drop_p(ended0: float, n0: int, ended1: float, n1: int) -> float:
+    """One-sided p-value that the rate ended1/n1 is below ended0/n0 (pooled two-proportion z)."""
+    pooled = (ended0 + ended1) / (n0 + n1)
+    se = math.sqrt(pooled * (1 - pooled) * (1 / n0 + 1 / n1))
+    if se == 0:
+        return 1.0 if ended1 / n1 >= ended0 / n0 else 0.0
+    return 1 - NormalDist().cdf((ended0 / n0 - ended1 / n1) / se)
+
+
 class EarlyStop:
-    """When PPO stops, and which policy it keeps.  ``update(judge_score, eos_rate)`` is called
-    once per step with the judge's mean score of that step's fresh rollouts (sampled by the
-    policy *before* the step's update, from prompts it was not yet updated on) and their
-    end-of-answer rate; it returns a reason to stop, or None.  ``improved`` says whether the
-    policy that sampled this step is the new best (the caller snapshots it)."""
+    """When PPO stops, and which policy it keeps.  ``update(judge_score, eos_rate, n)`` is
+    called once per step with the judge's mean score of that step's fresh rollouts (sampled by
+    the policy *before* the step's update, from prompts it was not yet updated on), their
+    end-of-answer rate and how many there were; it returns a reason to stop, or None.
+    ``improved`` says whether the policy that sampled this step is the new best (the caller
+    snapshots it).  The end-of-answer guard compares the last ``judge_window`` steps with step
+    1 (the policy PPO started from) and needs both the drop and the evidence for it."""
 
     def __init__(self, cfg: PPOConfig):
         self.cfg = cfg
         self.judge: list[float] = []
         self.eos: list[float] = []
+        self.counts: list[int] = []
         self.best = -math.inf
         self.best_step = 0
         self.improved = False
 
-    def update(self, step: int, judge_score: float | None, eos_rate: float) -> str | None:
+    def update(self, step: int, judge_score: float | None, eos_rate: float, n: int) -> str | None:
         cfg = self.cfg
         w = max(1, cfg.judge_window)
         self.eos.append(eos_rate)
-        window_eos = sum(self.eos[-w:]) / len(self.eos[-w:])
+        self.counts.append(n)
+        n_w = sum(self.counts[-w:])
+        window_eos = sum(e * c for e, c in zip(self.eos[-w:], self.counts[-w:])) / n_w
         self.improved = False
         if judge_score is not None:
             self.judge.append(judge_score)
@@ -248,8 +267,11 @@ class EarlyStop:
             if step == 1 or window > self.best + cfg.judge_min_delta:
                 self.best, self.best_step, self.improved = window, step, True
         if len(self.eos) > 1 and window_eos < self.eos[0] - cfg.max_eos_drop:
-            return (f"end-of-answer rate fell to {window_eos:.0%} (mean of the last {len(self.eos[-w:])} steps) "
-                    f"from {self.eos[0]:.0%} at step 1")
+            p = proportion_drop_p(self.eos[0] * self.counts[0], self.counts[0], window_eos * n_w, n_w)
+            if p <= 1 - cfg.eos_confidence:
+                return (f"end-of-answer rate fell to {window_eos:.0%} ({n_w} answers of the last "
+                        f"{len(self.eos[-w:])} steps) from {self.eos[0]:.0%} at step 1 "
+                        f"({self.counts[0]} answers; one-sided p = {p:.3f})")
         if judge_score is not None and cfg.judge_patience and step - self.best_step >= cfg.judge_patience:
             return (f"the judge's score stopped improving: best {self.best:.3f} at step {self.best_step}, "
                     f"none better by {cfg.judge_min_delta} in {cfg.judge_patience} steps")
@@ -446,7 +468,7 @@ def train_ppo(policy, tok, rm: RewardModel, value: RewardModel, prompts: list[li
         # ---- early stop: the judge's score and the end-of-answer rate of these fresh rollouts
         jm = truncation_scores(judge_scores, ended, cfg).mean() if judge_scores is not None else None
         jm, eos_now = _global_means(jm, ended.float().mean(), accelerator)  # every rank decides alike
-        why = stopper.update(step, jm, eos_now)
+        why = stopper.update(step, jm, eos_now, len(batch_idx) * world)
         if stopper.improved and cfg.keep_best:  # the policy that sampled this batch, before its update
             best_state = {k: v.detach().clone() for k, v in policy.state_dict().items() if "lora_" in k}
         if why:

@@ -158,20 +158,37 @@ def test_early_stop_on_a_falling_end_of_answer_rate_says_why():
     from retrain.ppo import EarlyStop
 
     stop = EarlyStop(PPOConfig(max_eos_drop=0.15, judge_window=2, judge_patience=0))
-    assert stop.update(1, 0.0, 0.5) is None and stop.improved  # step 1: the served policy is the first best
-    assert stop.update(2, 0.1, 0.45) is None
-    why = stop.update(3, 0.2, 0.1)  # window (0.45 + 0.1) / 2 = 0.275 < 0.5 - 0.15
-    assert why and why.startswith("end-of-answer rate fell to 28%") and "50% at step 1" in why
+    assert stop.update(1, 0.0, 0.5, 64) is None and stop.improved  # step 1: the served policy is the first best
+    assert stop.update(2, 0.1, 0.45, 64) is None
+    why = stop.update(3, 0.2, 0.1, 64)  # window (0.45 + 0.1) / 2 = 0.275 < 0.5 - 0.15, 128 answers
+    assert why and why.startswith("end-of-answer rate fell to 28% (128 answers") and "50% at step 1" in why
+    assert "p = 0.00" in why
+
+
+def test_the_end_of_answer_guard_does_not_stop_on_sampling_noise():
+    """The rates of a plain_words run that was stopped at KL 0.00 (16 rollouts a step): noise
+    for 16 answers a step, a real fall for ten times as many."""
+    from retrain.ppo import EarlyStop, proportion_drop_p
+
+    seen = [0.5, 0.375, 0.3125, 0.25]
+    for n, stops in ((16, False), (160, True)):
+        stop = EarlyStop(PPOConfig(max_eos_drop=0.15, judge_window=3, judge_patience=0))
+        whys = [stop.update(i + 1, 0.0, rate, n) for i, rate in enumerate(seen)]
+        assert any(whys) == stops, whys
+    never = EarlyStop(PPOConfig(max_eos_drop=0.15, judge_window=1, judge_patience=0, eos_confidence=0.0))
+    assert never.update(1, 0.0, 0.5, 16) is None and never.update(2, 0.0, 0.3, 16)  # the drop alone decides
+    assert proportion_drop_p(8, 16, 8, 16) == pytest.approx(0.5) and proportion_drop_p(8, 16, 16, 16) > 0.99
+    assert proportion_drop_p(50, 100, 20, 100) < 1e-4
 
 
 def test_early_stop_on_a_judge_that_stopped_improving_keeps_the_best_policy():
     from retrain.ppo import EarlyStop
 
     stop = EarlyStop(PPOConfig(judge_window=1, judge_patience=2, judge_min_delta=0.05, max_eos_drop=1.0))
-    assert stop.update(1, 0.0, 0.5) is None
-    assert stop.update(2, 0.3, 0.5) is None and stop.improved and stop.best_step == 2
-    assert stop.update(3, 0.32, 0.5) is None and not stop.improved  # within min_delta: no progress
-    why = stop.update(4, 0.1, 0.5)
+    assert stop.update(1, 0.0, 0.5, 16) is None
+    assert stop.update(2, 0.3, 0.5, 16) is None and stop.improved and stop.best_step == 2
+    assert stop.update(3, 0.32, 0.5, 16) is None and not stop.improved  # within min_delta: no progress
+    why = stop.update(4, 0.1, 0.5, 16)
     assert why and "best 0.300 at step 2" in why
 
 
