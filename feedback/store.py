@@ -903,7 +903,7 @@ class FeedbackStore:
         """The newest answers a model version gave in sessions that allow training (newest
         first), written without a style hint: samples of that policy at the serving settings,
         e.g. for reward normalisation."""
-        return self.query("SELECT g.context, g.content, g.created_at FROM generations g "
+        return self.query("SELECT g.context, g.content, g.finish_reason, g.created_at FROM generations g "
                           "JOIN sessions s ON s.id = g.session_id WHERE s.opt_out = 0 AND g.model_version = ? "
                           "AND json_extract(g.sampling, '$.style_hint') IS NULL "
                           "ORDER BY g.created_at DESC, g.rowid DESC LIMIT ?", (version, int(limit)))

@@ -83,6 +83,7 @@ class GateReport:
     reasons: list[str]
     metrics: dict = field(default_factory=dict)
     checks: list[dict] = field(default_factory=list)  # {name, value, threshold, passed}
+    answers: list[dict] = field(default_factory=list)  # per held-out prompt: both answers, ended, judge scores
 
 
 def repetition(text: str, n: int = 4) -> float:
@@ -237,4 +238,8 @@ def evaluate(candidate, served, sft, judge: RewardModel, heldout_prompts: list[l
                  f"{len(prompts)} held-out prompts; lower bound {lo:.0%} does not clear {cfg.min_win_ci_low:.0%}")
     if log:
         log("gate", 0, {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))})
-    return GateReport(passed=not checks.reasons, reasons=checks.reasons, metrics=metrics, checks=checks.rows)
+    answers = [{"prompt": p, "candidate": ct, "served": st, "candidate_ended": bool(ce), "served_ended": bool(se),
+                "candidate_judge": round(float(cj), 4), "served_judge": round(float(sj), 4)}
+               for p, ct, st, ce, se, cj, sj in zip(prompts, c_texts, s_texts, c_end, s_end, c_sc, s_sc, strict=True)]
+    return GateReport(passed=not checks.reasons, reasons=checks.reasons, metrics=metrics, checks=checks.rows,
+                      answers=answers)

@@ -39,6 +39,7 @@ log = logging.getLogger(__name__)
 LOCK_NAME = "retrain.lock"
 LOCK_WAIT_S = 5.0
 LABEL_SCORES = "label_scores.json"  # runs/<id>/: out-of-fold disagreement per label (``label_scores``)
+GATE_ANSWERS = "gate_answers.json"  # runs/<id>/: the gate's held-out answers of candidate and served model
 """How long a run waits for the lock before it gives up: longer than any ``lock_held`` probe."""
 DIED = "the training process died before finishing (killed or crashed); nothing was published"
 ORPHANED = "the app that queued this run stopped before the training process started; nothing was published"
@@ -518,6 +519,7 @@ def _train_and_gate(settings: Settings, registry: Registry, run: Run, config: Re
         if gate_sampler:
             gate_sampler.close()
     timings["gate_s"] = time.monotonic() - t
+    (run_dir / GATE_ANSWERS).write_text(json.dumps(report.answers, ensure_ascii=False))
     timings["ppo_sample_s"] = result.sample_s
     timings["gate_sample_s"] = report.metrics.get("gate_sample_s", 0.0)
     kl = report.metrics.get("kl_candidate_sft")

@@ -110,6 +110,12 @@ class PPOConfig:
     """Steps averaged for the judge's score (each is one rollout batch)."""
     judge_min_delta: float = 0.05
     """Improvement of the judge's windowed score (normalised units) that counts as progress."""
+    judge_confidence: float = 0.9
+    """Evidence the judge's decisions need (``EarlyStop``): stop only when the windowed score
+    fell below the best at this one-sided confidence, and keep the latest policy not below the
+    best at it.  A step's 16 rollouts measure the judge's mean to about +-0.25, so without it
+    a noise peak at step 2 stopped a no_hedging run at KL 0.1 and kept that step.  0: patience
+    alone stops, and the best window is kept."""
     max_eos_drop: float = 0.15
     """Stop when the end-of-answer rate (windowed) falls this far below the first step's..."""
     eos_confidence: float = 0.95
@@ -117,8 +123,8 @@ class PPOConfig:
     alone decides).  A batch of 16 answers measures the rate to +-12 points, so without it
     the guard stops on sampling noise at KL ~0 (it did on a plain_words run)."""
     keep_best: bool = True
-    """End at the policy of the judge's best windowed score (the served policy when it never
-    improved), not the last one."""
+    """End at the policy ``EarlyStop`` keeps (the latest whose judge score is within noise of the
+    best; the served policy when the judge never saw progress), not the last one."""
     # -- optimisation
     lr: float = 5e-4
     """LoRA learning rate (full fine-tuning would be ~1e-6..3e-6)."""
@@ -236,45 +242,84 @@ def proportion_drop_p(ended0: float, n0: int, ended1: float, n1: int) -> float:
 
 
 class EarlyStop:
-    """When PPO stops, and which policy it keeps.  ``update(judge_score, eos_rate, n)`` is
-    called once per step with the judge's mean score of that step's fresh rollouts (sampled by
-    the policy *before* the step's update, from prompts it was not yet updated on), their
-    end-of-answer rate and how many there were; it returns a reason to stop, or None.
-    ``improved`` says whether the policy that sampled this step is the new best (the caller
-    snapshots it).  The end-of-answer guard compares the last ``judge_window`` steps with step
-    1 (the policy PPO started from) and needs both the drop and the evidence for it."""
+    """When PPO stops, and which policy it keeps.  ``update(step, judge_score, eos_rate, n,
+    judge_sd)`` is called once per step with the judge's mean score of that step's fresh
+    rollouts (sampled by the policy *before* the step's update, from prompts it was not yet
+    updated on), their end-of-answer rate, how many there were and the spread of their judge
+    scores; it returns a reason to stop, or None.  ``keep_now`` says whether the policy that
+    sampled this step is now the one to keep (the caller snapshots it).
+
+    The judge's score of 16 rollouts is noisy (about +-0.25 reward-std), so both decisions ask
+    for evidence (a one-sided z-test between windows of ``judge_window`` steps at
+    ``judge_confidence``):
+    - **stop**: no window beat the best by ``judge_min_delta`` for ``judge_patience`` steps *and*
+      the current window is below the best beyond noise (the judge's score fell);
+    - **keep**: the latest policy whose window is not below the best beyond noise, once the
+      best beat step 1 by ``judge_min_delta``; the policy PPO started from until then.
+    Without ``judge_sd`` every shortfall counts as evidence; with ``judge_confidence`` 0 patience
+    alone stops and only the best window is kept.
+    The end-of-answer guard compares the last ``judge_window`` steps with step 1 (the policy
+    PPO started from) and needs both the drop and the evidence for it."""
 
     def __init__(self, cfg: PPOConfig):
         self.cfg = cfg
         self.judge: list[float] = []
+        self.judge_var: list[float] = []  # variance of each step's mean
         self.eos: list[float] = []
         self.counts: list[int] = []
         self.best = -math.inf
+        self.best_var = 0.0
         self.best_step = 0
-        self.improved = False
+        self.keep_step = 0
+        self.improved = False  # this step's window is the new best
+        self.keep_now = False  # this step's policy is the one to keep
 
-    def update(self, step: int, judge_score: float | None, eos_rate: float, n: int) -> str | None:
+    def _window(self) -> tuple[float, float]:
+        w = max(1, self.cfg.judge_window)
+        js, vs = self.judge[-w:], self.judge_var[-w:]
+        return sum(js) / len(js), sum(vs) / len(vs) ** 2
+
+    def _fell(self, mean: float, var: float) -> tuple[bool, float]:
+        """Whether ``mean`` is below the best window beyond noise, and the one-sided p."""
+        if not self.cfg.judge_confidence:  # patience alone: only the best window is kept
+            return True, 0.0
+        se = math.sqrt(self.best_var + var)
+        if se == 0:
+            return mean < self.best, 0.0 if mean < self.best else 1.0
+        p = 1 - NormalDist().cdf((self.best - mean) / se)
+        return p <= 1 - self.cfg.judge_confidence, p
+
+    def update(self, step: int, judge_score: float | None, eos_rate: float, n: int,
+               judge_sd: float | None = None) -> str | None:
         cfg = self.cfg
         w = max(1, cfg.judge_window)
         self.eos.append(eos_rate)
         self.counts.append(n)
         n_w = sum(self.counts[-w:])
         window_eos = sum(e * c for e, c in zip(self.eos[-w:], self.counts[-w:])) / n_w
-        self.improved = False
+        self.improved = self.keep_now = False
+        fell, p_fell = False, 1.0
         if judge_score is not None:
             self.judge.append(judge_score)
-            window = sum(self.judge[-w:]) / len(self.judge[-w:])
+            self.judge_var.append(0.0 if judge_sd is None else judge_sd ** 2 / max(1, n))
+            window, var = self._window()
             if step == 1 or window > self.best + cfg.judge_min_delta:
-                self.best, self.best_step, self.improved = window, step, True
+                self.best, self.best_var, self.best_step, self.improved = window, var, step, True
+            fell, p_fell = self._fell(window, var)
+            self.keep_now = self.improved or (
+                self.best_step > 1 and not fell and window > self.judge[0] + cfg.judge_min_delta)
+            if self.keep_now:
+                self.keep_step = step
         if len(self.eos) > 1 and window_eos < self.eos[0] - cfg.max_eos_drop:
             p = proportion_drop_p(self.eos[0] * self.counts[0], self.counts[0], window_eos * n_w, n_w)
             if p <= 1 - cfg.eos_confidence:
                 return (f"end-of-answer rate fell to {window_eos:.0%} ({n_w} answers of the last "
                         f"{len(self.eos[-w:])} steps) from {self.eos[0]:.0%} at step 1 "
                         f"({self.counts[0]} answers; one-sided p = {p:.3f})")
-        if judge_score is not None and cfg.judge_patience and step - self.best_step >= cfg.judge_patience:
+        if judge_score is not None and cfg.judge_patience and step - self.best_step >= cfg.judge_patience and fell:
+            evidence = f"; now {self._window()[0]:.3f}, one-sided p = {p_fell:.3f}" if judge_sd is not None else ""
             return (f"the judge's score stopped improving: best {self.best:.3f} at step {self.best_step}, "
-                    f"none better by {cfg.judge_min_delta} in {cfg.judge_patience} steps")
+                    f"none better by {cfg.judge_min_delta} in {cfg.judge_patience} steps{evidence}")
         return None
 
 
@@ -320,6 +365,15 @@ def _lora_min_layer(cfg) -> int:
 
 
 # ----------------------------------------------------------------------------- training
+def end_of_answer_advantage(adv: torch.Tensor, mask: torch.Tensor, ended: torch.Tensor) -> float:
+    """Mean advantage at the end-of-turn token of the rollouts that ended: the push PPO gives to
+    ending an answer where it ended (negative: the policy learns to end less often)."""
+    if not bool(ended.any()):
+        return 0.0
+    last = (mask.sum(-1) - 1).clamp(min=0).long()
+    return float(adv[torch.arange(len(last)), last][ended].mean())
+
+
 def _allreduce_grads(params, accelerator) -> None:
     if accelerator is None or accelerator.num_processes <= 1:
         return
@@ -465,11 +519,13 @@ def train_ppo(policy, tok, rm: RewardModel, value: RewardModel, prompts: list[li
             adv, returns = gae(rewards, old_values, rmaskf, cfg.gamma, cfg.lam)
             if cfg.whiten_advantages:
                 adv = whiten(adv, rmaskf)
+            eos_adv = end_of_answer_advantage(adv, rmaskf, ended)
         # ---- early stop: the judge's score and the end-of-answer rate of these fresh rollouts
-        jm = truncation_scores(judge_scores, ended, cfg).mean() if judge_scores is not None else None
-        jm, eos_now = _global_means(jm, ended.float().mean(), accelerator)  # every rank decides alike
-        why = stopper.update(step, jm, eos_now, len(batch_idx) * world)
-        if stopper.improved and cfg.keep_best:  # the policy that sampled this batch, before its update
+        js = truncation_scores(judge_scores, ended, cfg) if judge_scores is not None else None
+        jm, eos_now = _global_means(None if js is None else js.mean(), ended.float().mean(), accelerator)
+        jsd = float(js.std()) if js is not None and len(js) > 1 else None  # every rank decides alike: rank 0's
+        why = stopper.update(step, jm, eos_now, len(batch_idx) * world, jsd)
+        if stopper.keep_now and cfg.keep_best:  # the policy that sampled this batch, before its update
             best_state = {k: v.detach().clone() for k, v in policy.state_dict().items() if "lora_" in k}
         if why:
             stopped, stop_reason = ("eos" if why.startswith("end-of-answer") else "judge"), why
@@ -526,6 +582,8 @@ def train_ppo(policy, tok, rm: RewardModel, value: RewardModel, prompts: list[li
             "approx_kl": _mean(stats["approx_kl"]), "pg_loss": _mean(stats["pg_loss"]),
             "value_loss": _mean(stats["vf_loss"]), "response_length": float(rmask.sum(-1).float().mean()),
             "eos_rate": float(ended.float().mean()),
+            "eos_advantage": eos_adv,
+            "value_first": float(old_values[:, 0].mean()),
             "early_adv_score_corr": float(torch.corrcoef(torch.stack([early[:, 0], score]))[0, 1])
             if n > 2 else float("nan"),
             "gen_s": t_gen, "step_s": time.perf_counter() - ts,
@@ -543,8 +601,8 @@ def train_ppo(policy, tok, rm: RewardModel, value: RewardModel, prompts: list[li
         bar.set_postfix(score=f"{final['score']:.2f}", kl=f"{mean_kl:.2f}", len=f"{final['response_length']:.0f}")
     bar.close()
     kept = 0
-    if cfg.keep_best and best_state is not None and stopper.best_step <= steps_done:
-        kept = stopper.best_step  # the policy before update ``kept``: 1 means the one PPO started from
+    if cfg.keep_best and best_state is not None and stopper.keep_step <= steps_done:
+        kept = stopper.keep_step  # the policy before update ``kept``: 1 means the one PPO started from
         policy.load_state_dict(best_state, strict=False)
     final = {**final, "kept_step": kept, "stopped": stopped}
     return PPOResult(steps=steps_done, final=final, wall_s=time.perf_counter() - t0, sample_s=sample_s,

@@ -199,7 +199,8 @@ def test_ppo_stopped_by_the_judge_keeps_the_policy_it_started_from(tiny_model_di
 
     tiny_reward_model(tiny_model_dir, tmp_path / "rm")
     cfg = PPOConfig(steps=4, batch_size=2, minibatch_size=2, ppo_epochs=1, max_new_tokens=6, lora_layers=1,
-                    temperature=0.7, judge_patience=2, judge_min_delta=1e9, max_eos_drop=1.0, lr=5e-2)
+                    temperature=0.7, judge_patience=2, judge_min_delta=1e9, judge_confidence=0.0, max_eos_drop=1.0,
+                    lr=5e-2)
     policy, tok, _ = load_policy(str(tiny_model_dir), cfg, "cpu")
     start = {k: v.clone() for k, v in policy.state_dict().items() if "lora_" in k}
     rm = RewardModel.load(str(tmp_path / "rm"))
@@ -213,3 +214,28 @@ def test_ppo_stopped_by_the_judge_keeps_the_policy_it_started_from(tiny_model_di
     assert res.steps == 2  # two updates were made, then undone
     now = {k: v for k, v in policy.state_dict().items() if "lora_" in k}
     assert all(torch.equal(start[k], now[k]) for k in start)
+
+
+def test_the_judge_stop_needs_evidence_and_keeps_the_latest_policy_within_noise():
+    """The judge's step scores of a no_hedging run that was stopped at step 8 and kept step 2
+    (KL 0.1): 16 rollouts a step, spread ~1.  Noise: no stop, and the kept policy follows the
+    later steps that are as good.  A real fall (the same scores minus 1 after step 4) stops it
+    and keeps a policy from before the fall."""
+    from retrain.ppo import EarlyStop
+
+    seen = [0.009, 0.289, -0.079, 0.296, -0.097, 0.177, 0.110, -0.311, 0.25, 0.2]
+    cfg = PPOConfig(judge_window=3, judge_patience=6, judge_min_delta=0.05, max_eos_drop=1.0)
+    noise = EarlyStop(cfg)
+    assert not any(noise.update(i + 1, j, 0.5, 16, judge_sd=1.0) for i, j in enumerate(seen))
+    assert noise.best_step == 2 and noise.keep_step == 7  # the latest window above step 1 and within noise of 2
+    old = EarlyStop(PPOConfig(judge_window=3, judge_patience=6, judge_min_delta=0.05, max_eos_drop=1.0,
+                              judge_confidence=0.0))
+    whys = [old.update(i + 1, j, 0.5, 16, judge_sd=1.0) for i, j in enumerate(seen)]
+    assert whys.index(next(w for w in whys if w)) == 7 and old.keep_step == 2  # what the run did
+    fall = EarlyStop(cfg)
+    whys = [fall.update(i + 1, j - (1.0 if i >= 4 else 0.0), 0.5, 16, judge_sd=1.0) for i, j in enumerate(seen)]
+    stop = next(w for w in whys if w)
+    assert "stopped improving" in stop and "one-sided p = " in stop and fall.keep_step <= 4
+    never = EarlyStop(cfg)  # the judge never beat step 1: the served policy is kept
+    assert not any(never.update(i + 1, j, 0.5, 16, judge_sd=1.0) for i, j in enumerate([0.3, 0.2, 0.25, 0.1, 0.3]))
+    assert never.keep_step == 1
