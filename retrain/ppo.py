@@ -255,7 +255,8 @@ class EarlyStop:
     - **stop**: no window beat the best by ``judge_min_delta`` for ``judge_patience`` steps *and*
       the current window is below the best beyond noise (the judge's score fell);
     - **keep**: the latest policy whose window is not below the best beyond noise, once the
-      best beat step 1 by ``judge_min_delta``; the policy PPO started from until then.
+      best beat step 1's score beyond noise; the policy PPO started from until then, so a run
+      that learned little leaves a candidate close to the served one.
     Without ``judge_sd`` every shortfall counts as evidence; with ``judge_confidence`` 0 patience
     alone stops and only the best window is kept.
     The end-of-answer guard compares the last ``judge_window`` steps with step 1 (the policy
@@ -289,6 +290,15 @@ class EarlyStop:
         p = 1 - NormalDist().cdf((self.best - mean) / se)
         return p <= 1 - self.cfg.judge_confidence, p
 
+    def _learned(self) -> bool:
+        """Whether the best window beat step 1's (the policy PPO started from) beyond noise."""
+        if self.best_step <= 1:
+            return False
+        se = math.sqrt(self.best_var + self.judge_var[0])
+        if se == 0:
+            return True
+        return 1 - NormalDist().cdf((self.best - self.judge[0]) / se) <= 1 - self.cfg.judge_confidence
+
     def update(self, step: int, judge_score: float | None, eos_rate: float, n: int,
                judge_sd: float | None = None) -> str | None:
         cfg = self.cfg
@@ -306,8 +316,11 @@ class EarlyStop:
             if step == 1 or window > self.best + cfg.judge_min_delta:
                 self.best, self.best_var, self.best_step, self.improved = window, var, step, True
             fell, p_fell = self._fell(window, var)
-            self.keep_now = self.improved or (
-                self.best_step > 1 and not fell and window > self.judge[0] + cfg.judge_min_delta)
+            if not cfg.judge_confidence:  # patience alone: the best window is kept
+                self.keep_now = self.improved
+            else:
+                self.keep_now = step == 1 or (self._learned() and not fell
+                                              and window > self.judge[0] + cfg.judge_min_delta)
             if self.keep_now:
                 self.keep_step = step
         if len(self.eos) > 1 and window_eos < self.eos[0] - cfg.max_eos_drop:

@@ -21,7 +21,7 @@ from assistant.engine import SamplingParams
 from assistant.settings import Settings, to_env
 from feedback.registry import Registry
 from feedback.store import FeedbackStore
-from retrain.job import LABEL_SCORES
+from retrain.job import GATE_ANSWERS, LABEL_SCORES
 from retrain.scheduler import RetrainScheduler
 from tests.factories import seed_votes, wait_for, write_config
 
@@ -95,6 +95,13 @@ def test_votes_retrain_gate_swap_under_stream_and_rollback(loop):
     assert {c["name"] for c in decision["checks"]} >= {"rm_ci_low", "kl_candidate_sft", "judge_win_ci_low"}
     prompts = json.loads((settings.runs_dir / run_id / "prompts.json").read_text())
     assert prompts["rollout"] and prompts["gate"]
+    # the gate's answers, one row per held-out prompt it evaluated, scored by the judge
+    answers = json.loads((settings.runs_dir / run_id / GATE_ANSWERS).read_text())
+    assert [a["prompt"] for a in answers] == prompts["gate"]
+    assert all(isinstance(a["candidate"], str) and isinstance(a["served_judge"], float) for a in answers)
+    assert decision["metrics"]["judge_win_rate"] == pytest.approx(
+        sum((a["candidate_judge"] > a["served_judge"]) + 0.5 * (a["candidate_judge"] == a["served_judge"])
+            for a in answers) / len(answers), abs=0.02)
     # the disagreement queue's scores: every vote scored once, by a model that never trained on it
     scores = json.loads((settings.runs_dir / run_id / LABEL_SCORES).read_text())
     assert sorted(r["record"] for r in scores) == sorted(f"comparison:{v}" for v in voted)

@@ -217,25 +217,36 @@ def test_ppo_stopped_by_the_judge_keeps_the_policy_it_started_from(tiny_model_di
 
 
 def test_the_judge_stop_needs_evidence_and_keeps_the_latest_policy_within_noise():
-    """The judge's step scores of a no_hedging run that was stopped at step 8 and kept step 2
-    (KL 0.1): 16 rollouts a step, spread ~1.  Noise: no stop, and the kept policy follows the
-    later steps that are as good.  A real fall (the same scores minus 1 after step 4) stops it
-    and keeps a policy from before the fall."""
+    """The judge's step scores (16 rollouts a step, spread ~1) of two no_hedging runs on the
+    same votes.  The first was stopped at step 8 by patience alone and kept step 2, a noise
+    peak (KL 0.1, rejected).  With evidence asked for: no stop on noise and, since no window
+    beat step 1 beyond noise, the policy PPO started from is kept.  The second ran 16 steps
+    and learned: the latest policy within noise of the best is kept.  A real fall stops a run
+    and keeps a policy from before it."""
     from retrain.ppo import EarlyStop
 
-    seen = [0.009, 0.289, -0.079, 0.296, -0.097, 0.177, 0.110, -0.311, 0.25, 0.2]
     cfg = PPOConfig(judge_window=3, judge_patience=6, judge_min_delta=0.05, max_eos_drop=1.0)
-    noise = EarlyStop(cfg)
-    assert not any(noise.update(i + 1, j, 0.5, 16, judge_sd=1.0) for i, j in enumerate(seen))
-    assert noise.best_step == 2 and noise.keep_step == 7  # the latest window above step 1 and within noise of 2
+    noise = [0.009, 0.289, -0.079, 0.296, -0.097, 0.177, 0.110, -0.311, 0.25, 0.2]
     old = EarlyStop(PPOConfig(judge_window=3, judge_patience=6, judge_min_delta=0.05, max_eos_drop=1.0,
                               judge_confidence=0.0))
-    whys = [old.update(i + 1, j, 0.5, 16, judge_sd=1.0) for i, j in enumerate(seen)]
+    whys = [old.update(i + 1, j, 0.5, 16, judge_sd=1.0) for i, j in enumerate(noise)]
     assert whys.index(next(w for w in whys if w)) == 7 and old.keep_step == 2  # what the run did
-    fall = EarlyStop(cfg)
-    whys = [fall.update(i + 1, j - (1.0 if i >= 4 else 0.0), 0.5, 16, judge_sd=1.0) for i, j in enumerate(seen)]
-    stop = next(w for w in whys if w)
-    assert "stopped improving" in stop and "one-sided p = " in stop and fall.keep_step <= 4
-    never = EarlyStop(cfg)  # the judge never beat step 1: the served policy is kept
-    assert not any(never.update(i + 1, j, 0.5, 16, judge_sd=1.0) for i, j in enumerate([0.3, 0.2, 0.25, 0.1, 0.3]))
-    assert never.keep_step == 1
+    stop = EarlyStop(cfg)
+    assert not any(stop.update(i + 1, j, 0.5, 16, judge_sd=1.0) for i, j in enumerate(noise))
+    assert stop.best_step == 2 and stop.keep_step == 1
+
+    learned = [0.026, 0.064, -0.197, 0.207, -0.134, 0.056, 0.065, 0.137, 0.365, 0.573, 0.621, 0.343, 0.349,
+               0.333, 0.513, 0.503]
+    stop = EarlyStop(cfg)
+    keeps = []
+    for i, j in enumerate(learned):
+        assert stop.update(i + 1, j, 0.5, 16, judge_sd=1.0) is None
+        keeps.append(stop.keep_step)
+    assert stop.best_step == 11 and keeps[9] == 1 and keeps[10] == 11  # step 11: beyond noise of step 1
+    assert stop.keep_step == 16
+
+    fall = EarlyStop(PPOConfig(judge_window=3, judge_patience=3, judge_min_delta=0.05, max_eos_drop=1.0))
+    whys = [fall.update(i + 1, j - (1.5 if i >= 12 else 0.0), 0.5, 16, judge_sd=1.0) for i, j in enumerate(learned)]
+    why = next(w for w in whys if w)
+    assert whys.index(why) == 13 and "stopped improving" in why and "one-sided p = 0.00" in why
+    assert fall.keep_step == 12  # the last policy before the fall
