@@ -608,8 +608,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, default=0.9)
     p.add_argument("--retrain-threads", type=int, default=2, help="CPU threads of the retrain (app idle then)")
     p.add_argument("--retrain-config", default="", help="JSON overrides for the retrain (see retrain/config.py)")
-    p.add_argument("--canary-share", type=float, default=0.5,
-                   help="share of regenerates whose answer B is the candidate on trial (default 0.5)")
+    p.add_argument("--canary-share", type=float, default=1.0,
+                   help="share of regenerates whose answer B is the candidate on trial (default 1.0: every "
+                        "vote of the trial's minutes is evidence; the app's own default is 0.5)")
     p.add_argument("--canary-votes", type=int, default=200, help="most votes while the run is in canary (default 200)")
     p.add_argument("--canary-minutes", type=float, default=10, help="most minutes in canary (default 10)")
     p.add_argument("--canary-poll-votes", type=int, default=5, help="re-read the run every N canary votes (default 5)")

@@ -12,9 +12,15 @@ Checks (every failed one is a reason in the report, with its value and threshold
    answers, each allowed to be worse than the served model's by at most its delta;
 4. the **judge** prefers the candidate to the served model on held-out prompts.  The judge is
    the cross-fitted reward model trained on the other half of the data, never the one PPO
-   optimised (a reward-hacked candidate fools the model it hacked, Gao et al. 2022).  The
-   decision is on the interval: the Wilson lower bound of the win rate (ties half) at
-   ``z`` must exceed ``min_win_ci_low``, never the point estimate.
+   optimised (a reward-hacked candidate fools the model it hacked, Gao et al. 2022).  Its
+   verdict on a prompt is its own Bradley-Terry probability that a user prefers the
+   candidate's answer, sigmoid(r_candidate - r_served) in raw reward units, and the win rate
+   is their mean (the judge's *expected* win rate, as AlpacaEval weights its judge's
+   preferences by their probability): a confident judge counts for more than a hesitant
+   one, and a judge that learned nothing says about 0.5 on every prompt, so it cannot pass.
+   The decision is on the interval: the one-sided lower bound (Student-t, ``z`` at the
+   sample's degrees of freedom) must exceed ``min_win_ci_low``, never the point estimate.
+   The hard win rate (ties half) is reported beside it.
 Both models are sampled the same way (the app's temperature, top-p and answer cap).
 
 A candidate that passes goes on to the live canary (``retrain.canary``), where users' own
@@ -23,6 +29,7 @@ votes have the last word.  ``evaluate`` takes loaded models; ``retrain.job`` loa
 
 from __future__ import annotations
 
+import math
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -48,9 +55,9 @@ class GateConfig:
     kl_budget: float = 12.0
     """Nats per response, KL(candidate || SFT).  Good runs here reach about 6 (docs/rlhf.md)."""
     min_win_ci_low: float = 0.5
-    """The judge's win rate of candidate over served: its lower bound must exceed this."""
+    """The judge's expected win rate of candidate over served: its lower bound must exceed this."""
     z: float = 1.645
-    """Wilson z for the win-rate bound (1.645: a one-sided 95% lower bound)."""
+    """Normal quantile of the win-rate bound (1.645: one-sided 95%), widened to Student-t's."""
     max_eos_drop: float = 0.1
     """End-of-answer rate may fall at most this much below the served model's."""
     max_entropy_drop: float = 0.5
@@ -131,6 +138,22 @@ def kl_and_entropy(model, ref, raw, temperature: float) -> tuple[list[float], fl
         ent_sum += float((ent * rmask).sum())
         n_tok += float(rmask.sum())
     return kls, ent_sum / max(1.0, n_tok)
+
+
+def expected_win_rate(margins: torch.Tensor, z: float) -> tuple[float, float, float]:
+    """The judge's expected win rate from its reward margins (candidate - served, raw reward
+    units, one per prompt): the mean Bradley-Terry probability sigmoid(margin), with a
+    two-sided interval of ``z`` widened to Student-t's quantile at n - 1 degrees of freedom
+    (its Cornish-Fisher expansion in 1/dof, two terms).  Fewer than two prompts: no interval."""
+    p = torch.sigmoid(margins.double())
+    n = len(p)
+    if n < 2:
+        return (float(p.mean()) if n else 0.5), 0.0, 1.0
+    mean = float(p.mean())
+    dof = n - 1
+    t = z + (z ** 3 + z) / (4 * dof) + (5 * z ** 5 + 16 * z ** 3 + 3 * z) / (96 * dof ** 2)
+    half = t * float(p.std(unbiased=True)) / math.sqrt(n)
+    return mean, max(0.0, mean - half), min(1.0, mean + half)
 
 
 def _summary(texts, lengths, ended) -> dict:
@@ -225,21 +248,27 @@ def evaluate(candidate, served, sft, judge: RewardModel, heldout_prompts: list[l
     checks.at_most("repetition", cs["repetition"], ss["repetition"] + cfg.max_repetition_increase,
                    f"degenerate: repeated 4-grams {cs['repetition']:.0%} (served {ss['repetition']:.0%})")
 
-    c_sc = judge.score(prompts, c_texts)
-    s_sc = judge.score(prompts, s_texts)
-    wins = float((c_sc > s_sc).sum() + 0.5 * (c_sc == s_sc).sum())
-    win_rate = wins / len(prompts)
-    lo, hi = wilson(wins, len(prompts), cfg.z)
+    c_raw = judge.score(prompts, c_texts, normalized=False)
+    s_raw = judge.score(prompts, s_texts, normalized=False)
+    c_sc, s_sc = ((x - judge.norm_mean) / judge.norm_std for x in (c_raw, s_raw))  # reported, normalised
+    win_p = torch.sigmoid(c_raw - s_raw)
+    win_rate, lo, hi = expected_win_rate(c_raw - s_raw, cfg.z)
+    wins = float((c_raw > s_raw).sum() + 0.5 * (c_raw == s_raw).sum())
+    sign_lo, sign_hi = wilson(wins, len(prompts), cfg.z)
     metrics.update({"judge_win_rate": win_rate, "judge_win_ci_low": lo, "judge_win_ci_high": hi,
+                    "judge_sign_win_rate": wins / len(prompts), "judge_sign_win_ci_low": sign_lo,
+                    "judge_sign_win_ci_high": sign_hi,
                     "candidate_judge_score": float(c_sc.mean()), "served_judge_score": float(s_sc.mean()),
                     "n_prompts": len(prompts), "gate_sample_s": sample_s, "gate_s": time.perf_counter() - t0})
     checks.above("judge_win_ci_low", lo, cfg.min_win_ci_low,
-                 f"the judge (a reward model PPO did not optimise) prefers the candidate on {win_rate:.0%} of "
-                 f"{len(prompts)} held-out prompts; lower bound {lo:.0%} does not clear {cfg.min_win_ci_low:.0%}")
+                 f"the judge (a reward model PPO did not optimise) expects users to prefer the candidate "
+                 f"{win_rate:.0%} of the time on {len(prompts)} held-out prompts (it prefers it on "
+                 f"{wins / len(prompts):.0%}); lower bound {lo:.0%} does not clear {cfg.min_win_ci_low:.0%}")
     if log:
         log("gate", 0, {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))})
     answers = [{"prompt": p, "candidate": ct, "served": st, "candidate_ended": bool(ce), "served_ended": bool(se),
-                "candidate_judge": round(float(cj), 4), "served_judge": round(float(sj), 4)}
-               for p, ct, st, ce, se, cj, sj in zip(prompts, c_texts, s_texts, c_end, s_end, c_sc, s_sc, strict=True)]
+                "candidate_judge": round(float(cj), 4), "served_judge": round(float(sj), 4), "judge_p": round(float(wp), 4)}
+               for p, ct, st, ce, se, cj, sj, wp in zip(prompts, c_texts, s_texts, c_end, s_end, c_sc, s_sc, win_p,
+                                                        strict=True)]
     return GateReport(passed=not checks.reasons, reasons=checks.reasons, metrics=metrics, checks=checks.rows,
                       answers=answers)

@@ -99,7 +99,13 @@ def test_votes_retrain_gate_swap_under_stream_and_rollback(loop):
     answers = json.loads((settings.runs_dir / run_id / GATE_ANSWERS).read_text())
     assert [a["prompt"] for a in answers] == prompts["gate"]
     assert all(isinstance(a["candidate"], str) and isinstance(a["served_judge"], float) for a in answers)
+    # the judge's win rate is its expected one: the mean of its per-prompt preference probability,
+    # which sides with the higher-scored answer; the hard (sign) rate is reported beside it
+    assert all((a["judge_p"] > 0.5) == (a["candidate_judge"] > a["served_judge"]) for a in answers
+               if abs(a["candidate_judge"] - a["served_judge"]) > 1e-3)
     assert decision["metrics"]["judge_win_rate"] == pytest.approx(
+        sum(a["judge_p"] for a in answers) / len(answers), abs=1e-3)
+    assert decision["metrics"]["judge_sign_win_rate"] == pytest.approx(
         sum((a["candidate_judge"] > a["served_judge"]) + 0.5 * (a["candidate_judge"] == a["served_judge"])
             for a in answers) / len(answers), abs=0.02)
     # the disagreement queue's scores: every vote scored once, by a model that never trained on it

@@ -4,9 +4,10 @@ the interval's lower bound, and a degenerate candidate rejected with reasons."""
 from __future__ import annotations
 
 import pytest
+import torch
 
 from assistant import models
-from retrain.gate import Checks, GateConfig, _summary, check_reward_models, evaluate, repetition
+from retrain.gate import Checks, GateConfig, _summary, check_reward_models, evaluate, expected_win_rate, repetition
 from retrain.reward import RewardConfig, new_reward_model, train_reward_model
 from tests.factories import separable_pairs
 
@@ -30,6 +31,21 @@ def test_reward_model_checks_use_the_interval():
     check_reward_models(checks, {"accuracy": 0.8, "ci_low": 0.62, "n": 60}, cfg, previous_accuracy=0.9)
     assert [r["name"] for r in checks.rows if not r["passed"]] == ["rm_accuracy_vs_previous"]
     assert all({"value", "threshold", "op"} <= set(r) for r in checks.rows)
+
+
+def test_the_judge_win_rate_is_its_expected_one_with_a_t_bound():
+    # a judge that learned nothing (margins near 0, either sign) says about 0.5: no pass
+    mean, lo, hi = expected_win_rate(torch.tensor([0.01, -0.01, 0.03, -0.02] * 15), 1.645)
+    assert mean == pytest.approx(0.5, abs=0.01) and lo < 0.5 < hi
+    # the same signs from a confident judge: 60 of 60 prompts at p = sigmoid(2)
+    mean, lo, hi = expected_win_rate(torch.full((60,), 2.0), 1.645)
+    assert mean == pytest.approx(torch.sigmoid(torch.tensor(2.0)).item()) and lo == pytest.approx(mean)
+    # the bound: t at n - 1 degrees of freedom is wider than the normal one (t_{0.95, 9} = 1.833)
+    margins = torch.tensor([1.5, -0.5, 1.0, 0.2, 2.0, -1.0, 0.8, 0.3, 1.2, 0.1])
+    p = torch.sigmoid(margins.double())
+    mean, lo, _ = expected_win_rate(margins, 1.645)
+    assert mean - lo == pytest.approx(1.833 * float(p.std()) / 10 ** 0.5, rel=0.01)
+    assert expected_win_rate(torch.tensor([3.0]), 1.645)[1:] == (0.0, 1.0)  # one prompt: no evidence
 
 
 @pytest.mark.timeout(300)
