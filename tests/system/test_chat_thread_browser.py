@@ -54,8 +54,10 @@ def latest_answer(ctx, message: str) -> str:
     return ctx.store.conversation_messages(conv)[-1]["content"]
 
 
-def visible_icons(page, label: str) -> int:
-    return page.locator(f"#chatbot button[aria-label='{label}']:visible").count()
+def expect_no_icon(page, label: str) -> None:
+    """No visible ``label`` icon in the thread, once the page has settled (Gradio re-renders the
+    message buttons after each update, so an immediate count can see the frame before the CSS)."""
+    expect(page.locator(f"#chatbot button[aria-label='{label}']:visible")).to_have_count(0)
 
 
 def hold_and_send(page, gate: DecodeGate, message: str) -> None:
@@ -70,7 +72,8 @@ def expect_writing(page) -> None:
     """While an answer is written: Stop instead of Send, no pencil and no retry anywhere."""
     expect(page.locator("#stop")).to_be_visible()
     expect(page.locator("#send")).to_have_count(0)
-    assert visible_icons(page, "Edit") == 0 and visible_icons(page, "Retry") == 0
+    expect_no_icon(page, "Edit")
+    expect_no_icon(page, "Retry")
 
 
 def expect_idle(page) -> None:
@@ -323,7 +326,7 @@ def test_retry_is_not_offered_on_the_users_own_rewrite(app, browser):
     page.locator("#chatbot button[aria-label='Submit']").click()
     expect(page.locator("#status")).to_contain_text("Recorded: your rewrite")
     expect(page.locator("#chatbot")).to_have_class(re.compile(r"\brewrite-latest\b"))
-    assert visible_icons(page, "Retry") == 0
+    expect_no_icon(page, "Retry")
     expect(page.locator("#regenerate")).to_have_attribute("title", re.compile("your own rewrite"))
     page.locator("#regenerate").click()  # refused as a toast, nothing opens, no red error
     expect(page.get_by_text("the latest answer is your own rewrite").first).to_be_visible()
