@@ -82,7 +82,8 @@ def ppo_steps(registry: Registry, run_id: str) -> list[dict]:
     by_step: dict[int, dict] = {}
     for m in registry.metrics(run_id, "ppo"):
         by_step.setdefault(m["step"], {})[m["name"]] = m["value"]
-    keys = ("eos_rate", "eos_advantage", "rm_score", "score", "judge_score", "kl", "response_length")
+    keys = ("eos_rate", "eos_advantage", "truncation_penalty", "rm_score", "score", "judge_score", "kl",
+            "response_length")
     return [{"step": s, **{k: by_step[s].get(k) for k in keys}} for s in sorted(by_step)]
 
 
@@ -132,7 +133,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"reward model: reference answers truncated {r['score_truncated']:+.2f} (n={r['truncated']}) vs ended "
               f"{r['score_ended']:+.2f} (n={r['ended']}): gap {r['gap']:+.2f} std")
     for s in report["ppo"]:
-        print("  step {step}: eos {eos_rate} (advantage {eos_advantage}), rm {rm_score}, score {score}, "
+        print("  step {step}: eos {eos_rate} (advantage {eos_advantage}, penalty {truncation_penalty}), rm {rm_score}, "
+              "score {score}, "
               "judge {judge_score}, kl {kl}, len {response_length}".format(**{k: (f"{x:.2f}" if isinstance(x, float) else x) for k, x in s.items()}))
     print(f"stop: {report['ppo_stop']}")
     g = report.get("gate_oracle")

@@ -59,7 +59,13 @@ class PPOConfig:
     steps: int = 16
     """PPO iterations (one rollout batch and its update each)."""
     batch_size: int = 16
-    """Prompts per rollout batch (shared across processes)."""
+    """Rollouts per batch (shared across processes): ``batch_size / group_size`` prompts."""
+    group_size: int = 1
+    """Rollouts per prompt.  1: one each, advantages from GAE on the critic.  k > 1: k answers to
+    each prompt and the critic-free leave-one-out baseline of RLOO (Ahmadian et al. 2024): each
+    answer's return (score minus the KL it paid) less the mean of the other k - 1 answers'.  The
+    reward model's level differs from prompt to prompt (by as much as the answers differ: ``docs/
+    rlhf.md`` §3), which a per-prompt baseline removes and a critic must learn."""
     minibatch_size: int = 8
     """Rollouts per gradient step."""
     ppo_epochs: int = 2
@@ -76,7 +82,16 @@ class PPOConfig:
     max_prompt_length: int = 256
     """Prompts are cut from the left to this many tokens."""
     truncation_penalty: float = 1.0
-    """Subtracted from the RM score of a rollout that hits the cap (normalised units)."""
+    """Subtracted from the RM score of a rollout that hits the cap (normalised units); with
+    ``truncation_control``, where it starts."""
+    truncation_control: float = 0.0
+    """0: a fixed ``truncation_penalty``.  Above 0: the penalty is a Lagrange multiplier on the
+    end-of-answer rate, kept at step 1's (the policy PPO started from): each step it moves by
+    this much per unit the rate of the last ``judge_window`` steps is below (up) or above (down)
+    step 1's, within [0, ``max_truncation_penalty``].  A fixed penalty is a price on not ending
+    that PPO may find cheaper to pay, or cheaper to earn by ending sooner, than the taste."""
+    max_truncation_penalty: float = 3.0
+    """The controlled penalty's ceiling."""
     # -- objective
     beta: float = 0.05
     """KL coefficient of the per-token k1 penalty against the reference."""
@@ -174,6 +189,23 @@ def kl_rewards(logp: torch.Tensor, ref_logp: torch.Tensor, mask: torch.Tensor, s
     return rewards * mask, kl
 
 
+def loo_advantages(score: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, beta: float,
+                   group_size: int) -> torch.Tensor:
+    """RLOO's sequence advantages [B, L]: each row's return ``score - beta * sum(kl)`` less the
+    mean return of the other rows of its group (rows ``[g*k, (g+1)*k)`` share a prompt), on
+    every response token."""
+    ret = (score - beta * (kl * mask).sum(-1)).view(-1, group_size)
+    loo = (ret.sum(-1, keepdim=True) - ret) / (group_size - 1)
+    return (ret - loo).reshape(-1, 1) * mask
+
+
+def group_mean_sd(x: torch.Tensor, group_size: int) -> tuple[int, float | None]:
+    """(number of groups, std of the group means): the sampling error of ``x.mean()`` when rows
+    of a group share a prompt, whose level they share too."""
+    means = x.reshape(-1, group_size).mean(-1)
+    return len(means), (float(means.std()) if len(means) > 1 else None)
+
+
 def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0,
         lam: float = 0.95) -> tuple[torch.Tensor, torch.Tensor]:
     """Generalised advantage estimation over masked, right-padded responses.
@@ -230,6 +262,25 @@ class AdaptiveKL:
     def update(self, kl: float, n: int) -> None:
         err = max(-0.2, min(0.2, kl / self.target - 1))
         self.beta *= 1 + err * n / self.horizon
+
+
+class EndingControl:
+    """The truncation penalty under ``truncation_control``: a multiplier that holds the
+    end-of-answer rate at step 1's, the way ``AdaptiveKL`` holds the KL at its target."""
+
+    def __init__(self, cfg: PPOConfig):
+        self.penalty, self.rate, self.ceiling = cfg.truncation_penalty, cfg.truncation_control, cfg.max_truncation_penalty
+        self.window = max(1, cfg.judge_window)
+        self.eos: list[tuple[float, int]] = []
+
+    def update(self, eos_rate: float, n: int) -> float:
+        """This step's end-of-answer rate over ``n`` answers; the penalty to apply to them."""
+        self.eos.append((eos_rate, n))
+        if self.rate and len(self.eos) > 1:
+            recent = self.eos[-self.window:]
+            window = sum(e * c for e, c in recent) / sum(c for _, c in recent)
+            self.penalty = min(self.ceiling, max(0.0, self.penalty + self.rate * (self.eos[0][0] - window)))
+        return self.penalty
 
 
 def proportion_drop_p(ended0: float, n0: int, ended1: float, n1: int) -> float:
@@ -300,7 +351,9 @@ class EarlyStop:
         return 1 - NormalDist().cdf((self.best - self.judge[0]) / se) <= 1 - self.cfg.judge_confidence
 
     def update(self, step: int, judge_score: float | None, eos_rate: float, n: int,
-               judge_sd: float | None = None) -> str | None:
+               judge_sd: float | None = None, judge_n: int | None = None) -> str | None:
+        """One step's fresh rollouts: ``n`` answers, their end-of-answer rate, the judge's mean
+        score and spread over ``judge_n`` independent draws (default ``n``).  The reason to stop, or None."""
         cfg = self.cfg
         w = max(1, cfg.judge_window)
         self.eos.append(eos_rate)
@@ -311,7 +364,7 @@ class EarlyStop:
         fell, p_fell = False, 1.0
         if judge_score is not None:
             self.judge.append(judge_score)
-            self.judge_var.append(0.0 if judge_sd is None else judge_sd ** 2 / max(1, n))
+            self.judge_var.append(0.0 if judge_sd is None else judge_sd ** 2 / max(1, judge_n or n))
             window, var = self._window()
             if step == 1 or window > self.best + cfg.judge_min_delta:
                 self.best, self.best_var, self.best_step, self.improved = window, var, step, True
@@ -398,11 +451,12 @@ def _allreduce_grads(params, accelerator) -> None:
             p.grad /= accelerator.num_processes
 
 
-def truncation_scores(rm_scores: torch.Tensor, ended: torch.Tensor, cfg: PPOConfig) -> torch.Tensor:
-    """The score PPO maximises: the clipped RM score, minus ``truncation_penalty`` for a
-    response that never ended (scored as if it ended at the cap)."""
+def truncation_scores(rm_scores: torch.Tensor, ended: torch.Tensor, cfg: PPOConfig,
+                      penalty: float | None = None) -> torch.Tensor:
+    """The score PPO maximises: the clipped RM score, minus ``penalty`` (default
+    ``truncation_penalty``) for a response that never ended (scored as if it ended at the cap)."""
     score = rm_scores.clamp(-cfg.score_clip, cfg.score_clip)
-    return torch.where(ended, score, score - cfg.truncation_penalty)
+    return torch.where(ended, score, score - (cfg.truncation_penalty if penalty is None else penalty))
 
 
 def with_end_of_turn(ids, pmask, resp, rmask, ended, eot: int, pad_id: int):
@@ -477,6 +531,10 @@ def train_ppo(policy, tok, rm: RewardModel, value: RewardModel, prompts: list[li
     kl_ctl = AdaptiveKL(cfg.beta, cfg.target_kl, cfg.kl_horizon) if cfg.adaptive_kl else None
     beta = cfg.beta
 
+    group = max(1, cfg.group_size)
+    if cfg.batch_size % group:
+        raise ValueError(f"ppo.batch_size ({cfg.batch_size}) must be a multiple of ppo.group_size ({group})")
+    n_prompts = cfg.batch_size // group
     enc_prompts = [prompt_ids(tok, p)[-cfg.max_prompt_length:] for p in prompts]
     ptx = []
     if cfg.ptx_coef > 0 and ptx_pairs:  # the chosen answer (or rewrite) closed by end-of-turn
@@ -488,6 +546,7 @@ def train_ppo(policy, tok, rm: RewardModel, value: RewardModel, prompts: list[li
     steps_done = 0
     sample_s = 0.0
     stopper = EarlyStop(cfg)
+    ending = EndingControl(cfg)
     stopped, stop_reason, best_state = "steps", "", None
     bar = tqdm(total=cfg.steps, desc="ppo", leave=False)
     for step in range(1, cfg.steps + 1):
@@ -496,12 +555,12 @@ def train_ppo(policy, tok, rm: RewardModel, value: RewardModel, prompts: list[li
             break
         ts = time.perf_counter()
         # ---- rollouts --------------------------------------------------------------
-        if len(order) < cfg.batch_size * world:
+        if len(order) < n_prompts * world:
             more = list(range(len(enc_prompts)))
             rng.shuffle(more)
             order += more
-        batch_idx = order[:cfg.batch_size * world][rank::world]
-        del order[:cfg.batch_size * world]
+        batch_idx = [i for i in order[:n_prompts * world][rank::world] for _ in range(group)]
+        del order[:n_prompts * world]
         ids, pmask, resp, rmask = (t.to(dev) for t in sampler.sample(
             [enc_prompts[i] for i in batch_idx], max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
             top_p=cfg.rollout_top_p, stop_ids=stop_ids, pad_id=tok.pad_token_id, generator=gen))
@@ -521,23 +580,30 @@ def train_ppo(policy, tok, rm: RewardModel, value: RewardModel, prompts: list[li
                 ref_lower = lower_forward(ref_model, full, fmask, 0)
                 ref_logp, _ = token_logprobs(ref_model, _lm_head(ref_model), ref_lower, P, resp, cfg.temperature)
             rm_scores, feats = scorer(rm, full, fmask, P, L, last, lower)
-            old_values = critic_values(value, lower, feats, P, L)
+            old_values = critic_values(value, lower, feats, P, L) if group == 1 else None
             judge_scores = None
             if judge is not None:
                 same = feats is not None and getattr(judge, "spec", None) == rm.spec \
                     and judge.frozen_dtype == rm.frozen_dtype
                 judge_scores, _ = scorer(judge, full, fmask, P, L, last, lower, feats if same else None)
-            score = truncation_scores(rm_scores, ended, cfg)
+            js = truncation_scores(judge_scores, ended, cfg) if judge_scores is not None else None
+            jm, eos_now = _global_means(None if js is None else js.mean(), ended.float().mean(), accelerator)
+            penalty = ending.update(eos_now, len(batch_idx) * world)
+            score = truncation_scores(rm_scores, ended, cfg, penalty)
             rewards, kl = kl_rewards(old_logp, ref_logp, rmaskf, score, beta)
-            adv, returns = gae(rewards, old_values, rmaskf, cfg.gamma, cfg.lam)
+            if group == 1:
+                adv, returns = gae(rewards, old_values, rmaskf, cfg.gamma, cfg.lam)
+            else:
+                adv = loo_advantages(score, kl, rmaskf, beta, group)
             if cfg.whiten_advantages:
                 adv = whiten(adv, rmaskf)
             eos_adv = end_of_answer_advantage(adv, rmaskf, ended)
         # ---- early stop: the judge's score and the end-of-answer rate of these fresh rollouts
-        js = truncation_scores(judge_scores, ended, cfg) if judge_scores is not None else None
-        jm, eos_now = _global_means(None if js is None else js.mean(), ended.float().mean(), accelerator)
-        jsd = float(js.std()) if js is not None and len(js) > 1 else None  # every rank decides alike: rank 0's
-        why = stopper.update(step, jm, eos_now, len(batch_idx) * world, jsd)
+        # the judge's spread (rank 0's: every rank decides alike); answers to one prompt are one draw
+        n_eff, jsd = len(batch_idx), None
+        if js is not None:
+            n_eff, jsd = group_mean_sd(js, group)
+        why = stopper.update(step, jm, eos_now, len(batch_idx) * world, jsd, n_eff * world)
         if stopper.keep_now and cfg.keep_best:  # the policy that sampled this batch, before its update
             best_state = {k: v.detach().clone() for k, v in policy.state_dict().items() if "lora_" in k}
         if why:
@@ -558,8 +624,11 @@ def train_ppo(policy, tok, rm: RewardModel, value: RewardModel, prompts: list[li
                                            with_entropy=_epoch == 0)  # logged: once per rollout is enough
                 m = rmaskf[mb]
                 pg, clipfrac, approx_kl = policy_loss(logp, old_logp[mb], adv[mb], m, cfg.cliprange)
-                vpred = critic_values(value, sub, feats[mb] if feats is not None else None, P, L)
-                vf = value_loss(vpred, old_values[mb], returns[mb], m, cfg.cliprange_value)
+                if group == 1:
+                    vpred = critic_values(value, sub, feats[mb] if feats is not None else None, P, L)
+                    vf = value_loss(vpred, old_values[mb], returns[mb], m, cfg.cliprange_value)
+                else:  # RLOO: no critic
+                    vf = torch.zeros((), device=dev)
                 loss = pg + cfg.vf_coef * vf
                 if ptx:
                     pi, ri = ptx[rng.randrange(len(ptx))]
@@ -595,8 +664,8 @@ def train_ppo(policy, tok, rm: RewardModel, value: RewardModel, prompts: list[li
             "approx_kl": _mean(stats["approx_kl"]), "pg_loss": _mean(stats["pg_loss"]),
             "value_loss": _mean(stats["vf_loss"]), "response_length": float(rmask.sum(-1).float().mean()),
             "eos_rate": float(ended.float().mean()),
-            "eos_advantage": eos_adv,
-            "value_first": float(old_values[:, 0].mean()),
+            "eos_advantage": eos_adv, "truncation_penalty": penalty,
+            "value_first": float(old_values[:, 0].mean()) if old_values is not None else 0.0,
             "early_adv_score_corr": float(torch.corrcoef(torch.stack([early[:, 0], score]))[0, 1])
             if n > 2 else float("nan"),
             "gen_s": t_gen, "step_s": time.perf_counter() - ts,

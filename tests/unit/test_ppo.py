@@ -16,7 +16,9 @@ from retrain.ppo import (
     AdaptiveKL,
     PPOConfig,
     gae,
+    group_mean_sd,
     kl_rewards,
+    loo_advantages,
     policy_loss,
     token_logprobs,
     truncation_scores,
@@ -58,6 +60,24 @@ def test_gae_by_hand():
     # lambda = 0.95, gamma = 1: A0 = delta0 + 0.95 * A1 with delta from the values
     adv, _ = gae(torch.tensor([[0.0, 1.0]]), torch.tensor([[0.2, 0.4]]), torch.ones(1, 2), 1.0, 0.95)
     assert adv[0].tolist() == pytest.approx([0.2 + 0.95 * 0.6, 0.6])
+
+
+def test_leave_one_out_advantages_by_hand():
+    """RLOO: each answer's return less the mean return of the other answers to its prompt; a
+    level the reward model gives a whole prompt cancels."""
+    score = torch.tensor([1.0, 3.0, 2.0, 10.0, 12.0, 11.0])  # prompt 2 sits 9 higher, same spread
+    mask = torch.tensor([[1, 1, 0], [1, 1, 1], [1, 0, 0], [1, 1, 0], [1, 1, 1], [1, 0, 0]]).float()
+    kl = torch.zeros(6, 3)
+    kl[1, :] = 1.0  # the second answer paid 3 nats
+    adv = loo_advantages(score, kl, mask, beta=0.5, group_size=3)
+    ret1 = [1.0, 3.0 - 1.5, 2.0]
+    want = [ret1[0] - (ret1[1] + ret1[2]) / 2, ret1[1] - (ret1[0] + ret1[2]) / 2, ret1[2] - (ret1[0] + ret1[1]) / 2]
+    assert torch.allclose(adv[:3, 0], torch.tensor(want))
+    assert torch.allclose(adv[3:, 0], torch.tensor([-1.5, 1.5, 0.0]))  # the prompt's level is gone
+    assert torch.equal(adv != 0, mask.bool() & (adv[:, :1] != 0))  # the same advantage on every answer token
+    n, sd = group_mean_sd(score, 3)
+    assert n == 2 and sd == pytest.approx(float(torch.tensor([2.0, 11.0]).std()))
+    assert group_mean_sd(score, 1) == (6, pytest.approx(float(score.std())))
 
 
 def test_whiten_and_losses():
@@ -154,6 +174,25 @@ def test_token_logprobs_and_entropy_are_the_models_at_the_temperature(tiny_model
     assert torch.allclose(ent, -(want.exp() * want).sum(-1), atol=1e-4)
 
 
+def test_the_controlled_truncation_penalty_holds_the_end_of_answer_rate():
+    """Under ``truncation_control`` the penalty rises while answers end less often than at step
+    1, falls while they end more often, and stays within [0, max]; 0 keeps it fixed."""
+    from retrain.ppo import EndingControl
+
+    ctl = EndingControl(PPOConfig(truncation_penalty=1.0, truncation_control=2.0, max_truncation_penalty=1.5,
+                                  judge_window=1))
+    assert ctl.update(0.5, 16) == 1.0  # step 1 sets the target
+    assert ctl.update(0.4, 16) == pytest.approx(1.2)
+    assert ctl.update(0.1, 16) == 1.5  # the ceiling
+    assert ctl.update(0.5, 16) == pytest.approx(1.5)
+    assert ctl.update(1.0, 16) == pytest.approx(0.5)
+    assert ctl.update(1.0, 16) == 0.0  # never a reward for not ending
+    fixed = EndingControl(PPOConfig(truncation_penalty=1.0))
+    assert [fixed.update(e, 16) for e in (0.5, 0.0, 1.0)] == [1.0, 1.0, 1.0]
+    scores = truncation_scores(torch.tensor([0.5, 0.5]), torch.tensor([True, False]), PPOConfig(), penalty=0.25)
+    assert scores.tolist() == [0.5, 0.25]
+
+
 def test_early_stop_on_a_falling_end_of_answer_rate_says_why():
     from retrain.ppo import EarlyStop
 
@@ -190,6 +229,42 @@ def test_early_stop_on_a_judge_that_stopped_improving_keeps_the_best_policy():
     assert stop.update(3, 0.32, 0.5, 16) is None and not stop.improved  # within min_delta: no progress
     why = stop.update(4, 0.1, 0.5, 16)
     assert why and "best 0.300 at step 2" in why
+
+
+def test_ppo_with_groups_samples_each_prompt_group_size_times(tiny_model_dir, tmp_path):
+    """``group_size`` k: batch_size / k prompts per step, k answers each, no critic trained."""
+    from retrain.job import load_policy
+    from retrain.reward import RewardModel
+    from retrain.rollout import TorchSampler
+
+    tiny_reward_model(tiny_model_dir, tmp_path / "rm")
+    cfg = PPOConfig(steps=2, batch_size=4, group_size=2, minibatch_size=2, ppo_epochs=1, max_new_tokens=6,
+                    lora_layers=1, temperature=0.7)
+    policy, tok, _ = load_policy(str(tiny_model_dir), cfg, "cpu")
+    rm = RewardModel.load(str(tmp_path / "rm"))
+    value = rm.as_value_model()
+    critic = [p.detach().clone() for p in value.parameters()]
+    seen = []
+
+    class Recording(TorchSampler):
+        def sample(self, prompts, **kw):
+            seen.append([tuple(p) for p in prompts])
+            return super().sample(prompts, **kw)
+
+    from retrain.backbone import end_of_turn_id
+    from retrain.ppo import train_ppo
+
+    prompts = [p.prompt for p in separable_pairs(6)]
+    res = train_ppo(policy, tok, rm, value, prompts, cfg, stop_ids={end_of_turn_id(tok)},
+                    eot_id=end_of_turn_id(tok), sampler=Recording(policy), judge=RewardModel.load(str(tmp_path / "rm")))
+    assert res.steps == 2 and all(math.isfinite(v) for v in res.final.values() if isinstance(v, float))
+    for batch in seen:  # two prompts, each twice in a row, the two different
+        assert len(batch) == 4 and batch[0] == batch[1] and batch[2] == batch[3] and batch[0] != batch[2]
+    assert all(torch.equal(a, b) for a, b in zip(critic, value.parameters()))
+    with pytest.raises(ValueError, match="multiple of ppo.group_size"):
+        train_ppo(policy, tok, rm, value, prompts, PPOConfig(batch_size=4, group_size=3, max_new_tokens=4,
+                                                              temperature=0.7),
+                  stop_ids={end_of_turn_id(tok)}, eot_id=end_of_turn_id(tok))
 
 
 def test_ppo_stopped_by_the_judge_keeps_the_policy_it_started_from(tiny_model_dir, tmp_path):
