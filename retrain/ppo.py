@@ -64,7 +64,7 @@ class PPOConfig:
     """Rollouts per prompt.  1: one each, advantages from GAE on the critic.  k > 1: k answers to
     each prompt and the critic-free leave-one-out baseline of RLOO (Ahmadian et al. 2024): each
     answer's return (score minus the KL it paid) less the mean of the other k - 1 answers'.  The
-    reward model's level differs from prompt to prompt (by as much as the answers differ: ``docs/
+    early stop counts a prompt's answers as one draw.  The reward model's level differs from prompt to prompt (by as much as the answers differ: ``docs/
     rlhf.md`` §3), which a per-prompt baseline removes and a critic must learn."""
     minibatch_size: int = 8
     """Rollouts per gradient step."""
@@ -351,9 +351,9 @@ class EarlyStop:
         return 1 - NormalDist().cdf((self.best - self.judge[0]) / se) <= 1 - self.cfg.judge_confidence
 
     def update(self, step: int, judge_score: float | None, eos_rate: float, n: int,
-               judge_sd: float | None = None, judge_n: int | None = None) -> str | None:
-        """One step's fresh rollouts: ``n`` answers, their end-of-answer rate, the judge's mean
-        score and spread over ``judge_n`` independent draws (default ``n``).  The reason to stop, or None."""
+               judge_sd: float | None = None) -> str | None:
+        """One step's fresh rollouts: ``n`` independent draws (prompts, under ``group_size``),
+        their end-of-answer rate, the judge's mean score and spread.  The reason to stop, or None."""
         cfg = self.cfg
         w = max(1, cfg.judge_window)
         self.eos.append(eos_rate)
@@ -364,7 +364,7 @@ class EarlyStop:
         fell, p_fell = False, 1.0
         if judge_score is not None:
             self.judge.append(judge_score)
-            self.judge_var.append(0.0 if judge_sd is None else judge_sd ** 2 / max(1, judge_n or n))
+            self.judge_var.append(0.0 if judge_sd is None else judge_sd ** 2 / max(1, n))
             window, var = self._window()
             if step == 1 or window > self.best + cfg.judge_min_delta:
                 self.best, self.best_var, self.best_step, self.improved = window, var, step, True
@@ -599,11 +599,12 @@ def train_ppo(policy, tok, rm: RewardModel, value: RewardModel, prompts: list[li
                 adv = whiten(adv, rmaskf)
             eos_adv = end_of_answer_advantage(adv, rmaskf, ended)
         # ---- early stop: the judge's score and the end-of-answer rate of these fresh rollouts
-        # the judge's spread (rank 0's: every rank decides alike); answers to one prompt are one draw
-        n_eff, jsd = len(batch_idx), None
+        # answers to one prompt are one draw, for the judge's spread (rank 0's: every rank decides
+        # alike) and the end-of-answer counts: some prompts run long whatever the policy
+        n_eff, jsd = len(batch_idx) // group, None
         if js is not None:
             n_eff, jsd = group_mean_sd(js, group)
-        why = stopper.update(step, jm, eos_now, len(batch_idx) * world, jsd, n_eff * world)
+        why = stopper.update(step, jm, eos_now, n_eff * world, jsd)
         if stopper.keep_now and cfg.keep_best:  # the policy that sampled this batch, before its update
             best_state = {k: v.detach().clone() for k, v in policy.state_dict().items() if "lora_" in k}
         if why:
