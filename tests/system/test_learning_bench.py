@@ -49,6 +49,18 @@ def test_tastes_of_other_kinds_judge_what_they_say_and_are_length_neutral():
         assert taste(q, "", "Bicycles stay upright.") == "b"  # an empty answer never wins
 
 
+def test_the_tastes_written_after_the_design_was_frozen():
+    from benchmarks import unseen_tastes as u
+    q = [{"role": "user", "content": "How do bicycles stay upright?"}]
+    assert oracles.get("benchmarks.unseen_tastes:fewer_the") is u.fewer_the  # as the benchmark loads them
+    assert u.fewer_the(q, "Wheels spin fast.", "The wheels spin at a high speed.") == "a"
+    assert u.fewer_commas(q, "Wheels spin, turn, and steer.", "Wheels spin and steer.") == "b"
+    assert u.fewer_commas(q, "Wheels spin, fast.", "Wheels spin, fast. Wheels spin, fast.") == "tie"  # per word
+    assert u.fewer_the(q, "The wheel spins.", "The wheel spins.") == "tie"
+    for taste in (u.fewer_the, u.fewer_commas):
+        assert taste(q, "", "Bicycles stay upright.") == "b"  # an empty answer never wins
+
+
 def test_length_oracles_unchanged():
     assert oracles.concise(P, words(10), words(20)) == "a"
     assert oracles.concise(P, words(10), words(11)) == "tie"

@@ -1,0 +1,41 @@
+"""Two tastes written after the reward model and PPO were frozen (issue 19): a check on oracles
+the team does not see, not part of ``oracles.ORACLES``.  Each was measured only for its
+decisive rate on an earlier run's answer pairs, then run once through the whole loop::
+
+    python benchmarks/learning.py --oracle benchmarks.unseen_tastes:fewer_the
+    python benchmarks/learning.py --oracle benchmarks.unseen_tastes:fewer_commas
+
+Their figures are in docs/rlhf.md §6.  Neither is length (both are rates per word) nor a count
+of list or markdown marks."""
+from __future__ import annotations
+
+import re
+
+from benchmarks.oracles import _empty_rule, _tie_within
+
+
+def _per_word(text: str, pattern: str) -> float:
+    words = re.findall(r"[A-Za-z']+", text or "")
+    return len(re.findall(pattern, text or "")) / max(1, len(words))
+
+
+def _fewer(a: str, b: str, pattern: str, rel_tol: float = 0.1) -> str:
+    """Fewer matches of ``pattern`` per word wins; a tie within ``rel_tol``; an empty answer
+    never wins."""
+    verdict = _empty_rule(a, b)
+    if verdict:
+        return verdict
+    ra, rb = _per_word(a, pattern), _per_word(b, pattern)
+    if _tie_within(ra, rb, rel_tol):
+        return "tie"
+    return "a" if ra < rb else "b"
+
+
+def fewer_the(prompt, a: str, b: str) -> str:
+    """A terse register: fewer articles (the / a / an) per word."""
+    return _fewer(a, b, r"\b(?:[Tt]he|[Aa]n?)\b")
+
+
+def fewer_commas(prompt, a: str, b: str) -> str:
+    """A punctuation style: fewer commas per word."""
+    return _fewer(a, b, r",")
