@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import re
 
-from benchmarks.oracles import _empty_rule, _tie_within
+from benchmarks.oracles import _empty_rule, _letters_per_word, _tie_within
 
 
 def _per_word(text: str, pattern: str) -> float:
@@ -19,16 +19,21 @@ def _per_word(text: str, pattern: str) -> float:
     return len(re.findall(pattern, text or "")) / max(1, len(words))
 
 
-def _fewer(a: str, b: str, pattern: str, rel_tol: float = 0.1) -> str:
-    """Fewer matches of ``pattern`` per word wins; a tie within ``rel_tol``; an empty answer
-    never wins."""
+def _prefer(a: str, b: str, measure, rel_tol: float, lower: bool) -> str:
+    """The answer with the lower (or higher) ``measure`` wins; a tie within ``rel_tol``; an
+    empty answer never wins."""
     verdict = _empty_rule(a, b)
     if verdict:
         return verdict
-    ra, rb = _per_word(a, pattern), _per_word(b, pattern)
-    if _tie_within(ra, rb, rel_tol):
+    xa, xb = measure(a), measure(b)
+    if _tie_within(xa, xb, rel_tol):
         return "tie"
-    return "a" if ra < rb else "b"
+    return "a" if (xa < xb) == lower else "b"
+
+
+def _fewer(a: str, b: str, pattern: str, rel_tol: float = 0.1) -> str:
+    """Fewer matches of ``pattern`` per word wins; a tie within ``rel_tol``."""
+    return _prefer(a, b, lambda t: _per_word(t, pattern), rel_tol, lower=True)
 
 
 def fewer_the(prompt, a: str, b: str) -> str:
@@ -39,3 +44,8 @@ def fewer_the(prompt, a: str, b: str) -> str:
 def fewer_commas(prompt, a: str, b: str) -> str:
     """A punctuation style: fewer commas per word."""
     return _fewer(a, b, r",")
+
+
+def fancy_words(prompt, a: str, b: str) -> str:
+    """``plain_words`` reversed: a richer vocabulary, more letters per word; a tie within 3%."""
+    return _prefer(a, b, _letters_per_word, 0.03, lower=False)

@@ -57,7 +57,9 @@ def test_the_tastes_written_after_the_design_was_frozen():
     assert u.fewer_commas(q, "Wheels spin, turn, and steer.", "Wheels spin and steer.") == "b"
     assert u.fewer_commas(q, "Wheels spin, fast.", "Wheels spin, fast. Wheels spin, fast.") == "tie"  # per word
     assert u.fewer_the(q, "The wheel spins.", "The wheel spins.") == "tie"
-    for taste in (u.fewer_the, u.fewer_commas):
+    assert u.fancy_words(q, "I use a cat.", "I utilise felines.") == "b"  # plain_words reversed
+    assert u.fancy_words(q, "I use a cat.", "I use a cat. I use a cat.") == "tie"
+    for taste in (u.fewer_the, u.fewer_commas, u.fancy_words):
         assert taste(q, "", "Bicycles stay upright.") == "b"  # an empty answer never wins
 
 
