@@ -1,11 +1,12 @@
-"""Two tastes written after the reward model and PPO were frozen (issue 19): a check on oracles
-the team does not see, not part of ``oracles.ORACLES``.  Each was measured only for its
+"""Three tastes written after the reward model and PPO were frozen (issue 19): a check on
+oracles the team does not see, not part of ``oracles.ORACLES``.  Each was measured only for its
 decisive rate on an earlier run's answer pairs, then run once through the whole loop::
 
     python benchmarks/learning.py --oracle benchmarks.unseen_tastes:fewer_the
     python benchmarks/learning.py --oracle benchmarks.unseen_tastes:fewer_commas
+    python benchmarks/learning.py --oracle benchmarks.unseen_tastes:fancy_words
 
-Their figures are in docs/rlhf.md §6.  Neither is length (both are rates per word) nor a count
+Their figures are in docs/rlhf.md §6.  None is length (each is a rate per word) nor a count
 of list or markdown marks."""
 from __future__ import annotations
 
