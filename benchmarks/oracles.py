@@ -156,6 +156,18 @@ def _tie_within(xa: float, xb: float, rel_tol: float) -> bool:
     return abs(xa - xb) <= rel_tol * max(abs(xa), abs(xb), 1e-9)
 
 
+def _prefer(a: str, b: str, measure: Callable[[str], float], rel_tol: float, lower: bool = True) -> str:
+    """The answer with the lower (``lower``) or higher ``measure`` wins; a tie within
+    ``rel_tol``; an empty answer never wins."""
+    verdict = _empty_rule(a, b)
+    if verdict:
+        return verdict
+    xa, xb = measure(a), measure(b)
+    if _tie_within(xa, xb, rel_tol):
+        return "tie"
+    return "a" if (xa < xb) == lower else "b"
+
+
 def _letters_per_word(text: str) -> float:
     words = re.findall(r"[A-Za-z]+", text or "")
     return sum(len(w) for w in words) / max(1, len(words))
@@ -166,13 +178,7 @@ def plain_words(prompt, a: str, b: str, rel_tol: float = 0.03) -> str:
     word length in letters ("use" over "utilise"); a tie when the two are within 3%.
     Length-neutral: an answer and the same answer written twice tie.  An empty answer never
     wins."""
-    verdict = _empty_rule(a, b)
-    if verdict:
-        return verdict
-    la, lb = _letters_per_word(a), _letters_per_word(b)
-    if _tie_within(la, lb, rel_tol):
-        return "tie"
-    return "a" if la < lb else "b"
+    return _prefer(a, b, _letters_per_word, rel_tol)
 
 
 _STOP = frozenset("a an and are as at be by can do does for from how i in is it me my of on or so that the "
@@ -237,18 +243,11 @@ def _sentences(text: str) -> list[str]:
 def short_sentences(prompt, a: str, b: str, rel_tol: float = 0.1) -> str:
     """A rhythm taste: prefers the shorter mean sentence (words per sentence), whatever the
     answer's total length; a tie within 10%.  An empty answer never wins."""
-    verdict = _empty_rule(a, b)
-    if verdict:
-        return verdict
-
     def mean_len(text: str) -> float:
         ss = _sentences(text)
         return sum(_words(s) for s in ss) / max(1, len(ss))
 
-    ma, mb = mean_len(a), mean_len(b)
-    if _tie_within(ma, mb, rel_tol):
-        return "tie"
-    return "a" if ma < mb else "b"
+    return _prefer(a, b, mean_len, rel_tol)
 
 NULL_SEED = 0
 _null_rng = random.Random(NULL_SEED)

@@ -12,24 +12,12 @@ from __future__ import annotations
 
 import re
 
-from benchmarks.oracles import _empty_rule, _letters_per_word, _tie_within
+from benchmarks.oracles import _letters_per_word, _prefer
 
 
 def _per_word(text: str, pattern: str) -> float:
     words = re.findall(r"[A-Za-z']+", text or "")
     return len(re.findall(pattern, text or "")) / max(1, len(words))
-
-
-def _prefer(a: str, b: str, measure, rel_tol: float, lower: bool) -> str:
-    """The answer with the lower (or higher) ``measure`` wins; a tie within ``rel_tol``; an
-    empty answer never wins."""
-    verdict = _empty_rule(a, b)
-    if verdict:
-        return verdict
-    xa, xb = measure(a), measure(b)
-    if _tie_within(xa, xb, rel_tol):
-        return "tie"
-    return "a" if (xa < xb) == lower else "b"
 
 
 def _fewer(a: str, b: str, pattern: str, rel_tol: float = 0.1) -> str:

@@ -64,8 +64,9 @@ class PPOConfig:
     """Rollouts per prompt.  1: one each, advantages from GAE on the critic.  k > 1: k answers to
     each prompt and the critic-free leave-one-out baseline of RLOO (Ahmadian et al. 2024): each
     answer's return (score minus the KL it paid) less the mean of the other k - 1 answers'.  The
-    early stop counts a prompt's answers as one draw.  The reward model's level differs from prompt to prompt (by as much as the answers differ: ``docs/
-    rlhf.md`` §3), which a per-prompt baseline removes and a critic must learn."""
+    early stop counts a prompt's answers as one draw.  The reward model's level differs from
+    prompt to prompt (by as much as the answers differ: ``docs/rlhf.md`` §3), which a
+    per-prompt baseline removes and a critic must learn."""
     minibatch_size: int = 8
     """Rollouts per gradient step."""
     ppo_epochs: int = 2
