@@ -240,6 +240,13 @@ def _sentences(text: str) -> list[str]:
     return [s for s in re.split(r"(?<=[.!?])\s+|\n+", (text or "").strip()) if re.search(r"\w", s)]
 
 
+def first_half(text: str) -> str | None:
+    """An answer's first half of sentences (rounded down; whole sentences, so it ends), or
+    None under four sentences: the same answer, shorter, for checks along the length axis."""
+    sentences = [x for x in re.split(r"(?<=[.!?])\s+", (text or "").strip()) if x]
+    return " ".join(sentences[:len(sentences) // 2]) if len(sentences) >= 4 else None
+
+
 def short_sentences(prompt, a: str, b: str, rel_tol: float = 0.1) -> str:
     """A rhythm taste: prefers the shorter mean sentence (words per sentence), whatever the
     answer's total length; a tie within 10%.  An empty answer never wins."""

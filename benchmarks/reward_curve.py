@@ -15,16 +15,28 @@ whole learning run.
    its Wilson 95% interval; optimiser steps and wall time are per model;
 5. a table, and ``--out`` JSON.
 
+``--length-axis`` adds a second score per model: each test-fold answer (four sentences or
+more) against its own first half (whole sentences, so it ends), how often the model agrees
+with the oracle's decisive verdicts.  Vote-like pairs differ little in length, but PPO moves
+along that axis first (``benchmarks/run_report.py`` checks the same on a run's gate answers).
+
+``--logged DIR,DIR`` takes the pool from learning runs' data directories instead: every answer
+pair their users saw where both answers came from the SFT model, relabelled by each oracle
+(``reward_pool.logged_pool``).
+
 Designs (``--designs``, comma-separated):
 - ``lora``: the LoRA reward model on the top layers (``retrain.reward``), early-stopped;
 - ``linear``, ``linear-ens5``, ``mlp-ens5`` ...: heads on frozen features
   (``retrain.head_rm``), one head or an ensemble of k; ``@8/16/24`` picks the pooled layers,
-  ``+last`` adds the end-of-turn state, ``-nolen`` drops the length feature, ``+prompt`` /
+  ``+last`` adds the end-of-turn state, ``-nolen`` drops the length feature, ``+count`` adds each
+  pooled layer's mean times sqrt(answer tokens) (between a rate and a count), ``+prompt`` /
   ``-noprompt`` always / never reads the prompt-answer interaction (by default: as
   ``reward.feature_prompt``, ``auto``, which trains both and keeps the one that validates better).
 
     python benchmarks/reward_curve.py                          # every shipped oracle, the default designs
     python benchmarks/reward_curve.py --oracle concise,mypkg.tastes:formal --designs linear-ens5,lora
+    python benchmarks/reward_curve.py --logged runs/a,runs/b --designs linear-ens5,linear-ens5+count \
+        --sizes 256 --length-axis
 """
 
 from __future__ import annotations
@@ -44,7 +56,7 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 from benchmarks import oracles  # noqa: E402
-from benchmarks.reward_pool import add_pool_args, build_pool, load_pool, pool_settings  # noqa: E402
+from benchmarks.reward_pool import add_pool_args, build_pool, load_pool, logged_pool, pool_settings  # noqa: E402
 from retrain.data import Pair, _key  # noqa: E402
 from retrain.features import FeatureSpec  # noqa: E402
 from retrain.reward import RewardConfig, wilson  # noqa: E402
@@ -141,17 +153,43 @@ class Design:
     ensemble: int = 1
     spec: FeatureSpec = dataclasses.field(default_factory=FeatureSpec)
     prompt: str = "auto"  # RewardConfig.feature_prompt
+    count: bool = False  # + each pooled mean times sqrt(tokens) (``with_counts``)
 
 
 def parse_design(name: str, default_spec: FeatureSpec, default_prompt: str = "auto") -> Design:
-    m = re.fullmatch(r"(lora|linear|mlp)(?:-ens(\d+))?(?:@([\d/]+))?(\+last)?(-nolen)?(\+prompt|-noprompt)?", name)
+    m = re.fullmatch(r"(lora|linear|mlp)(?:-ens(\d+))?(?:@([\d/]+))?(\+last)?(-nolen)?(\+count)?(\+prompt|-noprompt)?",
+                     name)
     if not m:
-        raise ValueError(f"design {name!r}: use lora, or linear|mlp[-ensK][@L1/L2/..][+last][-nolen][+prompt|-noprompt]")
-    kind, ens, layers, last, nolen, prompt = m.groups()
+        raise ValueError(f"design {name!r}: use lora, or "
+                         "linear|mlp[-ensK][@L1/L2/..][+last][-nolen][+count][+prompt|-noprompt]")
+    kind, ens, layers, last, nolen, count, prompt = m.groups()
     mode = {"+prompt": "on", "-noprompt": "off", None: default_prompt}[prompt]
     spec = FeatureSpec(layers=tuple(int(x) for x in layers.split("/")) if layers else default_spec.layers,
                        last=bool(last) or (default_spec.last and not layers), length=not nolen, prompt=mode != "off")
-    return Design(name, kind, int(ens or 1), spec, mode)
+    return Design(name, kind, int(ens or 1), spec, mode, bool(count))
+
+
+def with_counts(bank: dict, spec: FeatureSpec) -> tuple[dict, FeatureSpec]:
+    """The bank with each layer's mean times sqrt(answer tokens) as layers L+1..2L (the prompt's
+    means repeated for them), and ``spec`` reading both: a head can then weigh an answer's
+    features as a rate, a count, or in between."""
+    n_layers = bank["means"].shape[1]
+    scale = torch.expm1(bank["length"]).clamp(min=1).sqrt()[:, None, None]
+    out = dict(bank, means=torch.cat([bank["means"], bank["means"] * scale], 1),
+               prompt_means=torch.cat([bank["prompt_means"], bank["prompt_means"]], 1))
+    return out, dataclasses.replace(spec, layers=spec.layers + tuple(n_layers + x for x in spec.layers))
+
+
+def halves(rows: list[dict]) -> list[dict]:
+    """The length axis's rows: each answer of four sentences or more (a: whole) against its
+    own first half (b), with the index of its pair (``src``)."""
+    out = []
+    for i, r in enumerate(rows):
+        for k in ("a", "b"):
+            h = oracles.first_half(r[k])
+            if h:
+                out.append({"prompt": r["prompt"], "a": r[k], "b": h, "src": i})
+    return out
 
 
 def label(rows: list[dict], oracle) -> list[tuple[int, float]]:
@@ -184,7 +222,7 @@ def train_heads(design: Design, feats: torch.Tensor, rows, train, cfg: RewardCon
                     feats[:0], torch.zeros(0), torch.zeros(0), [_key(rows[i]["prompt"]) for i, _, _ in train], [])
     hcfg = dataclasses.replace(cfg, head=design.kind, ensemble=design.ensemble, feature_prompt=design.prompt)
     ens, metrics = train_selected(data, hcfg, design.spec, hidden)
-    return (lambda idx: ens(feats[idx])), metrics
+    return ens, metrics
 
 
 class LoraBench:
@@ -209,17 +247,38 @@ class LoraBench:
         return score, {"steps": metrics.steps, "stopped": metrics.stopped, "train_loss": metrics.train_loss}
 
 
+def agreement(score, items: list[tuple[int, int, float]]) -> tuple[float, int]:
+    """(correct, n) of a scorer of answer indices on decisive (row, chosen) items."""
+    if not items:
+        return 0.0, 0
+    with torch.no_grad():
+        margin = (score(torch.tensor([2 * i + c for i, c, _ in items]))
+                  - score(torch.tensor([2 * i + 1 - c for i, c, _ in items]))).float()
+    return float((margin > 0).sum() + 0.5 * (margin == 0).sum()), len(items)
+
+
 def curve(rows, labels, bank, designs: list[Design], sizes: list[int], k: int, cfg: RewardConfig, lora: LoraBench | None,
-          lora_folds: int, seed: int = 0) -> dict:
+          lora_folds: int, seed: int = 0, probe: tuple[list, list, dict] | None = None) -> dict:
+    """Out-of-fold accuracy per (design, size); with ``probe`` (``halves`` rows, their labels,
+    their bank) the length axis's agreement too."""
     folds = [outer_fold(r, k) for r in rows]
     decisive = [x for x in labels if x[2] == 1.0]
     ties = [x for x in labels if x[2] == 0.5]
     tie_ratio = len(ties) / max(1, len(decisive))
     results = {}
     for design in designs:
-        feats = features_of(bank, design.spec) if design.kind != "lora" else None
+        feats = pfeats = None
+        if design.kind != "lora":
+            b, pb, spec = bank, probe[2] if probe else None, design.spec
+            if design.count:
+                b, spec = with_counts(bank, design.spec)
+                pb = with_counts(pb, design.spec)[0] if pb else None
+            design = dataclasses.replace(design, spec=spec)
+            feats = features_of(b, spec)
+            pfeats = features_of(pb, spec) if pb else None
         for n in sizes:
             correct, total, steps, walls, skipped, interactions = 0.0, 0, [], [], None, []
+            p_correct, p_total = 0.0, 0
             for f in range(k if design.kind != "lora" else min(k, lora_folds)):
                 test = [x for x in decisive if folds[x[0]] == f]
                 pool_d = [x for x in decisive if folds[x[0]] != f]
@@ -233,16 +292,17 @@ def curve(rows, labels, bank, designs: list[Design], sizes: list[int], k: int, c
                 if design.kind == "lora":
                     score, m = lora.train(rows, train)
                 else:
-                    score, m = train_heads(design, feats, rows, train, cfg, bank["means"].shape[-1])
+                    ens, m = train_heads(design, feats, rows, train, cfg, bank["means"].shape[-1])
+                    score = lambda idx, ens=ens, x=feats: ens(x[idx])  # noqa: E731
                     interactions.append(bool(m["interaction"]))
+                    if pfeats is not None:
+                        c, t = agreement(lambda idx, ens=ens, x=pfeats: ens(x[idx]),
+                                         [x for x in probe[1] if x[2] == 1.0 and folds[probe[0][x[0]]["src"]] == f])
+                        p_correct, p_total = p_correct + c, p_total + t
                 walls.append(time.perf_counter() - t0)
                 steps.append(m["steps"])
-                with torch.no_grad():
-                    sc = score(torch.tensor([2 * i + c for i, c, _ in test])).float()
-                    sr = score(torch.tensor([2 * i + 1 - c for i, c, _ in test])).float()
-                margin = sc - sr
-                correct += float((margin > 0).sum() + 0.5 * (margin == 0).sum())
-                total += len(test)
+                c, t = agreement(score, test)
+                correct, total = correct + c, total + t
             if skipped:
                 results[(design.name, n)] = {"skipped": skipped}
                 continue
@@ -251,6 +311,8 @@ def curve(rows, labels, bank, designs: list[Design], sizes: list[int], k: int, c
                                          "n_test": total, "steps": sum(steps) / len(steps),
                                          "wall_s": sum(walls) / len(walls), "folds": len(walls),
                                          "interaction": sum(interactions) / max(1, len(interactions))}
+            if p_total:
+                results[(design.name, n)]["length_axis"] = {"agreement": p_correct / p_total, "n_test": p_total}
     return results
 
 
@@ -264,6 +326,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--folds", type=int, default=5, help="outer folds by prompt (default 5)")
     ap.add_argument("--lora-folds", type=int, default=1, help="outer folds the (slow) lora design runs (default 1)")
     ap.add_argument("--reward-config", default=None, help="JSON with RewardConfig fields to override")
+    ap.add_argument("--logged", default="", help="comma-separated learning-run data directories: the pool is their "
+                                                 "logged SFT answer pairs instead (cached under --data-dir)")
+    ap.add_argument("--length-axis", action="store_true",
+                    help="also score each model on test answers against their own first half")
     ap.add_argument("--out", default=None, help="write the results as JSON here too")
     args = ap.parse_args(argv)
 
@@ -271,7 +337,8 @@ def main(argv: list[str] | None = None) -> int:
     from retrain.data import load_seed_prompts
 
     settings = pool_settings(args)
-    pool_path = build_pool(settings, load_seed_prompts(), args.pairs, args.seed)
+    pool_path = logged_pool(args.logged.split(","), args.data_dir) if args.logged else \
+        build_pool(settings, load_seed_prompts(), args.pairs, args.seed)
     rows = load_pool(pool_path)
     for r in rows:
         r["ab"] = (r["a"], r["b"])
@@ -281,6 +348,12 @@ def main(argv: list[str] | None = None) -> int:
     bank = feature_bank(sft, rows, pool_path, cfg.max_length, cfg.frozen_dtype)
     print(f"pool: {len(rows)} pairs ({pool_path}); features: {bank['tokens']} tokens in {bank['seconds']:.0f} s "
           f"({bank['dtype']})", flush=True)
+    probe_rows = probe_bank = None
+    if args.length_axis:
+        probe_rows = halves(rows)
+        probe_bank = feature_bank(sft, probe_rows, pool_path.with_name(pool_path.stem + "-halves.jsonl"),
+                                  cfg.max_length, cfg.frozen_dtype)
+        print(f"length axis: {len(probe_rows)} answers against their first half", flush=True)
     if args.build_pool:
         return 0
     default_spec = cfg.feature_spec()
@@ -292,7 +365,8 @@ def main(argv: list[str] | None = None) -> int:
         labels = label(rows, oracles.get(name))
         rate = sum(y == 1.0 for _, _, y in labels) / len(labels)
         print(f"{name}: {rate:.0%} decisive", flush=True)
-        res = curve(rows, labels, bank, designs, sizes, args.folds, cfg, lora, args.lora_folds, args.seed)
+        probe = (probe_rows, label(probe_rows, oracles.get(name)), probe_bank) if probe_rows else None
+        res = curve(rows, labels, bank, designs, sizes, args.folds, cfg, lora, args.lora_folds, args.seed, probe)
         report[name] = {"decisive_rate": rate, "points": {f"{d}@{n}": v for (d, n), v in res.items()}}
         for (d, n), v in res.items():
             if "skipped" in v:
@@ -300,7 +374,9 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 print(f"  {d:>22} n={n:<4} {v['accuracy']:.3f} ({v['ci_low']:.2f}-{v['ci_high']:.2f}) "
                       f"test {v['n_test']}, {v['steps']:.0f} steps, {v['wall_s']:.1f} s/model, "
-                      f"interaction in {v['interaction']:.0%} of folds", flush=True)
+                      f"interaction in {v['interaction']:.0%} of folds"
+                      + (f", length axis {v['length_axis']['agreement']:.3f} (n={v['length_axis']['n_test']})"
+                         if "length_axis" in v else ""), flush=True)
     print("\n| oracle | decisive | design | " + " | ".join(f"n={n}" for n in sizes) + " | steps/model | s/model |")
     print("|---|---|---|" + "---|" * len(sizes) + "---|---|")
     for name, r in report.items():
@@ -311,7 +387,8 @@ def main(argv: list[str] | None = None) -> int:
                 if "skipped" in v:
                     cells.append("–")
                     continue
-                cells.append(f"{v['accuracy']:.2f} ({v['ci_low']:.2f}-{v['ci_high']:.2f})")
+                cells.append(f"{v['accuracy']:.2f} ({v['ci_low']:.2f}-{v['ci_high']:.2f})"
+                             + (f", length axis {v['length_axis']['agreement']:.2f}" if "length_axis" in v else ""))
                 st.append(v["steps"])
                 wl.append(v["wall_s"])
             print(f"| {name} | {r['decisive_rate']:.0%} | {d.name} | " + " | ".join(cells)

@@ -16,6 +16,10 @@ The pool is cached as JSON lines under the data directory
 so building it costs once per machine and settings:
 
     python benchmarks/reward_pool.py --pairs 800          # ~10 min on 2 CPU cores, once
+
+A pool can also be what users already saw (``logged_pool``): the answer pairs logged in
+learning runs' data directories where both answers came from the SFT model, whatever the
+vote said, each taste relabelling them (``reward_curve.py --logged DIR,DIR``).
 """
 
 from __future__ import annotations
@@ -97,6 +101,33 @@ def build_pool(settings, prompts: list[str], pairs: int, seed: int, *, heldout: 
     tmp.rename(out)
     if progress:
         print(f"pool of {pairs} pairs in {time.perf_counter() - t0:.0f} s -> {out}", flush=True)
+    return out
+
+
+def logged_pool(data_dirs: list[str], out_dir: str | Path, version: str = "sft") -> Path:
+    """The answer pairs logged in ``data_dirs`` (in that order) whose two answers both came from
+    ``version``, a pair seen twice kept once, as pool rows; cached under ``out_dir/reward_pool``
+    by a hash of the rows.  Returns its path."""
+    from feedback.store import FeedbackStore
+
+    rows, seen = [], set()
+    for d in data_dirs:
+        path = Path(d) / "feedback.sqlite"
+        if not path.exists():
+            raise FileNotFoundError(f"no feedback.sqlite in {d}")
+        for r in FeedbackStore(path).answer_pairs_of_version(version):
+            a, b = r["a_text"] or "", r["b_text"] or ""
+            if not a or not b or a == b or (a, b) in seen:
+                continue
+            seen.add((a, b))
+            rows.append({"id": f"logged-{len(rows)}", "prompt": json.loads(r["context"]), "a": a, "b": b})
+    if not rows:
+        raise ValueError(f"no answer pairs of version {version!r} in {', '.join(data_dirs)}")
+    blob = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+    out = Path(out_dir) / "reward_pool" / f"logged-{hashlib.sha256(blob.encode()).hexdigest()[:12]}.jsonl"
+    if not out.exists():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(blob)
     return out
 
 

@@ -26,6 +26,14 @@ when that is worth more than ending.  Three places that can come from, each meas
    end-of-turn token of the answers that ended: negative means PPO teaches the policy to end
    less often.
 
+Does the reward model know what length is worth to this taste?  (with ``--oracle``)
+5. **the length axis**: each served answer of the gate (four sentences or more) against its
+   own first half (whole sentences, so it ends): how often the policy reward model prefers
+   the whole answer, how often the oracle does, and how often the two agree where the oracle
+   decides.  Vote pairs differ little in length, so a reward model can rank them well and
+   still misjudge what shortening an answer costs: PPO moves along that axis more easily than
+   any other, and follows the reward model's mistake there.
+
 Prints a short report; ``--out`` writes it as JSON too.
 """
 
@@ -34,11 +42,13 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.oracles import first_half  # noqa: E402
 from benchmarks.oracles import get as get_oracle  # noqa: E402
 from feedback.registry import Registry  # noqa: E402
 from feedback.store import FeedbackStore  # noqa: E402
@@ -100,6 +110,26 @@ def gate_verdicts(path: Path, oracle_name: str) -> dict | None:
             "win_rate": (wins + 0.5 * ties) / len(v) if v else None, "ci": [lo, hi]}
 
 
+def length_axis(score: Callable[[list, list[str]], list[float]], rows: list[dict], oracle_name: str) -> dict | None:
+    """Each served gate answer against its own first half: the share where ``score`` (prompts,
+    answers -> scores; the reward model) prefers the whole answer, where the oracle does (of its
+    decisive verdicts), and where the two agree (same)."""
+    oracle = get_oracle(oracle_name)
+    items = [(r["prompt"], r["served"], h) for r in rows if (h := first_half(r["served"]))]
+    if not items:
+        return None
+    prompts = [p for p, _, _ in items]
+    whole, half = score(prompts, [w for _, w, _ in items]), score(prompts, [h for _, _, h in items])
+    rm_whole = [float(w) > float(h) for w, h in zip(whole, half)]
+    verdicts = [oracle(p, w, h) for p, w, h in items]
+    decided = [(v == "a", r) for v, r in zip(verdicts, rm_whole) if v != "tie"]
+    agree = sum(o == r for o, r in decided)
+    lo, hi = wilson(agree, len(decided)) if decided else (float("nan"), float("nan"))
+    return {"n": len(items), "rm_prefers_whole": sum(rm_whole) / len(items), "oracle_decisive": len(decided),
+            "oracle_prefers_whole": sum(o for o, _ in decided) / len(decided) if decided else None,
+            "agreement": agree / len(decided) if decided else None, "ci": [lo, hi]}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data-dir", required=True)
@@ -120,7 +150,11 @@ def main(argv: list[str] | None = None) -> int:
         report["reward_model"] = rm_evidence(rm, store)
     report["ppo"] = ppo_steps(registry, run["id"])
     if args.oracle:
-        report["gate_oracle"] = gate_verdicts(data / "runs" / run["id"] / "gate_answers.json", args.oracle)
+        gate = data / "runs" / run["id"] / "gate_answers.json"
+        report["gate_oracle"] = gate_verdicts(gate, args.oracle)
+        if path.exists() and gate.exists():
+            report["length_axis"] = length_axis(lambda p, a: rm.score(p, a).tolist(), json.loads(gate.read_text()),
+                                                args.oracle)
     decision = json.loads(run["decision"]) if isinstance(run.get("decision"), str) else (run.get("decision") or {})
     report["ppo_stop"] = decision.get("ppo_stop")
     v = report["votes"]
@@ -141,6 +175,12 @@ def main(argv: list[str] | None = None) -> int:
     if g:
         print(f"oracle {g['oracle']} on the gate's answers, candidate vs served: {g['win_rate']:.1%} "
               f"({g['ci'][0]:.1%}-{g['ci'][1]:.1%}), W/T/L {g['wins']}/{g['ties']}/{g['losses']}")
+    la = report.get("length_axis")
+    if la and la["oracle_decisive"]:
+        print(f"length axis, {la['n']} served gate answers against their first half: the reward model prefers the "
+              f"whole answer in {la['rm_prefers_whole']:.0%}, the oracle in {la['oracle_prefers_whole']:.0%} of its "
+              f"{la['oracle_decisive']} decisive verdicts; they agree on {la['agreement']:.0%} "
+              f"({la['ci'][0]:.0%}-{la['ci'][1]:.0%})")
     if args.out:
         Path(args.out).write_text(json.dumps(report, indent=2, default=str))
     return 0

@@ -899,6 +899,15 @@ class FeedbackStore:
             "AND r.conversation_id = g.conversation_id AND r.context = g.context) "
             "ORDER BY g.created_at")
 
+    def answer_pairs_of_version(self, version: str) -> list[dict]:
+        """Every pair of answers a regenerate put side by side (decided or not) where both came
+        from ``version``: context, a_text, b_text, in the order they were shown.  Samples of
+        one policy, two per prompt, whatever the vote said: a pool any taste can relabel."""
+        return self.query("SELECT c.context, c.a_text, c.b_text FROM comparisons c "
+                          "JOIN generations ga ON ga.id = c.a_generation_id "
+                          "JOIN generations gb ON gb.id = c.b_generation_id "
+                          "WHERE ga.model_version = ? AND gb.model_version = ? ORDER BY c.rowid", (version, version))
+
     def answers_of_version(self, version: str, limit: int = 1000) -> list[dict]:
         """The newest answers a model version gave in sessions that allow training (newest
         first), written without a style hint: samples of that policy at the serving settings,

@@ -247,6 +247,28 @@ def test_judge_and_win_rate_follow_the_shown_order():
     assert w["win_rate"] == pytest.approx(2.5 / 4) and (w["wins"], w["ties"], w["losses"]) == (2, 1, 1)
 
 
+
+def test_the_length_axis_sets_a_reward_model_against_the_oracle_on_halved_answers():
+    from benchmarks.oracles import first_half
+    from benchmarks.run_report import length_axis
+
+    four = "One two. Three four! Five six? Seven eight."
+    assert first_half(four) == "One two. Three four!"
+    assert first_half("One. Two. Three.") is None  # too short to halve
+    rows = [{"prompt": P, "served": four}, {"prompt": P, "served": "Short one."},
+            {"prompt": P, "served": "A b c. D e f. G h i. J k l. M n o. P q r."}]
+
+    def longer_is_better(prompts, answers):
+        assert len(prompts) == len(answers) == 2  # the answer too short to halve is left out
+        return [float(len(a)) for a in answers]
+
+    verbose = length_axis(longer_is_better, rows, "verbose")
+    assert verbose["n"] == verbose["oracle_decisive"] == 2
+    assert verbose["rm_prefers_whole"] == verbose["oracle_prefers_whole"] == verbose["agreement"] == 1.0
+    concise = length_axis(longer_is_better, rows, "concise")
+    assert (concise["oracle_prefers_whole"], concise["agreement"]) == (0.0, 0.0)
+    assert length_axis(longer_is_better, rows[1:2], "concise") is None
+
 # -- CLI and report ---------------------------------------------------------------------------
 
 def test_parse_oracles():

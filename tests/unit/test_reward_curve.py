@@ -54,3 +54,52 @@ def test_the_pool_is_seeded_and_disjoint_from_the_heldout_prompts(tmp_path, tiny
         check_disjoint(["Why is the sky blue?"], prompts)
     with pytest.raises(ValueError, match="near-paraphrase"):
         check_disjoint(["Explain why the sky is blue."], prompts)
+
+
+def test_a_logged_pool_keeps_the_pairs_both_of_whose_answers_came_from_sft(tmp_path):
+    from benchmarks.reward_pool import logged_pool
+    from feedback.store import FeedbackStore
+    from tests.factories import seed_votes
+
+    for name in ("run1", "run2"):
+        (tmp_path / name).mkdir()
+        store = FeedbackStore(tmp_path / name / "feedback.sqlite")
+        seed_votes(store, 3)  # the same three pairs in both runs: kept once
+    store = FeedbackStore(tmp_path / "run2" / "feedback.sqlite")
+    conv = store.start_conversation("s", "sys")
+    common = dict(session_id="s", conversation_id=conv, turn=1, context=PROMPT, sampling={}, prompt_tokens=5,
+                  completion_tokens=5, ttft_ms=1.0, latency_ms=2.0, finish_reason="stop")
+    a = store.record_generation(content=PROSE, model_version="sft", **common)
+    b = store.record_generation(content=LIST, model_version="v-candidate", **common)
+    store.open_comparison(session_id="s", conversation_id=conv, turn=1, a_generation_id=a, b_generation_id=b)
+
+    path = logged_pool([str(tmp_path / "run1"), str(tmp_path / "run2")], tmp_path / "bench")
+    rows = load_pool(path)
+    assert len(rows) == 3 and path.parent == tmp_path / "bench" / "reward_pool"
+    assert all(r["a"].startswith("Well, let me think") and r["prompt"][-1]["role"] == "user" for r in rows)
+    assert logged_pool([str(tmp_path / "run2"), str(tmp_path / "run1")], tmp_path / "bench") == path
+    with pytest.raises(ValueError, match="no answer pairs"):
+        logged_pool([str(tmp_path / "run1")], tmp_path / "bench", version="v-candidate")
+
+
+def test_the_length_axis_rows_and_the_count_features():
+    import torch
+
+    from benchmarks.reward_curve import features_of, halves, with_counts
+
+    long = "One. Two. Three. Four. Five."
+    rows = [{"prompt": PROMPT, "a": long, "b": PROSE}, {"prompt": PROMPT, "a": PROSE, "b": long}]
+    assert halves(rows) == [{"prompt": PROMPT, "a": long, "b": "One. Two.", "src": 0},
+                            {"prompt": PROMPT, "a": long, "b": "One. Two.", "src": 1}]
+    n, layers, hidden = 3, 4, 2
+    bank = {"means": torch.randn(n, layers, hidden), "lasts": torch.zeros(n, layers, hidden),
+            "length": torch.log1p(torch.tensor([0.0, 3.0, 15.0])), "prompt_means": torch.randn(n, layers, hidden)}
+    counted, spec = with_counts(bank, FeatureSpec(layers=(2, 4), prompt=True))
+    assert spec.layers == (2, 4, 6, 8)
+    x = features_of(counted, spec)
+    assert x.shape == (n, 4 * hidden + 1 + 4 * hidden)
+    scale = torch.tensor([1.0, 3.0 ** 0.5, 15.0 ** 0.5])[:, None]  # sqrt(tokens), at least 1
+    assert torch.allclose(x[:, 2 * hidden:3 * hidden], bank["means"][:, 1] * scale)
+    assert torch.allclose(x[:, -hidden:], bank["prompt_means"][:, 3])  # the prompt, unscaled
+    d = parse_design("linear-ens5+count-noprompt", FeatureSpec())
+    assert d.count and d.prompt == "off"
