@@ -52,6 +52,18 @@ def idle(ctx) -> bool:
     return wait_for(lambda: not ctx.extras["chat_service"]._active, timeout_s=60)
 
 
+def fill_kept(field, value: str, timeout_s: float = 20) -> None:
+    """Fills ``field`` until the value stays for half a second.  A field Gradio mounts on a
+    section's first open can be set back to its server value once, just after it appears
+    (seen under a loaded machine in full runs), which would silently drop a single fill."""
+    def kept() -> bool:
+        field.fill(value)
+        field.page.wait_for_timeout(500)
+        return field.input_value() == value
+
+    assert wait_for(kept, timeout_s=timeout_s, interval_s=0.2), "the field kept losing what was typed"
+
+
 def send(page, ctx, message: str) -> None:
     """Sends a message and waits until the turn is stored and no answer is being written."""
     box = page.locator("#message textarea")
